@@ -1,0 +1,190 @@
+"""Small shared helpers: code version, file matching through Beam FileSystems, JSON files,
+thread budgets, and the run summary (counters table)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import subprocess
+from typing import Iterable, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+__version__ = "0.1.0"
+
+METRICS_NAMESPACE = "entity_laion"
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A misuse the user can fix (a wrong flag value, a missing file); `cli_main` prints it
+    without a traceback and exits with status 2."""
+
+
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+g{sha}" if sha else __version__
+
+
+def match_files(pattern: str, flag: str) -> list[str]:
+    """Expand a path, a directory or a glob (local or gs://) into a sorted list of files.
+
+    Raises UsageError naming `flag` when nothing matches, so a typo fails before any work.
+    """
+    patterns = [p for p in pattern.split(",") if p]
+    if not patterns:
+        raise UsageError(f"{flag} is empty: give a file, a directory or a glob")
+    paths: list[str] = []
+    for p in patterns:
+        if not any(ch in p for ch in "*?[") and FileSystems.exists(p) and _is_dir(p):
+            p = FileSystems.join(p, "*")
+        try:
+            results = FileSystems.match([p])[0].metadata_list
+        except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError and friends
+            raise UsageError(f"{flag}: cannot list {p!r}: {e}") from e
+        paths.extend(
+            m.path
+            for m in results
+            if not os.path.basename(m.path).startswith((".", "_"))
+            and not m.path.endswith("/")
+        )
+    paths = sorted(set(paths))
+    if not paths:
+        raise UsageError(f"{flag}: no file matches {pattern!r}; check the path or quote the glob")
+    return paths
+
+
+def _is_dir(path: str) -> bool:
+    if "://" in path:
+        return path.endswith("/")
+    return os.path.isdir(path)
+
+
+def open_read(path: str):
+    return FileSystems.open(path)
+
+
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+def maybe_gunzip(raw) -> io.BufferedIOBase:
+    """Wrap a binary stream in gzip when its first bytes are the gzip magic."""
+    head = raw.read(2)
+    rest = raw
+    stream = _Prepended(head, rest)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=stream)
+    return stream
+
+
+class _Prepended(io.RawIOBase):
+    def __init__(self, head: bytes, rest):
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+def write_json(path: str, obj) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    with FileSystems.create(path) as f:
+        f.write(data)
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path).decode("utf-8"))
+
+
+def ensure_dir(path: str) -> None:
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
+
+
+def worker_processes(options) -> int:
+    """How many SDK processes share one machine's cores under these pipeline options."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = (options.view_as(StandardOptions).runner or "").lower()
+    if "dataflow" in runner:
+        experiments = options.get_all_options().get("experiments") or []
+        if "no_use_multiple_sdk_containers" in experiments:
+            return 1
+        return os.cpu_count() or 1
+    direct = options.view_as(DirectOptions)
+    if (direct.direct_running_mode or "") == "multi_processing":
+        n = direct.direct_num_workers or 1
+        return max(1, n if n > 0 else (os.cpu_count() or 1))
+    return 1
+
+
+def threads_per_process(options, explicit: int = 0) -> int:
+    """Cores / processes, so faiss and torch do not oversubscribe a shared machine."""
+    if explicit and explicit > 0:
+        return explicit
+    return max(1, (os.cpu_count() or 1) // worker_processes(options))
+
+
+def query_counters(result, namespace: str = METRICS_NAMESPACE) -> dict[str, int]:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counters: dict[str, int] = {}
+    try:
+        metrics = result.metrics().query(MetricsFilter().with_namespace(namespace))
+    except Exception as e:  # noqa: BLE001 - some runners do not report metrics
+        log.warning("could not read pipeline counters: %s", e)
+        return counters
+    for c in metrics["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(counters.items()))
+
+
+def format_counters(counters: dict[str, int], title: str = "counters") -> str:
+    if not counters:
+        return f"{title}: (none reported)"
+    width = max(len(k) for k in counters)
+    lines = [title, "-" * (width + 14)]
+    lines += [f"{k:<{width}}  {v:>12,}" for k, v in counters.items()]
+    return "\n".join(lines)
+
+
+def first_present(names: Iterable[str], candidates: Iterable[Optional[str]]) -> Optional[str]:
+    """The first candidate column that exists in `names` (exact, then case-insensitive)."""
+    names = list(names)
+    lower = {n.lower(): n for n in names}
+    for c in candidates:
+        if c is None:
+            continue
+        if c in names:
+            return c
+        if c.lower() in lower:
+            return lower[c.lower()]
+    return None

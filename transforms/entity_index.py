@@ -1,0 +1,281 @@
+"""Entity index: catalog dedup, title embedding parts, and the final single-writer step that
+assigns dense int ids in file order and builds the faiss index.
+
+Layout of an entity index directory (what `select_candidates` and `ground` read):
+
+    entities.parquet   int_id, qid, title, summary, extra_json, file_index, row (sorted by int_id)
+    embeddings.npy     float32 [N, dim], L2-normalised, row i = int_id i
+    entities.faiss     faiss index over the same rows (inner product = cosine)
+    manifest.json      model, dimension, counts, index string, code version
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.common import METRICS_NAMESPACE, UsageError, code_version, write_json
+from transforms.readers import REJECTED
+from transforms.schema import Entity, Reject, arrow_schema, to_row, truncate_json
+
+log = logging.getLogger(__name__)
+
+ENTITIES_FILE = "entities.parquet"
+EMBEDDINGS_FILE = "embeddings.npy"
+INDEX_FILE = "entities.faiss"
+MANIFEST_FILE = "manifest.json"
+PARTS_DIR = "_parts"
+
+
+def title_text(title: str) -> str:
+    """The text embedded for an entity: its title with Wikipedia underscores as spaces."""
+    return " ".join(title.replace("_", " ").split())
+
+
+class CollapseDuplicateQids(beam.DoFn):
+    """(qid, [Entity]) -> the first occurrence in file order; later ones are reported."""
+
+    STAGE = "dedup"
+
+    def __init__(self):
+        self.unique = Metrics.counter(METRICS_NAMESPACE, "entities_unique")
+
+    def process(self, element):
+        qid, entities = element
+        ordered = sorted(entities, key=lambda e: (e.file_index, e.row))
+        first = ordered[0]
+        self.unique.inc()
+        yield first
+        for dup in ordered[1:]:
+            same = "same title" if dup.title == first.title else f"title {dup.title!r}"
+            yield beam.pvalue.TaggedOutput(
+                REJECTED,
+                Reject(
+                    stage=self.STAGE,
+                    reason="duplicate_qid",
+                    detail=(
+                        f"{qid} at file {dup.file_index} row {dup.row} ({same}) collapsed into "
+                        f"file {first.file_index} row {first.row} ({first.title!r})"
+                    ),
+                    key=qid,
+                    record_json=truncate_json(to_row(dup)),
+                ),
+            )
+
+
+def _part_schema(dim: int) -> pa.Schema:
+    schema = arrow_schema(Entity)
+    return schema.append(pa.field("vector", pa.list_(pa.float32(), dim)))
+
+
+class WriteVectorPart(beam.DoFn):
+    """A batch of (Entity, vector) -> one Parquet part file under <output>/_parts/; yields
+    its path. A retried bundle leaves an orphan part that nothing references; the final
+    step reads only the paths it is given and removes the folder."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def process(self, batch):
+        if not batch:
+            return
+        dim = int(len(batch[0][1]))
+        rows = [to_row(e) for e, _ in batch]
+        table = pa.Table.from_pylist(rows, schema=arrow_schema(Entity))
+        vectors = np.stack([v for _, v in batch]).astype(np.float32, copy=False)
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        table = table.append_column(
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+        )
+        path = FileSystems.join(self.output_dir, PARTS_DIR, f"part-{uuid.uuid4().hex}.parquet")
+        with FileSystems.create(path) as f:
+            pq.write_table(table, f)
+        Metrics.counter(METRICS_NAMESPACE, "entities_embedded").inc(len(batch))
+        yield path
+
+
+@contextlib.contextmanager
+def _local_output(output_dir: str, name: str):
+    """A local path to write `name` to; uploaded to output_dir when that is remote."""
+    if "://" not in output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        yield os.path.join(output_dir, name)
+        return
+    tmp = tempfile.mkdtemp(prefix="entity-index-")
+    local = os.path.join(tmp, name)
+    try:
+        yield local
+        with open(local, "rb") as src, FileSystems.create(
+            FileSystems.join(output_dir, name)
+        ) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_faiss_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int):
+    import faiss
+
+    n, dim = vectors.shape
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise UsageError(
+            f"--index_factory {factory!r} is not a valid faiss index string: {e}. "
+            "Examples: Flat, IVF4096,Flat, IVF65536,PQ64, HNSW32"
+        ) from e
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        take = min(n, train_sample)
+        sample = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
+        train = np.ascontiguousarray(vectors[sample])
+        try:
+            index.train(train)
+        except RuntimeError as e:
+            raise UsageError(
+                f"--index_factory {factory!r} could not be trained on {take} vectors: {e}. "
+                "IVF<n> needs at least n (better 39*n) entities; use Flat for small catalogs"
+            ) from e
+    chunk = 65536
+    for start in range(0, n, chunk):
+        index.add(np.ascontiguousarray(vectors[start : start + chunk]))
+    return index
+
+
+def finalize_entity_index(
+    part_paths: list[str],
+    output_dir: str,
+    *,
+    factory: str,
+    train_sample: int,
+    seed: int,
+    model_name: str,
+    inputs: list[str],
+    threads: int = 0,
+) -> dict:
+    """Dense int ids in catalog order, entities.parquet, embeddings.npy, the faiss index and
+    manifest.json from the vector parts. Holds one part plus the id arrays in memory, and
+    the memory-mapped embeddings."""
+    import faiss
+
+    from transforms.embedding import set_faiss_threads
+
+    set_faiss_threads(threads)
+    part_paths = sorted(set(part_paths))
+    if not part_paths:
+        raise UsageError(
+            "no valid entity was read from --entities: every row was rejected; "
+            f"see {output_dir}/rejected/"
+        )
+    positions = []
+    for p in part_paths:
+        with FileSystems.open(p) as f:
+            t = pq.read_table(f, columns=["file_index", "row"])
+        positions.append((t["file_index"].to_numpy(), t["row"].to_numpy()))
+    file_index = np.concatenate([fi for fi, _ in positions]).astype(np.int64)
+    row = np.concatenate([r for _, r in positions]).astype(np.int64)
+    n = len(row)
+    order = np.lexsort((row, file_index))
+    int_ids = np.empty(n, dtype=np.int64)
+    int_ids[order] = np.arange(n, dtype=np.int64)
+
+    dim = None
+    tables = []
+    tmp = tempfile.mkdtemp(prefix="entity-embeddings-")
+    try:
+        emb_local = os.path.join(tmp, EMBEDDINGS_FILE)
+        vectors = None
+        offset = 0
+        for p in part_paths:
+            with FileSystems.open(p) as f:
+                t = pq.read_table(f)
+            m = t.num_rows
+            ids = int_ids[offset : offset + m]
+            offset += m
+            vec_col = t["vector"].combine_chunks()
+            if dim is None:
+                dim = vec_col.type.list_size
+                vectors = np.lib.format.open_memmap(
+                    emb_local, mode="w+", dtype=np.float32, shape=(n, dim)
+                )
+            vectors[ids] = vec_col.flatten().to_numpy(zero_copy_only=False).reshape(m, dim)
+            tables.append(t.drop(["vector"]).set_column(
+                t.schema.get_field_index("int_id"), "int_id", pa.array(ids, pa.int64())
+            ))
+        vectors.flush()
+        table = pa.concat_tables(tables)
+        table = table.take(pa.array(np.argsort(table["int_id"].to_numpy(), kind="stable")))
+        with _local_output(output_dir, ENTITIES_FILE) as path:
+            pq.write_table(table, path)
+        index = build_faiss_index(vectors, factory, train_sample, seed)
+        with _local_output(output_dir, INDEX_FILE) as path:
+            faiss.write_index(index, path)
+        del vectors
+        with _local_output(output_dir, EMBEDDINGS_FILE) as path:
+            shutil.move(emb_local, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    manifest = {
+        "kind": "entity_index",
+        "model": model_name,
+        "dimension": int(dim),
+        "normalized": True,
+        "metric": "inner_product",
+        "num_entities": int(n),
+        "index_factory": factory,
+        "index_ntotal": int(index.ntotal),
+        "files": {
+            "entities": ENTITIES_FILE,
+            "embeddings": EMBEDDINGS_FILE,
+            "index": INDEX_FILE,
+        },
+        "inputs": inputs,
+        "code_version": code_version(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(FileSystems.join(output_dir, MANIFEST_FILE), manifest)
+    for p in part_paths:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([p])
+    if "://" not in output_dir:
+        shutil.rmtree(os.path.join(output_dir, PARTS_DIR), ignore_errors=True)
+    return manifest
+
+
+class FinalizeEntityIndex(beam.DoFn):
+    def __init__(self, output_dir: str, **kwargs):
+        self.output_dir = output_dir
+        self.kwargs = kwargs
+
+    def process(self, part_paths):
+        yield finalize_entity_index(list(part_paths), self.output_dir, **self.kwargs)
+
+
+def read_manifest(entity_index_dir: str, flag: str = "--entity_index") -> dict:
+    from transforms.common import read_json
+
+    path = FileSystems.join(entity_index_dir, MANIFEST_FILE)
+    if not FileSystems.exists(path):
+        raise UsageError(
+            f"{flag}: {entity_index_dir!r} is not an entity index (no {MANIFEST_FILE}); "
+            "build one with: python -m pipelines.build_entity_index --entities PATH --output DIR"
+        )
+    manifest = read_json(path)
+    for name in manifest.get("files", {}).values():
+        if not FileSystems.exists(FileSystems.join(entity_index_dir, name)):
+            raise UsageError(f"{flag}: {entity_index_dir!r} is incomplete: {name} is missing")
+    return manifest

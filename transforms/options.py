@@ -1,0 +1,83 @@
+"""Command-line parsing shared by the pipelines.
+
+Each pipeline declares its own flags on an `argparse` parser; everything else goes to Beam's
+`PipelineOptions`. Unlike `PipelineOptions(argv)` alone, which logs and drops a flag it does
+not know, an unknown or misspelt flag is an error here, naming the flag.
+
+Our flags are not declared as `PipelineOptions` subclasses on purpose: Beam builds one
+parser from every subclass in the process, so two pipelines that both declare
+`--text_model` could not be imported together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional, Sequence
+
+from apache_beam.options import pipeline_options as po
+
+from transforms.common import UsageError
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    parser = po._BeamArgumentParser(allow_abbrev=False)  # noqa: SLF001 - Beam's own parser
+    seen = {}
+
+    def walk(cls):
+        for sub in cls.__subclasses__():
+            if sub.__module__.startswith("apache_beam") and str(sub) not in seen:
+                seen[str(sub)] = sub
+                walk(sub)
+
+    walk(po.PipelineOptions)
+    for cls in seen.values():
+        try:
+            cls._add_argparse_args(parser)  # noqa: SLF001
+        except argparse.ArgumentError:
+            pass
+    return parser
+
+
+def parse(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+) -> tuple[argparse.Namespace, po.PipelineOptions]:
+    """Our flags -> Namespace, the rest -> PipelineOptions; unknown flags are an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(argv)
+    _, unknown = _beam_parser().parse_known_args(rest)
+    if unknown:
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} "
+            "(neither a flag of this pipeline nor a Beam pipeline option; see --help)"
+        )
+    if not any(a == "--runner" or a.startswith("--runner=") for a in rest):
+        # Beam's default runner tries to download the Prism binary first; be explicit.
+        rest.append("--runner=DirectRunner")
+    return args, po.PipelineOptions(rest)
+
+
+def positive(flag: str, value, minimum=1):
+    if value is None or value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    return value
+
+
+def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        run(None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

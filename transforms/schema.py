@@ -1,0 +1,134 @@
+"""Typed records that cross stage boundaries, and the one place their file schemas come from.
+
+Every record is a dataclass whose fields carry their Arrow type in the field metadata.
+`arrow_schema(Record)` derives the Parquet schema from it, `to_row` / `from_row` convert to
+and from the plain dicts that `beam.io.WriteToParquet` and pyarrow want. Later stages
+(shard writers, TFRecord feature specs) derive their layouts from the same declarations, so
+a column is declared once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+import pyarrow as pa
+
+
+def _f(arrow_type: pa.DataType, default: Any = dataclasses.MISSING, doc: str = ""):
+    kwargs = {"metadata": {"arrow": arrow_type, "doc": doc}}
+    if default is not dataclasses.MISSING:
+        if isinstance(default, (dict, list)):
+            kwargs["default_factory"] = lambda d=default: type(d)(d)
+        else:
+            kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+@dataclasses.dataclass
+class Entity:
+    """One catalog entity (OVEN Wiki6M row)."""
+
+    qid: str = _f(pa.string(), doc="Wikidata id, e.g. Q243")
+    title: str = _f(pa.string(), doc="Wikipedia title")
+    int_id: int = _f(pa.int64(), -1, doc="dense id in catalog file order, -1 until assigned")
+    summary: Optional[str] = _f(pa.string(), None, doc="wikipedia_summary when present")
+    # Position of the first occurrence: (file index in sorted file list, row in that file).
+    # Int ids are the dense rank of this position, so they follow file order.
+    file_index: int = _f(pa.int32(), 0)
+    row: int = _f(pa.int64(), 0)
+    extra_json: Optional[str] = _f(pa.string(), None, doc="every other catalog field, JSON")
+
+
+@dataclasses.dataclass
+class Caption:
+    """One caption row of an image-text corpus (LAION parquet, webdataset, parquet)."""
+
+    key: str = _f(pa.string(), doc="image identity: corpus key, or a hash of the URL")
+    url: Optional[str] = _f(pa.string(), None)
+    caption: str = _f(pa.string(), "")
+    source: str = _f(pa.string(), "", doc="file the row came from")
+    width: Optional[int] = _f(pa.int32(), None)
+    height: Optional[int] = _f(pa.int32(), None)
+    meta_json: Optional[str] = _f(pa.string(), None, doc="other corpus columns, JSON")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """An image selected for an entity by caption retrieval (output of select_candidates)."""
+
+    key: str = _f(pa.string())
+    url: Optional[str] = _f(pa.string(), None)
+    caption: str = _f(pa.string(), "")
+    qid: str = _f(pa.string(), "")
+    title: str = _f(pa.string(), "")
+    score: float = _f(pa.float32(), 0.0, doc="cosine(caption, entity title)")
+    rank: int = _f(pa.int32(), 0, doc="1 = best kept caption of this entity")
+    retrieval_rank: int = _f(pa.int32(), 0, doc="rank in the entity's top-K before dedup")
+    entity_id: int = _f(pa.int64(), -1, doc="int_id in the entity index")
+    source: str = _f(pa.string(), "")
+    width: Optional[int] = _f(pa.int32(), None)
+    height: Optional[int] = _f(pa.int32(), None)
+    meta_json: Optional[str] = _f(pa.string(), None)
+    image: Optional[bytes] = _f(pa.binary(), None, doc="encoded image bytes (image corpora)")
+
+
+@dataclasses.dataclass
+class Reject:
+    """A record that did not make it, and why. Written to rejected/<stage>/."""
+
+    stage: str = _f(pa.string())
+    reason: str = _f(pa.string())
+    detail: str = _f(pa.string(), "")
+    key: Optional[str] = _f(pa.string(), None)
+    source: Optional[str] = _f(pa.string(), None)
+    record_json: Optional[str] = _f(pa.string(), None, doc="the offending record, truncated")
+    count: int = _f(pa.int64(), 1, doc="records this reject stands for (a whole file: its rows)")
+
+    def to_json(self) -> str:
+        return json.dumps(to_row(self), ensure_ascii=False, sort_keys=True)
+
+
+def arrow_schema(cls, exclude: tuple[str, ...] = ()) -> pa.Schema:
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        fields.append(pa.field(f.name, f.metadata["arrow"], metadata={"doc": f.metadata["doc"]}))
+    return pa.schema(fields)
+
+
+def column_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_row(record, exclude: tuple[str, ...] = ()) -> dict:
+    return {
+        f.name: getattr(record, f.name)
+        for f in dataclasses.fields(record)
+        if f.name not in exclude
+    }
+
+
+def from_row(cls, row: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def truncate_json(obj: Any, limit: int = 2000) -> str:
+    """JSON of a record for a reject file; bytes are summarised, long text cut."""
+
+    def clean(v):
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return f"<{len(v)} bytes>"
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        return repr(v)
+
+    text = json.dumps(clean(obj), ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[:limit] + "...<truncated>"
