@@ -117,7 +117,7 @@ def from_row(cls, row: dict):
 
 
 def truncate_json(obj: Any, limit: int = 2000) -> str:
-    """JSON of a record for a reject file; bytes are summarised, long text cut."""
+    """JSON of a record for a reject file: bytes summarised, long strings cut, always valid JSON."""
 
     def clean(v):
         if isinstance(v, (bytes, bytearray, memoryview)):
@@ -126,9 +126,15 @@ def truncate_json(obj: Any, limit: int = 2000) -> str:
             return {str(k): clean(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):
             return [clean(x) for x in v]
-        if isinstance(v, (str, int, float, bool)) or v is None:
+        if isinstance(v, str):
+            return v if len(v) <= field_limit else v[:field_limit] + f"...<{len(v)} chars>"
+        if isinstance(v, (int, float, bool)) or v is None:
             return v
-        return repr(v)
+        return repr(v)[:field_limit]
 
+    field_limit = max(50, limit // 4)
     text = json.dumps(clean(obj), ensure_ascii=False, default=repr)
-    return text if len(text) <= limit else text[:limit] + "...<truncated>"
+    if len(text) > limit:
+        # Still valid JSON: keep the shape, summarise the content.
+        text = json.dumps({"truncated": True, "chars": len(text), "head": text[: limit // 2]})
+    return text

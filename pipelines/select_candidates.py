@@ -1,0 +1,274 @@
+"""Select, for each entity, its top-K images by caption similarity (GER's Entity-LAION kNN
+join), with no image given to two entities.
+
+    python -m pipelines.select_candidates --entity_index out/entity_index \\
+        --captions 'laion/part-*.parquet' --k 50 --output out/candidates
+
+Input formats (`--caption_format`):
+  laion_parquet  LAION metadata Parquet, URL + caption only (columns --url_col / --text_col,
+                 default URL / TEXT); the output is then ready for img2dataset.
+  webdataset     img2dataset .tar shards (KEY.jpg / KEY.txt / KEY.json); images carried over.
+  parquet        Parquet with an image-bytes column (img2dataset's parquet output:
+                 key / caption / url / jpg); images carried over.
+Output: candidates-SSSSS-of-NNNNN.parquet (key, url, caption, qid, title, score, rank, ...,
+and image for image corpora), rejected/<stage>/rejects-*.jsonl, manifest.json with the
+counters. Steps and memory: see ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shlex
+from typing import Optional, Sequence
+
+import apache_beam as beam
+
+from transforms.common import (
+    UsageError,
+    code_version,
+    format_counters,
+    match_files,
+    query_counters,
+    threads_per_process,
+    worker_processes,
+    write_json,
+)
+from transforms.embedding import DEFAULT_TEXT_MODEL, FaissSearchHandler, SentenceTransformerHandler
+from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
+from transforms.options import cli_main, new_parser, parse, positive
+from transforms.readers import (
+    CAPTION_FORMATS,
+    REJECTED,
+    CaptionColumns,
+    ReadImages,
+    ReadParquetCaptions,
+    ReadWebDatasetCaptions,
+    SplitParquet,
+)
+from transforms.schema import Candidate
+from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults
+from transforms.sinks import WriteRecordsToParquet, WriteRejects
+
+log = logging.getLogger(__name__)
+
+STAGES = ["read_captions", "embed", "search", "select"]
+# Output columns for img2dataset's --save_additional_columns (it writes url/caption itself).
+IMG2DATASET_EXTRA = ["qid", "title", "score", "rank", "entity_id"]
+
+
+def build_parser():
+    p = new_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--entity_index", required=True, help="directory written by build_entity_index")
+    p.add_argument("--captions", required=True, help="caption shards: path, dir, glob or comma list")
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    p.add_argument("--k", type=int, default=50, help="images kept per entity (top-K captions)")
+    p.add_argument("--caption_format", choices=CAPTION_FORMATS, default="laion_parquet")
+    p.add_argument(
+        "--per_caption_entities",
+        type=int,
+        default=5,
+        help="M: entities each caption proposes itself to (its M nearest titles)",
+    )
+    p.add_argument("--min_score", type=float, default=0.3, help="minimum cosine to propose")
+    p.add_argument("--text_col", default=None, help="caption column (default TEXT for laion_parquet, caption otherwise)")
+    p.add_argument("--url_col", default=None, help="URL column (default URL for laion_parquet, url otherwise)")
+    p.add_argument("--key_col", default=None, help="image key column (default key; else a hash of the URL)")
+    p.add_argument("--image_col", default=None, help="image bytes column for --caption_format parquet (default jpg)")
+    p.add_argument("--keep_columns", default="", help="comma list of extra corpus columns to carry (meta_json)")
+    p.add_argument("--max_caption_chars", type=int, default=2000, help="longer captions are rejected")
+    p.add_argument(
+        "--text_model",
+        default=None,
+        help="override the caption encoder; default: the entity index's model (must match)",
+    )
+    p.add_argument("--batch_size", type=int, default=256, help="captions per encoder / search call")
+    p.add_argument("--device", default="cpu", help="torch device of the text encoder")
+    p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
+    p.add_argument("--nprobe", type=int, default=0, help="IVF cells searched (IVF indexes only)")
+    p.add_argument(
+        "--share_index",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="load the faiss index once per machine and share it across SDK processes "
+        "(auto: when the runner starts more than one process per machine)",
+    )
+    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
+    return p
+
+
+def validate(args, manifest) -> None:
+    positive("--k", args.k)
+    positive("--per_caption_entities", args.per_caption_entities)
+    positive("--batch_size", args.batch_size)
+    positive("--max_caption_chars", args.max_caption_chars)
+    if not -1.0 <= args.min_score <= 1.0:
+        raise UsageError(f"--min_score is a cosine in [-1, 1], got {args.min_score}")
+    if args.text_model and args.text_model != manifest["model"]:
+        log.warning(
+            "--text_model %s differs from the entity index's model %s: scores are only "
+            "meaningful when both sides use the same encoder",
+            args.text_model,
+            manifest["model"],
+        )
+    if args.image_col and args.caption_format != "parquet":
+        raise UsageError("--image_col only applies to --caption_format parquet")
+
+
+def read_captions(p, args, files: list[str], columns: CaptionColumns):
+    """-> (captions, rejects, image work items or None)."""
+    paths = p | "CaptionFiles" >> beam.Create(files)
+    if args.caption_format == "webdataset":
+        units = paths | "SpreadTars" >> beam.Reshuffle()
+        read = units | "ReadTars" >> beam.ParDo(
+            ReadWebDatasetCaptions(columns, args.max_caption_chars)
+        ).with_outputs(REJECTED, main="captions")
+        return read.captions, [read[REJECTED]], units
+    split = paths | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
+    units = split.units | "SpreadRowGroups" >> beam.Reshuffle()
+    read = units | "ReadRowGroups" >> beam.ParDo(
+        ReadParquetCaptions(args.caption_format, columns, args.max_caption_chars)
+    ).with_outputs(REJECTED, main="captions")
+    image_units = units if args.caption_format == "parquet" else None
+    return read.captions, [split[REJECTED], read[REJECTED]], image_units
+
+
+def build_pipeline(p, args, manifest, files, threads, share_index):
+    columns = CaptionColumns(
+        text=args.text_col,
+        url=args.url_col,
+        key=args.key_col,
+        image=args.image_col,
+        keep=tuple(c for c in args.keep_columns.split(",") if c),
+    )
+    captions, rejects, image_units = read_captions(p, args, files, columns)
+    text_handler = SentenceTransformerHandler(
+        args.text_model or manifest["model"],
+        batch_size=args.batch_size,
+        device=args.device,
+        threads=threads,
+    )
+    search_handler = FaissSearchHandler(
+        f"{args.entity_index.rstrip('/')}/{INDEX_FILE}",
+        args.per_caption_entities,
+        batch_size=args.batch_size,
+        threads=threads,
+        nprobe=args.nprobe,
+        share_across_processes=share_index,
+    )
+    searched = captions | "EmbedAndSearch" >> EmbedAndSearch(text_handler, search_handler)
+    entities = (
+        p
+        | "ReadEntityTable"
+        >> beam.io.ReadFromParquet(
+            f"{args.entity_index.rstrip('/')}/{ENTITIES_FILE}", columns=["int_id", "qid", "title"]
+        )
+        | "EntityKV" >> beam.Map(lambda r: (int(r["int_id"]), (r["qid"], r["title"])))
+    )
+    selected = searched["searched"] | "Select" >> SelectFromSearchResults(
+        entities, args.k, args.per_caption_entities, args.min_score
+    )
+    candidates = selected["candidates"]
+    rejects += [searched["rejected"], selected["rejected"]]
+    if image_units is not None:
+        images = image_units | "ReadImages" >> beam.ParDo(ReadImages(args.caption_format, columns))
+        attached = candidates | "AttachImages" >> AttachImages(images)
+        candidates = attached.candidates
+        rejects.append(attached[REJECTED])
+        exclude: tuple[str, ...] = ()
+    else:
+        exclude = ("image",)
+    _ = candidates | "WriteCandidates" >> WriteRecordsToParquet(
+        f"{args.output.rstrip('/')}/candidates", Candidate, exclude=exclude, num_shards=args.num_shards
+    )
+    _ = (
+        candidates
+        | "CountWritten" >> beam.Map(lambda c: 1)
+        | "SumWritten" >> beam.CombineGlobally(sum)
+        | "RecordWritten" >> beam.Map(_count_written)
+    )
+    _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
+
+
+def _count_written(n):
+    from apache_beam.metrics import Metrics
+
+    from transforms.common import METRICS_NAMESPACE
+
+    Metrics.counter(METRICS_NAMESPACE, "candidates_written").inc(n)
+    return n
+
+
+def _sum_prefix(c: dict, prefix: str) -> int:
+    return sum(v for k, v in c.items() if k.startswith(prefix) and not k.endswith("_files"))
+
+
+def check_counts(c: dict) -> list[str]:
+    """The identities the counters must satisfy; one message per identity that fails."""
+    g = c.get
+    problems = []
+    read = g("captions_rows_read", 0)
+    rejected_read = _sum_prefix(c, "rejected_read_captions_")
+    if read != g("captions_rows_ok", 0) + rejected_read:
+        problems.append(f"rows read {read} != ok {g('captions_rows_ok', 0)} + rejected {rejected_read}")
+    failed = g("rejected_embed_embed_failed", 0) + g("rejected_search_search_failed", 0)
+    if g("captions_rows_ok", 0) != g("captions_searched", 0) + failed:
+        problems.append("rows ok != searched + embed/search failures")
+    if g("captions_searched", 0) != g("captions_proposing", 0) + g("captions_below_min_score", 0):
+        problems.append("searched != proposing + below min_score")
+    if g("proposals_in_top_k", 0) != g("images_kept", 0) + g("proposals_lost_to_other_entity", 0):
+        problems.append("in top-K != kept + lost to another entity")
+    if g("images_kept", 0) != g("candidates_written", 0) + g("rejected_select_image_missing", 0):
+        problems.append("images kept != written + image missing")
+    if g("proposals_lost_to_other_entity", 0) != g("rejected_select_assigned_to_other_entity", 0):
+        problems.append("lost to other entity != its rejects")
+    return problems
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
+    args, options = parse(build_parser(), argv)
+    manifest = read_manifest(args.entity_index)
+    validate(args, manifest)
+    files = match_files(args.captions, "--captions")
+    threads = threads_per_process(options, args.threads)
+    share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) > 1)
+    p = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(p, args, manifest, files, threads, share)
+    started = dt.datetime.now(dt.timezone.utc)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    counters = query_counters(result)
+    problems = check_counts(counters)
+    out = args.output.rstrip("/")
+    summary = {
+        "kind": "candidates",
+        "entity_index": args.entity_index,
+        "entity_index_manifest": {k: manifest[k] for k in ("model", "dimension", "num_entities", "index_factory")},
+        "inputs": files,
+        "options": vars(args),
+        "counters": counters,
+        "derived": {
+            "proposals_not_in_top_k": counters.get("proposals", 0) - counters.get("proposals_in_top_k", 0),
+        },
+        "count_check": problems or "ok",
+        "seconds": round(seconds, 2),
+        "code_version": code_version(),
+        "created": started.isoformat(timespec="seconds"),
+    }
+    write_json(f"{out}/manifest.json", summary)
+    print(format_counters(counters, "select_candidates counters"))
+    print(f"count check: {summary['count_check']}")
+    print(f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json")
+    if args.caption_format == "laion_parquet":
+        cols = shlex.quote(str(IMG2DATASET_EXTRA).replace("'", '"'))
+        print(
+            "download the selected images with:\n  img2dataset --url_list "
+            f"{out} --input_format parquet --url_col url --caption_col caption "
+            f"--save_additional_columns {cols} --output_format webdataset --output_folder IMAGES"
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    cli_main(run)
