@@ -1,0 +1,69 @@
+"""Builders for test corpora: LAION-style Parquet, webdataset tars and images drawn in code."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+
+def draw_image(seed: int, size=(64, 48), fmt="JPEG") -> bytes:
+    """A small distinct image: a coloured background and a shape that depend on `seed`."""
+    r, g, b = (seed * 67) % 256, (seed * 131) % 256, (seed * 199) % 256
+    img = Image.new("RGB", size, (r, g, b))
+    d = ImageDraw.Draw(img)
+    x = 5 + seed % (size[0] - 20)
+    d.rectangle([x, 8, x + 14, 30], fill=(255 - r, 255 - g, 255 - b))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_webdataset(path, samples, truncate_at: int | None = None):
+    """samples: dicts with key and any of txt (str|bytes), json (dict), jpg (bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for s in samples:
+            for ext in ("jpg", "txt", "json"):
+                if ext not in s:
+                    continue
+                data = s[ext]
+                if ext == "json":
+                    data = json.dumps(data).encode()
+                elif isinstance(data, str):
+                    data = data.encode("utf-8")
+                info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    if truncate_at is not None:
+        data = data[:truncate_at]
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def write_parquet(path, rows=None, table=None, row_group_size=None):
+    table = table if table is not None else pa.Table.from_pylist(rows)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+def read_rejects(output_dir) -> list[dict]:
+    out = []
+    for p in sorted(glob.glob(os.path.join(output_dir, "rejected", "*", "*.jsonl"))):
+        with open(p, encoding="utf-8") as f:
+            out += [json.loads(line) for line in f if line.strip()]
+    return out
+
+
+def read_candidates(output_dir, prefix="candidates") -> list[dict]:
+    files = sorted(glob.glob(os.path.join(output_dir, f"{prefix}-*.parquet")))
+    assert files, f"no {prefix}-*.parquet in {output_dir}"
+    return pq.read_table(files).to_pylist()
