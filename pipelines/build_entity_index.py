@@ -16,7 +16,8 @@ roughly 1-2k titles/s per core, so the 6M OVEN catalog wants a Dataflow job (or 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference

@@ -20,7 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shlex
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import apache_beam as beam
 
@@ -34,7 +35,7 @@ from transforms.common import (
     worker_processes,
     write_json,
 )
-from transforms.embedding import DEFAULT_TEXT_MODEL, FaissSearchHandler, SentenceTransformerHandler
+from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
@@ -234,10 +235,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) > 1)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, manifest, files, threads, share)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     result = p.run()
     result.wait_until_finish()
-    seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
     counters = query_counters(result)
     problems = check_counts(counters)
     out = args.output.rstrip("/")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import build_entity_index, select_candidates
-from tests.conftest import CATALOG, write_jsonl
+from tests.conftest import CATALOG
 from tests.helpers import draw_image, read_candidates, read_rejects, write_parquet, write_webdataset
 
 
@@ -43,7 +43,7 @@ def test_laion_parquet_bad_rows_and_files(tmp_path, entity_index):
         ),
     )
     numeric = write_parquet(tmp_path / "numeric.parquet", [{"URL": "http://e/8.jpg", "TEXT": 12345}])
-    no_text = write_parquet(
+    write_parquet(
         tmp_path / "no_text.parquet", [{"URL": "http://e/9.jpg", "caption_en": "x"}, {"URL": "http://e/10.jpg", "caption_en": "y"}]
     )
     (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 this is not a parquet file")

@@ -18,7 +18,7 @@ from tests.conftest import direct_pipeline
 from transforms.embedding import FaissSearchHandler
 from transforms.readers import REJECTED
 from transforms.schema import Caption
-from transforms.selection import SelectFromSearchResults, TopKDistinctImages, Proposal
+from transforms.selection import Proposal, SelectFromSearchResults, TopKDistinctImages
 
 
 def numpy_reference(C, E, keys, texts, k, m, min_score):
@@ -127,7 +127,7 @@ def test_selection_matches_brute_force(tmp_path, problem):
     seen = [key for key, *_ in expected]
     assert len(seen) == len(set(seen)), "an image went to two entities"
     per_entity = defaultdict(list)
-    for key, e, s, rank, rrank in expected:
+    for _key, e, _s, rank, _rrank in expected:
         per_entity[e].append(rank)
     for ranks in per_entity.values():
         assert sorted(ranks) == list(range(1, len(ranks) + 1))

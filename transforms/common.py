@@ -9,7 +9,8 @@ import json
 import logging
 import os
 import subprocess
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 

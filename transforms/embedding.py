@@ -12,7 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems

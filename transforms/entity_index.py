@@ -245,7 +245,7 @@ def finalize_entity_index(
         },
         "inputs": inputs,
         "code_version": code_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     write_json(FileSystems.join(output_dir, MANIFEST_FILE), manifest)
     for p in part_paths:

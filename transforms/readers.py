@@ -19,8 +19,9 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -189,7 +190,7 @@ class CaptionColumns:
     image: Optional[str] = None
     keep: tuple[str, ...] = ()
 
-    def defaults(self, fmt: str) -> "CaptionColumns":
+    def defaults(self, fmt: str) -> CaptionColumns:
         if fmt == "laion_parquet":
             return CaptionColumns(
                 text=self.text or "TEXT",

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Iterable, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -25,7 +26,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.common import METRICS_NAMESPACE
 from transforms.readers import REJECTED
-from transforms.schema import Caption, Candidate, Reject, truncate_json
+from transforms.schema import Candidate, Caption, Reject, truncate_json
 
 
 def _counter(name: str):
