@@ -31,12 +31,13 @@ from transforms.common import (
     threads_per_process,
     write_json,
 )
-from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler
+from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
 from transforms.entity_index import (
     MANIFEST_FILE,
     CollapseDuplicateQids,
     FinalizeEntityIndex,
     WriteVectorPart,
+    new_faiss_index,
     title_text,
 )
 from transforms.options import cli_main, new_parser, parse, positive
@@ -134,6 +135,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     positive("--train_sample", args.train_sample)
     inputs = match_files(args.entities, "--entities")
     threads = threads_per_process(options, args.threads)
+    # Fail on a bad --index_factory now, not after embedding millions of titles.
+    new_faiss_index(text_dimension(args.text_model), args.index_factory)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, threads)
     result = p.run()

@@ -153,3 +153,32 @@ def test_misuse_gives_clear_errors(tmp_path, entity_index):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2 and "build_entity_index" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shared_index_across_processes_gives_same_result(tmp_path, entity_index):
+    """--share_index yes serves the faiss index from one process through Beam's
+    multi-process shared model; results must equal the in-process path."""
+    rows = [{"URL": f"http://s/{i}.jpg", "TEXT": t} for i, t in enumerate(EXACT_TITLE_CASES)]
+    captions = write_parquet(tmp_path / "captions.parquet", rows)
+    got = {}
+    for mode in ("no", "yes"):
+        out = tmp_path / mode
+        select_candidates.run(
+            ["--entity_index", entity_index, "--captions", captions, "--output", str(out), "--share_index", mode]
+        )
+        got[mode] = sorted((r["key"], r["qid"], r["rank"], round(r["score"], 5)) for r in read_candidates(out))
+    assert got["yes"] == got["no"] and len(got["no"]) == len(EXACT_TITLE_CASES)
+
+
+def test_ivf_index_and_bad_factory(tmp_path, catalog_path):
+    from pipelines import build_entity_index
+
+    manifest = build_entity_index.run(
+        ["--entities", catalog_path, "--output", str(tmp_path / "ivf"), "--index_factory", "IVF2,Flat"]
+    )
+    index = faiss.read_index(str(tmp_path / "ivf" / "entities.faiss"))
+    assert manifest["index_factory"] == "IVF2,Flat" and index.ntotal == 16 and index.is_trained
+    with pytest.raises(UsageError, match="--index_factory 'NotAnIndex'"):
+        build_entity_index.run(
+            ["--entities", catalog_path, "--output", str(tmp_path / "bad"), "--index_factory", "NotAnIndex"]
+        )

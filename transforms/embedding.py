@@ -53,6 +53,21 @@ def load_sentence_transformer(name: str, device: str = "cpu", threads: int = 0):
     return SentenceTransformer(path, device=device)
 
 
+def text_dimension(name: str) -> int:
+    """Embedding size of a sentence-transformers model (loads it once, on the caller)."""
+    from transforms.common import UsageError
+
+    try:
+        model = load_sentence_transformer(name)
+    except Exception as e:  # noqa: BLE001 - OSError, HF errors, bad configs alike
+        raise UsageError(
+            f"--text_model {name!r} could not be loaded ({type(e).__name__}: {str(e)[:300]}); give a "
+            "sentence-transformers model id this machine can download, or a local model directory"
+        ) from e
+    get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(get())
+
+
 class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
     """str -> L2-normalised float32 embedding."""
 

@@ -126,17 +126,23 @@ def _local_output(output_dir: str, name: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_faiss_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int):
+def new_faiss_index(dim: int, factory: str):
+    """An empty inner-product index from a faiss index_factory string; UsageError if invalid."""
     import faiss
 
-    n, dim = vectors.shape
     try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1][:200]
         raise UsageError(
-            f"--index_factory {factory!r} is not a valid faiss index string: {e}. "
-            "Examples: Flat, IVF4096,Flat, IVF65536,PQ64, HNSW32"
+            f"--index_factory {factory!r} is not a valid faiss index string for {dim}-d vectors "
+            f"({reason}). Examples: Flat, IVF4096,Flat, IVF65536,PQ64 (dim divisible by 64), HNSW32"
         ) from e
+
+
+def build_faiss_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int):
+    n, dim = vectors.shape
+    index = new_faiss_index(dim, factory)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         take = min(n, train_sample)

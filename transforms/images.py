@@ -1,0 +1,124 @@
+"""Robust image decoding with Pillow.
+
+The format is found from the content, never from a file extension. Accepted: JPEG, PNG,
+WebP, GIF, BMP (and TIFF). Every image comes out as 8-bit RGB with its EXIF orientation
+applied: CMYK, palette, 16/32-bit, grayscale, 1-bit and alpha images are converted (alpha is
+composited on white, as a viewer shows it), animated images give their first frame.
+A decompression-bomb guard refuses images with more than `max_pixels` pixels before
+decoding them. Truncated or corrupt files raise `ImageError` with a reason; nothing else
+escapes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# A truncated file must be an error, not a silently grey-padded image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default bomb limit (~9459 x 9459)
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+
+
+class ImageError(ValueError):
+    """A bad image: `reason` is a stable reject reason, `detail` the specifics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB, orientation applied
+    format: str  # container format as Pillow identified it from the bytes
+    width: int  # after orientation
+    height: int
+    frames: int  # >1 for animations (the first frame is used)
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS.get(self.format, "img")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit depth grayscale: scale the actual range to 0..255.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    # L, 1, CMYK, YCbCr, LAB, HSV, RGBX ...: Pillow knows the conversion.
+    return img.convert("RGB")
+
+
+def probe_size(data: bytes) -> tuple[int, int, str]:
+    """(width, height, format) from the header only; ImageError if not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size[0], img.size[1], img.format or "?"
+    except UnidentifiedImageError as e:
+        raise ImageError("not_an_image", str(e)[:200]) from e
+    except Exception as e:  # noqa: BLE001
+        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}"[:300]) from e
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    if data is None or len(data) == 0:
+        raise ImageError("empty_image", "no image bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) below its hard limit; our guard decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            fmt = img.format or "?"
+            if fmt not in ACCEPTED_FORMATS:
+                raise ImageError("unsupported_format", f"format {fmt}")
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError("empty_image", f"size {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError("too_many_pixels", f"{w}x{h} = {w * h} pixels > --max_pixels {max_pixels}")
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1:
+                img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+            rgb.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError("not_an_image", str(e)[:200]) from e
+    except OSError as e:
+        text = str(e)
+        reason = "truncated_image" if "truncated" in text.lower() else "corrupt_image"
+        raise ImageError(reason, text[:300]) from e
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types on hostile input
+        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}"[:300]) from e
+    return DecodedImage(rgb, fmt, rgb.size[0], rgb.size[1], frames)
