@@ -16,8 +16,10 @@ from typing import Any, Optional
 import pyarrow as pa
 
 
-def _f(arrow_type: pa.DataType, default: Any = dataclasses.MISSING, doc: str = ""):
-    kwargs = {"metadata": {"arrow": arrow_type, "doc": doc}}
+def _f(arrow_type: pa.DataType, default: Any = dataclasses.MISSING, doc: str = "", tf: str = ""):
+    """A field with its Arrow type, a doc string and (for shard records) its TFRecord
+    feature name."""
+    kwargs = {"metadata": {"arrow": arrow_type, "doc": doc, "tf": tf}}
     if default is not dataclasses.MISSING:
         if isinstance(default, (dict, list)):
             kwargs["default_factory"] = lambda d=default: type(d)(d)
@@ -75,6 +77,36 @@ class Candidate:
 
 
 @dataclasses.dataclass
+class Sample:
+    """One training example as written to the shards (Parquet, TFRecord, webdataset).
+
+    Everything select_candidates knew about the image, the decoded image facts, and the
+    decontamination result. `tf` names the tf.train.Example feature of each field.
+    """
+
+    key: str = _f(pa.string(), tf="image/key")
+    image: bytes = _f(pa.binary(), b"", doc="encoded image, as downloaded", tf="image/encoded")
+    image_format: str = _f(pa.string(), "", doc="jpg|png|webp|gif|bmp|tif, from the content", tf="image/format")
+    width: Optional[int] = _f(pa.int32(), None, doc="decoded width (EXIF orientation applied)", tf="image/width")
+    height: Optional[int] = _f(pa.int32(), None, tf="image/height")
+    image_sha256: str = _f(pa.string(), "", tf="image/sha256")
+    url: Optional[str] = _f(pa.string(), None, tf="image/url")
+    caption: str = _f(pa.string(), "", doc="original web caption", tf="image/caption")
+    qid: str = _f(pa.string(), "", tf="entity/qid")
+    title: str = _f(pa.string(), "", tf="entity/title")
+    entity_id: int = _f(pa.int64(), -1, tf="entity/id")
+    score: float = _f(pa.float32(), 0.0, doc="cosine(caption, title)", tf="retrieval/score")
+    rank: int = _f(pa.int32(), 0, tf="retrieval/rank")
+    retrieval_rank: int = _f(pa.int32(), 0, tf="retrieval/retrieval_rank")
+    max_eval_similarity: Optional[float] = _f(
+        pa.float32(), None, doc="max CLIP cosine with any evaluation image", tf="decontam/max_similarity"
+    )
+    nearest_eval_id: Optional[str] = _f(pa.string(), None, tf="decontam/nearest_eval_id")
+    source: str = _f(pa.string(), "", tf="source/path")
+    meta_json: Optional[str] = _f(pa.string(), None, tf="source/meta_json")
+
+
+@dataclasses.dataclass
 class Reject:
     """A record that did not make it, and why. Written to rejected/<stage>/."""
 
@@ -97,6 +129,11 @@ def arrow_schema(cls, exclude: tuple[str, ...] = ()) -> pa.Schema:
             continue
         fields.append(pa.field(f.name, f.metadata["arrow"], metadata={"doc": f.metadata["doc"]}))
     return pa.schema(fields)
+
+
+def tf_feature_names(cls) -> dict[str, str]:
+    """field name -> tf.train.Example feature name, for records that declare them."""
+    return {f.name: f.metadata["tf"] for f in dataclasses.fields(cls) if f.metadata.get("tf")}
 
 
 def column_names(cls) -> list[str]:
