@@ -268,7 +268,10 @@ class _DeadLetters(beam.DoFn):
         batch, error = element if isinstance(element, tuple) and len(element) == 2 else (element, "")
         items = batch if isinstance(batch, list) else [batch]
         for item in items:
-            record = item[0] if isinstance(item, tuple) else item
+            # Keyed elements: (key, example); the key may itself be (record, extra).
+            record = item
+            while isinstance(record, tuple) and record:
+                record = record[0]
             yield Reject(
                 stage=self.stage,
                 reason=self.reason,
