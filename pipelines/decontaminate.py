@@ -27,13 +27,19 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from transforms.clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, OpenClipImageHandler, validate_clip_args
+from transforms.clip import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    OpenClipImageHandler,
+    validate_clip_args,
+)
 from transforms.common import (
     METRICS_NAMESPACE,
     UsageError,
@@ -98,7 +104,7 @@ def _vector(kv):
 
 
 def _eval_vector(kv):
-    (eval_id, _), vec = kv[0], kv[1].inference
+    (eval_id, _facts), vec = kv[0], kv[1].inference
     return eval_id, vec
 
 
@@ -232,10 +238,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     result = p.run()
     result.wait_until_finish()
-    seconds = (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
     counters = query_counters(result)
     problems = check_counts(counters)
     out = args.output.rstrip("/")

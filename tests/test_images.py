@@ -113,7 +113,7 @@ def test_truncated_files():
         data = encode(gradient((200, 200)), fmt)
         with pytest.raises(ImageError) as e:
             decode_image(data[: len(data) // 2])
-        assert e.value.reason in ("truncated_image", "corrupt_image"), fmt
+        assert e.value.reason == "truncated_image", fmt
 
 
 def test_decompression_bomb_is_refused_before_decoding():

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
@@ -72,6 +73,15 @@ def validate_clip_args(model_name: str, pretrained: Optional[str]) -> None:
             )
 
 
+class LoadedClip:
+    """The model and its preprocess transform (Beam's shared cache needs a weak-referenceable
+    object, not a tuple)."""
+
+    def __init__(self, model, preprocess):
+        self.model = model
+        self.preprocess = preprocess
+
+
 class OpenClipImageHandler(ModelHandler[Any, np.ndarray, Any]):
     """RGB PIL image -> L2-normalised float32 CLIP image embedding."""
 
@@ -90,21 +100,22 @@ class OpenClipImageHandler(ModelHandler[Any, np.ndarray, Any]):
         self.device = device
         self.threads = threads
 
-    def load_model(self):
-        return load_open_clip(self.model_name, self.pretrained, self.device, self.threads)
+    def load_model(self) -> LoadedClip:
+        return LoadedClip(*load_open_clip(self.model_name, self.pretrained, self.device, self.threads))
 
     def run_inference(
         self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
         import torch
 
-        clip, preprocess = model
+        clip, preprocess = model.model, model.preprocess
         pixels = torch.stack([preprocess(img) for img in batch]).to(self.device)
         with torch.no_grad():
             features = clip.encode_image(pixels)
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         vectors = features.cpu().numpy().astype(np.float32, copy=False)
-        for img, vec in zip(batch, vectors):
+        for vec in vectors:
+            # The example (a PIL image) is not echoed back: it would keep pixels alive.
             yield PredictionResult(None, vec, self.model_id)
 
     @property

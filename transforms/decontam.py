@@ -246,7 +246,8 @@ class ReadEvalImage(beam.DoFn):
 
 
 class DecodeImages(beam.DoFn):
-    """(id, bytes) or Candidate -> (item, DecodedImage); a bad image is a Reject."""
+    """(id, bytes) -> (id, DecodedImage); Candidate -> (Candidate, DecodedImage); a bad image
+    is a Reject with the decoder's reason."""
 
     def __init__(self, stage: str, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.stage = stage
@@ -274,7 +275,8 @@ class DecodeImages(beam.DoFn):
             )
             return
         _counter(f"{self.stage}_decoded").inc()
-        yield item, decoded
+        # Eval images continue as their id alone: their bytes are not needed any more.
+        yield (item if isinstance(item, Candidate) else key), decoded
 
 
 class EvalMatrix(NamedTuple):
@@ -365,9 +367,8 @@ class DropNearDuplicates(beam.DoFn):
                         detail=f"cosine {float(s):.6f} > {float(self.threshold)} with eval image {nearest}",
                         key=cand.key,
                         source=cand.source,
-                        record_json=json.dumps(
-                            {"eval_id": nearest, "similarity": float(s), "qid": cand.qid, "url": cand.url, "caption": cand.caption},
-                            ensure_ascii=False,
+                        record_json=truncate_json(
+                            {"eval_id": nearest, "similarity": float(s), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
                         ),
                     ),
                 )

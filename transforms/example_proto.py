@@ -127,7 +127,7 @@ def _is_nullable(hint) -> bool:
     return type(None) in typing.get_args(hint)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layout(cls) -> tuple[tuple[str, str, str, bool, str], ...]:
     """(field name, feature name, kind, nullable, doc) for every field with a `tf` name."""
     hints = typing.get_type_hints(cls)

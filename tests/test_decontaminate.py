@@ -1,0 +1,260 @@
+"""Decontamination: the CLIP path is open_clip's own, the threshold is exact, bad images are
+rejected with their reason, and the pipeline's drops match a bare open_clip computation."""
+
+import glob
+import io
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from apache_beam.testing.util import assert_that, equal_to
+from PIL import Image
+
+from pipelines import decontaminate
+from tests.conftest import direct_pipeline
+from tests.helpers import read_rejects, write_webdataset
+from transforms.clip import OpenClipImageHandler
+from transforms.common import UsageError
+from transforms.decontam import DropNearDuplicates, EvalMatrix
+from transforms.images import DecodedImage, decode_image
+from transforms.readers import REJECTED
+from transforms.schema import Candidate, arrow_schema, to_row
+
+ARCH = "ViT-S-32"  # small random-weight CLIP: ~45 images/s on 2 CPU cores
+
+
+def photo(seed: int, size=(96, 96)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    img = Image.fromarray(base, "RGB").resize(size, Image.BICUBIC)
+    return img
+
+
+def jpeg(img, quality=90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random-weight CLIP saved as a local checkpoint: loaded by path on both sides."""
+    torch.manual_seed(123)
+    model, _, _ = open_clip.create_model_and_transforms(ARCH, pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "random_vit_s32.pt"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def bare_embed(checkpoint, images):
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=checkpoint)
+    model.eval()
+    with torch.no_grad():
+        f = model.encode_image(torch.stack([preprocess(im) for im in images]))
+    return torch.nn.functional.normalize(f, dim=-1).numpy()
+
+
+def test_handler_equals_open_clip(checkpoint):
+    images = [photo(i) for i in range(5)]
+    handler = OpenClipImageHandler(ARCH, checkpoint, batch_size=5)
+    ours = np.stack([r.inference for r in handler.run_inference(images, handler.load_model())])
+    ref = bare_embed(checkpoint, images)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_threshold_is_strictly_greater_in_float32():
+    t = np.float32(0.95)
+    below, above = np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(1))
+
+    def unit(c):
+        c = np.float32(c)
+        return np.array([c, np.sqrt(np.float32(1) - c * c)], np.float32)
+
+    eval_matrix = EvalMatrix(["e0"], np.array([[1, 0]], np.float32))
+    cands = {name: (Candidate(key=name, qid="Q1", image=b"x"), None) for name in ("equal", "below", "above")}
+    vecs = {"equal": unit(t), "below": unit(below), "above": unit(above)}
+    # The test vectors' first coordinate is exactly the similarity with e0 = [1, 0].
+    assert float((vecs["equal"] @ eval_matrix.vectors.T)[0]) == float(t)
+
+    facts = DecodedImage(None, "JPEG", 1, 1, 1)
+    batch = [((cands[n][0], facts), vecs[n]) for n in ("equal", "below", "above")]
+    with direct_pipeline() as p:
+        out = (
+            p
+            | "Batch" >> beam.Create([batch])
+            | beam.ParDo(DropNearDuplicates(0.95), eval_matrix).with_outputs(REJECTED, main="kept")
+        )
+        assert_that(out.kept | beam.Map(lambda s: s.key), equal_to(["equal", "below"]), label="kept")
+        assert_that(
+            out[REJECTED] | beam.Map(lambda r: (r.key, r.reason, json.loads(r.record_json)["eval_id"])),
+            equal_to([("above", "near_duplicate_of_eval", "e0")]),
+            label="dropped",
+        )
+
+
+def broken_png() -> bytes:
+    data = bytearray(png(Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 50, 3), dtype=np.uint8))))
+    data[data.find(b"IDAT") + 20] ^= 0xFF
+    return bytes(data)
+
+
+def write_candidates(path, rows):
+    table = pa.Table.from_pylist([to_row(r) for r in rows], schema=arrow_schema(Candidate))
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Candidates (select_candidates Parquet) with bad images, and an eval folder holding an
+    exact copy, a re-encoded copy and a resized copy of three candidates plus unrelated
+    images."""
+    imgs = {i: photo(i) for i in range(8)}
+    good = [
+        Candidate(key=f"c{i}", url=f"http://c/{i}", caption=f"caption {i}", qid=f"Q{i}", title=f"T{i}",
+                  score=0.5, rank=1, retrieval_rank=1, entity_id=i, source="s", image=jpeg(imgs[i]))
+        for i in range(8)
+    ]
+    whole = jpeg(photo(50, (300, 300)))
+    bad = [
+        Candidate(key="corrupt", qid="Q9", title="T9", image=b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),
+        Candidate(key="truncated", qid="Q9", title="T9", image=whole[: len(whole) // 2]),
+        Candidate(key="bad_stream", qid="Q9", title="T9", image=broken_png()),
+        Candidate(key="text", qid="Q9", title="T9", image=b"<html>not an image</html>"),
+        Candidate(key="empty", qid="Q9", title="T9", image=None),
+        Candidate(key="bomb", qid="Q9", title="T9", image=png(Image.new("1", (12000, 12000), 0))),
+    ]
+    write_candidates(tmp_path / "candidates-00000-of-00001.parquet", good + bad)
+    ev = tmp_path / "eval"
+    os.makedirs(ev / "00")
+    (ev / "00" / "exact_c0.jpg").write_bytes(good[0].image)
+    (ev / "reenc_c1.jpg").write_bytes(jpeg(imgs[1], quality=60))
+    (ev / "resized_c2.png").write_bytes(png(imgs[2].resize((150, 150))))
+    for j in range(3):
+        (ev / f"unrelated{j}.jpg").write_bytes(jpeg(photo(1000 + j)))
+    (ev / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return tmp_path, good, imgs
+
+
+def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
+    tmp_path, good, imgs = corpus
+    out = tmp_path / "out"
+    threshold = 0.99
+    summary = decontaminate.run(
+        [
+            "--input", str(tmp_path / "candidates-*.parquet"),
+            "--eval_images", str(tmp_path / "eval"),
+            "--output", str(out),
+            "--clip_model", ARCH, "--clip_pretrained", checkpoint,
+            "--threshold", str(threshold),
+            "--formats", "parquet",
+        ]
+    )
+    # Oracle: bare open_clip on the decoded images, exact cosine, strict threshold.
+    eval_files = sorted(p for p in glob.glob(str(tmp_path / "eval" / "**" / "*"), recursive=True)
+                        if os.path.isfile(p) and "broken" not in p)
+    eval_ids = [os.path.splitext(os.path.basename(p))[0] for p in eval_files]
+    E = bare_embed(checkpoint, [decode_image(open(p, "rb").read()).image for p in eval_files])
+    C = bare_embed(checkpoint, [decode_image(c.image).image for c in good])
+    S = C @ E.T
+    expected_drop = {good[i].key: eval_ids[int(S[i].argmax())] for i in range(len(good)) if S[i].max() > np.float32(threshold)}
+    assert {"c0", "c2"} <= set(expected_drop)  # exact and resized copies are caught
+    rejects = read_rejects(out)
+    dropped = {r["key"]: json.loads(r["record_json"]) for r in rejects if r["reason"] == "near_duplicate_of_eval"}
+    assert {k: v["eval_id"] for k, v in dropped.items()} == expected_drop
+    for k, v in dropped.items():
+        i = int(k[1:])
+        assert abs(v["similarity"] - float(S[i].max())) < 1e-4
+    kept = pq.read_table(glob.glob(str(out / "samples-*.parquet"))).to_pylist()
+    assert {r["key"] for r in kept} == {c.key for c in good} - set(expected_drop)
+    for r in kept:
+        i = int(r["key"][1:])
+        assert abs(r["max_eval_similarity"] - float(S[i].max())) < 1e-4
+        assert r["nearest_eval_id"] == eval_ids[int(S[i].argmax())]
+        assert r["image"] == good[i].image and (r["width"], r["height"]) == (96, 96) and r["image_format"] == "jpg"
+    reasons = {r["key"]: r["reason"] for r in rejects if r["stage"] == "decode"}
+    assert reasons == {
+        "corrupt": "not_an_image",  # PNG magic, broken header: Pillow cannot identify it
+        "truncated": "truncated_image",
+        "bad_stream": "corrupt_image",
+        "text": "not_an_image",
+        "empty": "empty_image",
+        "bomb": "too_many_pixels",
+    }
+    assert [r["reason"] for r in rejects if r["stage"] == "eval_images"] == ["not_an_image"]
+    assert summary["count_check"] == "ok", summary["count_check"]
+    assert summary["eval_images"] == {"listed": 7, "embedded": 6}
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["threshold"] == threshold and manifest["clip"]["model"] == ARCH
+
+
+def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
+    """img2dataset shards downloaded from select_candidates' caption-only output, and OVEN
+    annotation lines with images in two-digit sub-folders."""
+    a, b = photo(1), photo(2)
+    write_webdataset(
+        tmp_path / "00000.tar",
+        [
+            {"key": "000000000", "jpg": jpeg(a), "txt": "caption a", "json": {"key": "000000000", "url": "http://a", "caption": "caption a", "qid": "Q243", "title": "Eiffel Tower", "score": 0.7, "rank": 1, "entity_id": 0, "status": "success"}},
+            {"key": "000000001", "jpg": jpeg(b), "txt": "caption b", "json": {"key": "000000001", "url": "http://b", "caption": "caption b", "qid": "Q9202", "title": "Statue of Liberty", "score": 0.6, "rank": 1, "entity_id": 1, "status": "success"}},
+            {"key": "000000002", "jpg": jpeg(b), "txt": "no entity", "json": {"key": "000000002", "url": "http://c"}},
+        ],
+    )
+    root = tmp_path / "oven_images"
+    os.makedirs(root / "04")
+    (root / "04" / "oven_04000001.jpg").write_bytes(jpeg(a))
+    ann = tmp_path / "oven_val.jsonl"
+    ann.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in [
+                {"data_id": "d1", "image_id": "oven_04000001", "question": "what is this?", "entity_id": "Q243", "data_split": "entity_val_seen"},
+                {"data_id": "d2", "image_id": "oven_04000001", "question": "which tower?", "entity_id": "Q243", "data_split": "query_val_seen"},
+                {"data_id": "d3", "image_id": "oven_09999999", "question": "?", "entity_id": "Q1", "data_split": "entity_val_unseen"},
+            ]
+        )
+    )
+    out = tmp_path / "out"
+    summary = decontaminate.run(
+        ["--input", str(tmp_path / "*.tar"), "--eval_images", str(ann), "--eval_image_root", str(root),
+         "--output", str(out), "--clip_model", ARCH, "--clip_pretrained", "none", "--formats", "parquet",
+         # Random weights: only (near-)exact copies are reliably above the rest.
+         "--threshold", "0.9999"]
+    )
+    rejects = read_rejects(out)
+    by_reason = {}
+    for r in rejects:
+        by_reason.setdefault(r["reason"], []).append(r["key"])
+    assert by_reason["near_duplicate_of_eval"] == ["000000000"]
+    assert by_reason["missing_entity"] == ["000000002"]
+    assert by_reason["eval_image_missing"] == ["oven_09999999"]
+    kept = pq.read_table(glob.glob(str(out / "samples-*.parquet"))).to_pylist()
+    assert [(r["key"], r["qid"], r["title"]) for r in kept] == [("000000001", "Q9202", "Statue of Liberty")]
+    assert summary["count_check"] == "ok"
+
+
+def test_misuse(tmp_path):
+    with pytest.raises(UsageError, match="--clip_model 'ViT-L/14'"):
+        decontaminate.run(["--input", "x", "--eval_images", "y", "--output", "o", "--clip_model", "ViT-L/14"])
+    with pytest.raises(UsageError, match="--clip_pretrained .*no such checkpoint"):
+        decontaminate.run(["--input", "x", "--eval_images", "y", "--output", "o", "--clip_model", ARCH,
+                           "--clip_pretrained", str(tmp_path / "missing.pt")])
+    with pytest.raises(UsageError, match="--formats"):
+        decontaminate.run(["--input", "x", "--eval_images", "y", "--output", "o", "--formats", "parquet,csv"])
+    with pytest.raises(UsageError, match="--eval_image_root"):
+        (tmp_path / "a.jsonl").write_text("{}\n")
+        (tmp_path / "c.parquet").write_bytes(b"")
+        decontaminate.run(["--input", str(tmp_path / "c.parquet"), "--eval_images", str(tmp_path / "a.jsonl"),
+                           "--output", "o", "--clip_model", ARCH, "--clip_pretrained", "none"])
