@@ -149,3 +149,43 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+EVAL_KINDS = ("exact", "reencoded", "resized", "cropped")
+
+
+def write_eval_set(candidates_glob: str, output: str, per_kind: int = 4, unrelated: int = 12, seed: int = 0) -> dict:
+    """A demo evaluation set: copies of some selected candidate images (exact bytes,
+    re-encoded as JPEG q=60, resized to 2/3, centre-cropped to 80%) plus unrelated images.
+    File names say what each is: `<kind>__<candidate key>.jpg`, `unrelated_<n>.jpg`."""
+    import glob as _glob
+
+    files = sorted(_glob.glob(candidates_glob))
+    rows = pq.read_table(files, columns=["key", "image"]).to_pylist()
+    rows.sort(key=lambda r: r["key"])
+    rng = random.Random(seed)
+    picked = rng.sample(rows, min(len(rows), per_kind * len(EVAL_KINDS)))
+    os.makedirs(output, exist_ok=True)
+    made = {}
+    for i, row in enumerate(picked):
+        kind = EVAL_KINDS[i % len(EVAL_KINDS)]
+        name = f"{kind}__{row['key']}.jpg"
+        if kind == "exact":
+            data = row["image"]
+        else:
+            img = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            w, h = img.size
+            if kind == "resized":
+                img = img.resize((w * 2 // 3, h * 2 // 3), Image.BICUBIC)
+            elif kind == "cropped":
+                img = img.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=60 if kind == "reencoded" else 90)
+            data = buf.getvalue()
+        with open(os.path.join(output, name), "wb") as f:
+            f.write(data)
+        made[name] = row["key"]
+    for n in range(unrelated):
+        with open(os.path.join(output, f"unrelated_{n:02d}.jpg"), "wb") as f:
+            f.write(draw(10_000_000 + n))
+    return made

