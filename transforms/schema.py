@@ -84,26 +84,26 @@ class Sample:
     decontamination result. `tf` names the tf.train.Example feature of each field.
     """
 
-    key: str = _f(pa.string(), tf="image/key")
+    key: str = _f(pa.string(), doc="image identity (corpus key or URL hash)", tf="image/key")
     image: bytes = _f(pa.binary(), b"", doc="encoded image, as downloaded", tf="image/encoded")
     image_format: str = _f(pa.string(), "", doc="jpg|png|webp|gif|bmp|tif, from the content", tf="image/format")
     width: Optional[int] = _f(pa.int32(), None, doc="decoded width (EXIF orientation applied)", tf="image/width")
-    height: Optional[int] = _f(pa.int32(), None, tf="image/height")
-    image_sha256: str = _f(pa.string(), "", tf="image/sha256")
-    url: Optional[str] = _f(pa.string(), None, tf="image/url")
+    height: Optional[int] = _f(pa.int32(), None, doc="decoded height", tf="image/height")
+    image_sha256: str = _f(pa.string(), "", doc="sha256 of the image bytes, hex", tf="image/sha256")
+    url: Optional[str] = _f(pa.string(), None, doc="source URL", tf="image/url")
     caption: str = _f(pa.string(), "", doc="original web caption", tf="image/caption")
-    qid: str = _f(pa.string(), "", tf="entity/qid")
-    title: str = _f(pa.string(), "", tf="entity/title")
-    entity_id: int = _f(pa.int64(), -1, tf="entity/id")
+    qid: str = _f(pa.string(), "", doc="Wikidata id of the entity (the label)", tf="entity/qid")
+    title: str = _f(pa.string(), "", doc="Wikipedia title of the entity", tf="entity/title")
+    entity_id: int = _f(pa.int64(), -1, doc="int id in the entity index", tf="entity/id")
     score: float = _f(pa.float32(), 0.0, doc="cosine(caption, title)", tf="retrieval/score")
-    rank: int = _f(pa.int32(), 0, tf="retrieval/rank")
-    retrieval_rank: int = _f(pa.int32(), 0, tf="retrieval/retrieval_rank")
+    rank: int = _f(pa.int32(), 0, doc="1 = best caption of the entity", tf="retrieval/rank")
+    retrieval_rank: int = _f(pa.int32(), 0, doc="rank in the top-K before one-image-one-entity", tf="retrieval/retrieval_rank")
     max_eval_similarity: Optional[float] = _f(
         pa.float32(), None, doc="max CLIP cosine with any evaluation image", tf="decontam/max_similarity"
     )
-    nearest_eval_id: Optional[str] = _f(pa.string(), None, tf="decontam/nearest_eval_id")
-    source: str = _f(pa.string(), "", tf="source/path")
-    meta_json: Optional[str] = _f(pa.string(), None, tf="source/meta_json")
+    nearest_eval_id: Optional[str] = _f(pa.string(), None, doc="the evaluation image of that similarity", tf="decontam/nearest_eval_id")
+    source: str = _f(pa.string(), "", doc="file the sample came from", tf="source/path")
+    meta_json: Optional[str] = _f(pa.string(), None, doc="kept corpus columns, JSON", tf="source/meta_json")
 
 
 @dataclasses.dataclass
