@@ -26,8 +26,9 @@ from transforms.common import (
     code_version,
     format_counters,
     match_files,
-    query_counters,
     read_json,
+    run_and_count,
+    sum_counters,
     threads_per_process,
     write_json,
 )
@@ -114,7 +115,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
 
 def check_counts(c: dict) -> list[str]:
     """The identities the counters must satisfy; a message per one that does not hold."""
-    rejected_read = sum(v for k, v in c.items() if k.startswith("rejected_read_catalog_") and not k.endswith("_files"))
+    rejected_read = sum_counters(c, "rejected_read_catalog_")
     problems = []
     rows = c.get("catalog_rows_read", 0)
     if rows != c.get("catalog_rows_ok", 0) + rejected_read:
@@ -139,9 +140,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     new_faiss_index(text_dimension(args.text_model), args.index_factory)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, threads)
-    result = p.run()
-    result.wait_until_finish()
-    counters = query_counters(result)
+    counters, _ = run_and_count(p)
     manifest_path = f"{args.output.rstrip('/')}/{MANIFEST_FILE}"
     manifest = read_json(manifest_path)
     manifest["counters"] = counters

@@ -46,7 +46,8 @@ from transforms.common import (
     code_version,
     format_counters,
     match_files,
-    query_counters,
+    run_and_count,
+    sum_counters,
     threads_per_process,
     write_json,
 )
@@ -195,27 +196,23 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
         read[REJECTED],
         decoded[REJECTED],
         filtered[REJECTED],
-        eval_dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(_DeadLetters("embed", "embed_failed")),
+        eval_dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(_DeadLetters("eval_images", "embed_failed")),
         cand_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(_DeadLetters("embed", "embed_failed")),
     ]
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
-
-
-def _sum_prefix(c: dict, prefix: str) -> int:
-    return sum(v for k, v in c.items() if k.startswith(prefix) and not k.endswith("_files"))
 
 
 def check_counts(c: dict) -> list[str]:
     g = c.get
     problems = []
     read = g("candidates_read", 0)
-    bad_read = _sum_prefix(c, "rejected_read_candidates_")
-    bad_image = _sum_prefix(c, "rejected_decode_")
+    bad_read = sum_counters(c, "rejected_read_candidates_")
+    bad_image = sum_counters(c, "rejected_decode_")
     if read != bad_read + bad_image + g("decode_decoded", 0):
         problems.append(f"read {read} != rejected at read {bad_read} + bad images {bad_image} + decoded {g('decode_decoded', 0)}")
-    embedded = g("decontaminate_kept", 0) + g("decontaminate_dropped", 0)
-    if g("decode_decoded", 0) < embedded:
-        problems.append("more candidates filtered than decoded")
+    filtered = g("decontaminate_kept", 0) + g("decontaminate_dropped", 0)
+    if g("decode_decoded", 0) != filtered + g("rejected_embed_embed_failed", 0):
+        problems.append("decoded != kept + dropped + embedding failures")
     if g("decontaminate_dropped", 0) != g("rejected_decontaminate_near_duplicate_of_eval", 0):
         problems.append("dropped != near-duplicate rejects")
     if g("decontaminate_kept", 0) != g("samples_written", 0):
@@ -239,10 +236,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads)
     started = dt.datetime.now(dt.UTC)
-    result = p.run()
-    result.wait_until_finish()
-    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    counters = query_counters(result)
+    counters, seconds = run_and_count(p)
     problems = check_counts(counters)
     out = args.output.rstrip("/")
     summary = {

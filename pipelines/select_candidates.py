@@ -30,7 +30,8 @@ from transforms.common import (
     code_version,
     format_counters,
     match_files,
-    query_counters,
+    run_and_count,
+    sum_counters,
     threads_per_process,
     worker_processes,
     write_json,
@@ -200,16 +201,12 @@ def _count_written(n):
     return n
 
 
-def _sum_prefix(c: dict, prefix: str) -> int:
-    return sum(v for k, v in c.items() if k.startswith(prefix) and not k.endswith("_files"))
-
-
 def check_counts(c: dict) -> list[str]:
     """The identities the counters must satisfy; one message per identity that fails."""
     g = c.get
     problems = []
     read = g("captions_rows_read", 0)
-    rejected_read = _sum_prefix(c, "rejected_read_captions_")
+    rejected_read = sum_counters(c, "rejected_read_captions_")
     if read != g("captions_rows_ok", 0) + rejected_read:
         problems.append(f"rows read {read} != ok {g('captions_rows_ok', 0)} + rejected {rejected_read}")
     failed = g("rejected_embed_embed_failed", 0) + g("rejected_search_search_failed", 0)
@@ -236,10 +233,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, manifest, files, threads, share)
     started = dt.datetime.now(dt.UTC)
-    result = p.run()
-    result.wait_until_finish()
-    seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    counters = query_counters(result)
+    counters, seconds = run_and_count(p)
     problems = check_counts(counters)
     out = args.output.rstrip("/")
     summary = {

@@ -39,7 +39,7 @@ BASE_TYPE = {
 }
 NULLABLE = {name for name, h in HINTS.items() if type(None) in typing.get_args(h)}
 TF_NAME = {f.name: f.metadata["tf"] for f in dataclasses.fields(Sample)}
-TF_KIND = {str: "bytes_list", bytes: "bytes_list", int: "int64_list", float: "float_list"}
+TF_KIND = {str: "bytes_list", bytes: "bytes_list", int: "int64_list", bool: "int64_list", float: "float_list"}
 
 
 def _sha(data: bytes) -> str:

@@ -189,3 +189,18 @@ def first_present(names: Iterable[str], candidates: Iterable[Optional[str]]) -> 
         if c.lower() in lower:
             return lower[c.lower()]
     return None
+
+
+def sum_counters(counters: dict[str, int], prefix: str) -> int:
+    """Records counted under every `prefix*` counter (file-level `*_files` counters excluded)."""
+    return sum(v for k, v in counters.items() if k.startswith(prefix) and not k.endswith("_files"))
+
+
+def run_and_count(pipeline) -> tuple[dict[str, int], float]:
+    """Run a pipeline to completion; its counters and wall seconds."""
+    import time
+
+    started = time.perf_counter()
+    result = pipeline.run()
+    result.wait_until_finish()
+    return query_counters(result), time.perf_counter() - started

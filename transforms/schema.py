@@ -104,6 +104,22 @@ class Sample:
     nearest_eval_id: Optional[str] = _f(pa.string(), None, doc="the evaluation image of that similarity", tf="decontam/nearest_eval_id")
     source: str = _f(pa.string(), "", doc="file the sample came from", tf="source/path")
     meta_json: Optional[str] = _f(pa.string(), None, doc="kept corpus columns, JSON", tf="source/meta_json")
+    # REW fields (pipelines.refine); None in shards written before refinement.
+    candidate_qid: Optional[str] = _f(pa.string(), None, doc="entity proposed by caption retrieval", tf="rew/candidate_qid")
+    candidate_title: Optional[str] = _f(pa.string(), None, tf="rew/candidate_title")
+    verdict: Optional[str] = _f(pa.string(), None, doc="correct | corrected (qid/title are the final entity)", tf="rew/verdict")
+    changed: Optional[bool] = _f(pa.bool_(), None, doc="final qid != candidate qid", tf="rew/changed")
+    llm_entity: Optional[str] = _f(pa.string(), None, doc="entity name as the LLM wrote it", tf="rew/llm_entity")
+    verify_reason: Optional[str] = _f(pa.string(), None, tf="rew/verify_reason")
+    grounding_method: Optional[str] = _f(pa.string(), None, doc="verified | exact | normalized | disambiguation | embedding", tf="rew/grounding_method")
+    grounding_score: Optional[float] = _f(pa.float32(), None, tf="rew/grounding_score")
+    ambiguous_qids: Optional[str] = _f(pa.string(), None, doc="other QIDs with the same title, JSON list", tf="rew/ambiguous_qids")
+    rationale: Optional[str] = _f(pa.string(), None, doc="1-3 sentences grounded in what is visible", tf="rew/rationale")
+    qa_json: Optional[str] = _f(pa.string(), None, doc='[{"question", "answer"}, ...] as JSON', tf="rew/qa_json")
+    summary_missing: Optional[bool] = _f(pa.bool_(), None, doc="the entity had no Wikipedia summary in the prompt", tf="rew/summary_missing")
+    llm_model: Optional[str] = _f(pa.string(), None, tf="rew/llm_model")
+    verify_prompt: Optional[str] = _f(pa.string(), None, doc="prompt id@sha256", tf="rew/verify_prompt")
+    rationale_prompt: Optional[str] = _f(pa.string(), None, doc="prompt id@sha256", tf="rew/rationale_prompt")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,244 @@
+"""REW: a multimodal LLM verifies or corrects each entity label, the answer is grounded to a
+catalog entity, and a visual rationale and QA pairs are written.
+
+    python -m pipelines.refine --input 'out/shards/samples-*.parquet' --entities wiki6m.jsonl \\
+        --entity_index out/entity_index --llm_backend openai --endpoint http://localhost:8000 \\
+        --model Qwen/Qwen2.5-VL-7B-Instruct --cache out/llm_cache --output out/rew
+
+Backends (`--llm_backend`): `openai` (any OpenAI-compatible server: vllm serve, SGLang,
+llama.cpp, hosted APIs; API key from the env variable named by --api_key_env), `replay`
+(answers only from --cache; a miss is rejected as not_in_cache). Answers are cached in
+--cache by request hash: a killed run started again sends no request already answered.
+Output: REW shards samples-*.{parquet,tfrecord,tar} (qid/title = the final entity, plus
+candidate_qid, verdict, rationale, qa_json, model and prompt ids), rejected/<stage>/,
+manifest.json with counts per verdict and reject reason, tokens and cost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from prompts import CONTEXTS, MODES, load_prompt
+from transforms.common import (
+    UsageError,
+    code_version,
+    format_counters,
+    match_files,
+    run_and_count,
+    sum_counters,
+    threads_per_process,
+    write_json,
+)
+from transforms.entity_index import read_manifest
+from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
+from transforms.options import cli_main, new_parser, parse, positive
+from transforms.readers import REJECTED, ReadCatalogFile, SplitParquet
+from transforms.refine import (
+    ApplyGrounding,
+    GroundingHandler,
+    InterpretRationale,
+    InterpretVerify,
+    ReadSamples,
+    RequestSettings,
+    attach_summary,
+    rationale_request,
+    verify_request,
+)
+from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
+from transforms.sinks import WriteRejects
+
+log = logging.getLogger(__name__)
+
+STAGES = ["read_samples", "read_catalog", "verify", "ground", "rationale_qa"]
+BACKENDS = ("openai", "replay")
+
+
+def build_parser():
+    p = new_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="decontaminate shards: Parquet and/or webdataset .tar")
+    p.add_argument("--entities", required=True, help="the catalog (for Wikipedia summaries)")
+    p.add_argument("--entity_index", required=True, help="entity index (grounding)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--llm_backend", choices=BACKENDS, required=True)
+    p.add_argument("--model", required=True, help="model id sent to the endpoint (and part of the cache key)")
+    p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--cache", default=None, help="response cache folder (local or gs://)")
+    p.add_argument("--mode", choices=MODES, default="correct", help="direct = ask without the candidate (ablation)")
+    p.add_argument("--context", choices=CONTEXTS, default="wiki_caption", help="none = no caption / summary (ablation)")
+    p.add_argument("--verify_prompt", default="v1")
+    p.add_argument("--rationale_prompt", default="v1")
+    p.add_argument("--max_concurrency", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--max_retries", type=int, default=5, help="on 429 / 5xx / timeouts / dropped connections")
+    p.add_argument("--max_reasks", type=int, default=1, help="re-asks after an answer that fails the schema")
+    p.add_argument("--structured_output", choices=DIALECTS, default="json_schema", help="first form tried; falls back")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max_tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding grounding floor (cosine)")
+    p.add_argument("--usd_per_million_input_tokens", type=float, default=None)
+    p.add_argument("--usd_per_million_output_tokens", type=float, default=None)
+    p.add_argument("--formats", default=",".join(SHARD_FORMATS))
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--num_shards", type=int, default=0)
+    return p
+
+
+def llm_handler(args):
+    if args.llm_backend == "replay":
+        if not args.cache:
+            raise UsageError("--llm_backend replay answers from --cache: give the cache folder")
+        return ReplayHandler(args.cache, max_reasks=args.max_reasks)
+    if not args.endpoint:
+        raise UsageError("--llm_backend openai needs --endpoint (the server's base URL, e.g. http://localhost:8000/v1)")
+    positive("--max_concurrency", args.max_concurrency)
+    return OpenAICompatibleHandler(
+        args.endpoint,
+        cache_dir=args.cache,
+        api_key_env=args.api_key_env,
+        max_concurrency=args.max_concurrency,
+        timeout_s=args.timeout,
+        max_retries=args.max_retries,
+        max_reasks=args.max_reasks,
+        dialect=args.structured_output,
+        batch_size=max(args.max_concurrency * 4, 16),
+    )
+
+
+def build_pipeline(p, args, inputs, catalog_files, threads):
+    verify_prompt = load_prompt("verify", args.verify_prompt)
+    rationale_prompt = load_prompt("rationale_qa", args.rationale_prompt)
+    settings = RequestSettings(
+        args.model, args.mode, args.context, {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+    )
+    parquet = [f for f in inputs if not f.lower().endswith(".tar")]
+    tars = [f for f in inputs if f.lower().endswith(".tar")]
+    units, rejects = [], []
+    if parquet:
+        split = p | "ParquetFiles" >> beam.Create(parquet) | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="u")
+        units.append(split.u)
+        rejects.append(split[REJECTED])
+    if tars:
+        units.append(p | "TarFiles" >> beam.Create(tars))
+    read = (
+        tuple(units)
+        | "Units" >> beam.Flatten()
+        | "Spread" >> beam.Reshuffle()
+        | "ReadSamples" >> beam.ParDo(ReadSamples()).with_outputs(REJECTED, main="samples")
+    )
+    catalog = (
+        p
+        | "CatalogFiles" >> beam.Create(list(enumerate(catalog_files)))
+        | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
+    )
+    summaries = catalog.entities | "Summaries" >> beam.Map(lambda e: (e.qid, e.summary))
+    handler = llm_handler(args)
+    verified = (
+        {"sample": read.samples | "ByCandidate" >> beam.Map(lambda s: (s.qid, s)), "summary": summaries}
+        | "JoinCandidateSummary" >> beam.CoGroupByKey()
+        | "CandidateSummary" >> beam.FlatMap(attach_summary)
+        | "VerifyRequests" >> beam.Map(verify_request, verify_prompt, settings)
+        | "Verify" >> RunInference(handler)
+        | "InterpretVerify" >> beam.ParDo(InterpretVerify(verify_prompt)).with_outputs(REJECTED, "ground", main="final")
+    )
+    grounded = (
+        verified.ground
+        | "GroundNames"
+        >> RunInference(
+            GroundingHandler(args.entity_index, read_manifest(args.entity_index)["model"], args.min_ground_score, threads)
+        )
+        | "ApplyGrounding" >> beam.ParDo(ApplyGrounding()).with_outputs(REJECTED, main="final")
+    )
+    finals = (verified.final, grounded.final) | "Finals" >> beam.Flatten()
+    refined = (
+        {"sample": finals | "ByFinal" >> beam.Map(lambda s: (s.qid, s)), "summary": summaries}
+        | "JoinFinalSummary" >> beam.CoGroupByKey()
+        | "FinalSummary" >> beam.FlatMap(attach_summary)
+        | "RationaleRequests" >> beam.Map(rationale_request, rationale_prompt, settings)
+        | "RationaleQA" >> RunInference(handler)
+        | "InterpretRationale" >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, main="samples")
+    )
+    _ = refined.samples | "WriteShards" >> WriteShards(args.output, "samples", parse_formats(args.formats), args.num_shards)
+    rejects += [read[REJECTED], catalog[REJECTED], verified[REJECTED], grounded[REJECTED], refined[REJECTED]]
+    _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
+
+
+def check_counts(c: dict) -> list[str]:
+    g = c.get
+    problems = []
+    read = g("samples_read", 0) - sum_counters(c, "rejected_read_samples_")
+    verdicts = g("verdict_correct", 0) + g("verdict_corrected", 0) + g("verdict_not_an_entity", 0)
+    verify_failed = sum_counters(c, "rejected_verify_") - g("rejected_verify_not_an_entity", 0)
+    if read != verdicts + verify_failed:
+        problems.append(f"samples {read} != verdicts {verdicts} + verify failures {verify_failed}")
+    to_rationale = g("verdict_correct", 0) + g("verdict_corrected", 0) - g("rejected_ground_ungrounded", 0)
+    if to_rationale != g("samples_refined", 0) + sum_counters(c, "rejected_rationale_qa_"):
+        problems.append("verified + grounded != refined + rationale failures")
+    return problems
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
+    args, options = parse(build_parser(), argv)
+    positive("--max_retries", args.max_retries, minimum=0)
+    positive("--max_reasks", args.max_reasks, minimum=0)
+    read_manifest(args.entity_index)
+    inputs = match_files(args.input, "--input")
+    catalog_files = match_files(args.entities, "--entities")
+    for name, version in (("verify", args.verify_prompt), ("rationale_qa", args.rationale_prompt)):
+        try:
+            load_prompt(name, version)
+        except ValueError as e:
+            flag = "--verify_prompt" if name == "verify" else "--rationale_prompt"
+            raise UsageError(f"{flag}: {e}") from e
+    threads = threads_per_process(options, args.threads)
+    p = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(p, args, inputs, catalog_files, threads)
+    started = dt.datetime.now(dt.UTC)
+    counters, seconds = run_and_count(p)
+    problems = check_counts(counters)
+    tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
+    cost = None
+    if args.usd_per_million_input_tokens is not None or args.usd_per_million_output_tokens is not None:
+        cost = round(
+            tokens_in * (args.usd_per_million_input_tokens or 0) / 1e6 + tokens_out * (args.usd_per_million_output_tokens or 0) / 1e6, 6
+        )
+    out = args.output.rstrip("/")
+    summary = {
+        "kind": "rew_shards",
+        "inputs": inputs,
+        "model": args.model,
+        "backend": args.llm_backend,
+        "prompts": {
+            "verify": f"verify/{args.verify_prompt}@{load_prompt('verify', args.verify_prompt).sha256}",
+            "rationale_qa": f"rationale_qa/{args.rationale_prompt}@{load_prompt('rationale_qa', args.rationale_prompt).sha256}",
+        },
+        "verdicts": {k[len('verdict_'):]: v for k, v in counters.items() if k.startswith("verdict_")},
+        "rejects": {k[len('rejected_'):]: v for k, v in counters.items() if k.startswith("rejected_")},
+        "tokens": {"input": tokens_in, "output": tokens_out},
+        "requests_sent": counters.get("llm_requests_sent", 0),
+        "cache_hits": counters.get("llm_cache_hits_total", 0),
+        "cost_usd": cost,
+        "options": {k: v for k, v in vars(args).items() if k != "api_key_env"},
+        "counters": counters,
+        "count_check": problems or "ok",
+        "seconds": round(seconds, 2),
+        "code_version": code_version(),
+        "created": started.isoformat(timespec="seconds"),
+    }
+    write_json(f"{out}/manifest.json", summary)
+    print(format_counters(counters, "refine counters"))
+    print(f"count check: {summary['count_check']}")
+    print(f"tokens in/out: {tokens_in}/{tokens_out}" + (f"  cost: ${cost}" if cost is not None else ""))
+    print(f"REW shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
+    return summary
+
+
+if __name__ == "__main__":
+    cli_main(run)

@@ -1,0 +1,417 @@
+"""LLM calls for the REW stage: requests, the response cache, answer parsing, and the
+backends (each a Beam `ModelHandler` over a batch of `LLMRequest`).
+
+* `openai`: any OpenAI-compatible chat-completions endpoint (vllm serve, SGLang,
+  llama.cpp server, hosted APIs). Asynchronous, at most `max_concurrency` requests in
+  flight, a timeout per request, retries with exponential backoff and full jitter on 429,
+  5xx, timeouts and dropped connections only. Structured output in the dialect the server
+  speaks: `json_schema` first, then `json_object` + schema, then plain JSON instructions;
+  the first that the server accepts is remembered. The API key is read from an environment
+  variable and never logged or written.
+* `replay`: answers only from the cache; a miss is `not_in_cache`.
+Every answer is validated against the task's JSON schema (code fences and text around the
+object tolerated); an invalid answer is re-asked up to `max_reasks` times, then returned
+as `llm_invalid_output` with the raw text. Answers are cached by a hash of the model id,
+prompt id and hash, the rendered messages (the image by its sha256) and the sampling
+parameters, so a restarted run never pays twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from transforms.common import METRICS_NAMESPACE
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+DIALECTS = ("json_schema", "json_object", "none")
+
+
+def _counter(name: str):
+    return Metrics.counter(METRICS_NAMESPACE, name)
+
+
+@dataclass
+class LLMRequest:
+    """One chat call: what decides the answer, and nothing else, goes into the cache key."""
+
+    model: str
+    prompt_id: str
+    prompt_sha256: str
+    text: str
+    image: Optional[bytes]
+    image_mime: str
+    schema: dict
+    sampling: dict = field(default_factory=dict)
+    tag: Any = None  # the caller's record; not part of the key
+
+    @property
+    def image_sha256(self) -> Optional[str]:
+        return hashlib.sha256(self.image).hexdigest() if self.image is not None else None
+
+    def messages(self, with_image_data: bool = True, history: Sequence[dict] = ()) -> list[dict]:
+        content: list[dict] = [{"type": "text", "text": self.text}]
+        if self.image is not None:
+            url = (
+                f"data:{self.image_mime};base64,{base64.b64encode(self.image).decode('ascii')}"
+                if with_image_data
+                else f"sha256:{self.image_sha256}"
+            )
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        return [{"role": "user", "content": content}, *history]
+
+    def cache_key(self, history: Sequence[dict] = ()) -> str:
+        blob = json.dumps(
+            {
+                "model": self.model,
+                "prompt": [self.prompt_id, self.prompt_sha256],
+                "messages": self.messages(with_image_data=False, history=history),
+                "sampling": self.sampling,
+            },
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class LLMResult:
+    answer: Optional[dict]  # the validated JSON object, None on failure
+    raw: str = ""  # the last raw text
+    error: Optional[str] = None  # reject reason: not_in_cache, llm_invalid_output, endpoint_error, ...
+    detail: str = ""
+    requests_sent: int = 0
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ResponseCache:
+    """Raw answers by request hash, one small JSON file each, under a local or gs:// folder.
+
+    Files are written under a temporary name and renamed (local) or written in one object
+    put (GCS), so a killed run leaves no half-written entry behind.
+    """
+
+    def __init__(self, root: Optional[str]):
+        self.root = root.rstrip("/") if root else None
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key[:2]}/{key}.json"
+
+    def get(self, key: str) -> Optional[dict]:
+        if not self.root:
+            return None
+        path = self._path(key)
+        try:
+            with FileSystems.open(path) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except Exception:  # noqa: BLE001 - missing or unreadable entry = a miss
+            return None
+
+    def put(self, key: str, entry: dict) -> None:
+        if not self.root:
+            return
+        data = json.dumps(entry, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        path = self._path(key)
+        if "://" in path:
+            with FileSystems.create(path) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Answer parsing
+# --------------------------------------------------------------------------------------
+
+
+def extract_json_object(text: str) -> Optional[Any]:
+    """The first JSON object in `text`: the whole text, a ``` fenced block, or the first
+    balanced {...} that parses."""
+    text = (text or "").strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    decoder = json.JSONDecoder()
+    for start in [i for i, ch in enumerate(text) if ch == "{"]:
+        try:
+            obj, _ = decoder.raw_decode(text[start:])
+            return obj
+        except ValueError:
+            continue
+    return None
+
+
+def validate_answer(text: str, schema: dict) -> tuple[Optional[dict], str]:
+    """(object, "") when the text holds a JSON object valid under `schema`, else (None, why)."""
+    import jsonschema
+
+    obj = extract_json_object(text)
+    if obj is None:
+        return None, "no JSON object in the answer"
+    try:
+        jsonschema.validate(obj, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        return None, f"schema violation at {where}: {e.message}"[:500]
+    return obj, ""
+
+
+def reask_message(raw: str, why: str) -> list[dict]:
+    return [
+        {"role": "assistant", "content": raw[:4000]},
+        {
+            "role": "user",
+            "content": f"That answer is not valid: {why}. Answer again with only the JSON object, exactly as the schema says.",
+        },
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------
+
+
+class _Endpoint:
+    """Connection settings for an OpenAI-compatible server (the "model" Beam loads)."""
+
+    def __init__(self, url: str, api_key: Optional[str], dialect: str):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.dialect = dialect  # updated when the server refuses a structured-output form
+
+
+def _chat_url(url: str) -> str:
+    if url.endswith("/chat/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+def _response_format(dialect: str, schema: dict, name: str) -> Optional[dict]:
+    if dialect == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if dialect == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return None
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, detail: str, retryable: bool, status: Optional[int] = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+        self.status = status
+
+
+class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        cache_dir: Optional[str] = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 16,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        max_reasks: int = 1,
+        dialect: str = "json_schema",
+        batch_size: int = 64,
+    ):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self.endpoint = endpoint
+        self.cache_dir = cache_dir
+        self.api_key_env = api_key_env
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_reasks = max_reasks
+        self.dialect = dialect
+
+    def load_model(self) -> _Endpoint:
+        # Read here, on the worker: the key never travels in the pickled pipeline.
+        return _Endpoint(self.endpoint, os.environ.get(self.api_key_env) or None, self.dialect)
+
+    def get_metrics_namespace(self) -> str:
+        return "llm_openai"
+
+    def run_inference(
+        self, batch: Sequence[LLMRequest], model: _Endpoint, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        cache = ResponseCache(self.cache_dir)
+        results = asyncio.run(self._run_batch(list(batch), model, cache))
+        for req, res in zip(batch, results):
+            yield PredictionResult(req, res, req.model)
+
+    async def _run_batch(self, batch, endpoint, cache):
+        import aiohttp
+
+        sem = asyncio.Semaphore(self.max_concurrency)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        connector = aiohttp.TCPConnector(limit=self.max_concurrency)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            return await asyncio.gather(*(self._one(req, endpoint, cache, session, sem) for req in batch))
+
+    async def _one(self, req: LLMRequest, endpoint, cache, session, sem) -> LLMResult:
+        result = LLMResult(answer=None)
+        history: list[dict] = []
+        for _attempt in range(self.max_reasks + 1):
+            key = req.cache_key(history)
+            entry = cache.get(key)
+            if entry is not None:
+                result.cache_hits += 1
+                _counter("llm_cache_hits").inc()
+            else:
+                try:
+                    async with sem:
+                        entry = await self._post_with_retries(req, history, endpoint, session)
+                except _Failure as f:
+                    result.error, result.detail = f.reason, f.detail
+                    return result
+                result.requests_sent += 1
+                result.prompt_tokens += entry.get("usage", {}).get("prompt_tokens", 0) or 0
+                result.completion_tokens += entry.get("usage", {}).get("completion_tokens", 0) or 0
+                cache.put(key, entry)
+            result.raw = entry.get("text", "")
+            answer, why = validate_answer(result.raw, req.schema)
+            if answer is not None:
+                result.answer = answer
+                return result
+            _counter("llm_invalid_answers").inc()
+            result.detail = why
+            history = history + reask_message(result.raw, why)
+        result.error = "llm_invalid_output"
+        return result
+
+    async def _post_with_retries(self, req, history, endpoint, session) -> dict:
+        delay = self.backoff_s
+        last: Optional[_Failure] = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                return await self._post(req, history, endpoint, session)
+            except _Failure as f:
+                last = f
+                if not f.retryable or attempt == self.max_retries:
+                    raise
+                _counter("llm_retries").inc()
+                # Full jitter: spreads the retries of many workers hitting one server.
+                await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, delay)))
+                delay *= 2
+        raise last  # pragma: no cover - the loop returns or raises
+
+    async def _post(self, req: LLMRequest, history, endpoint: _Endpoint, session) -> dict:
+        import aiohttp
+
+        headers = {"Content-Type": "application/json"}
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        dialects = DIALECTS[DIALECTS.index(endpoint.dialect) :]
+        for dialect in dialects:
+            body = {"model": req.model, "messages": req.messages(history=history), **req.sampling}
+            rf = _response_format(dialect, req.schema, req.prompt_id.replace("/", "_"))
+            if rf is not None:
+                body["response_format"] = rf
+            started = time.perf_counter()
+            try:
+                async with session.post(_chat_url(endpoint.url), json=body, headers=headers) as resp:
+                    status = resp.status
+                    text = await resp.text()
+            except TimeoutError as e:
+                _counter("llm_timeouts").inc()
+                raise _Failure("endpoint_timeout", f"no answer within {self.timeout_s} s", True) from e
+            except aiohttp.ClientError as e:
+                raise _Failure("endpoint_unreachable", f"{type(e).__name__}: {e}"[:300], True) from e
+            _counter("llm_requests").inc()
+            Metrics.distribution(METRICS_NAMESPACE, "llm_latency_ms").update(int((time.perf_counter() - started) * 1000))
+            if status == 200:
+                try:
+                    payload = json.loads(text)
+                    message = payload["choices"][0]["message"]
+                    content = message.get("content") or ""
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise _Failure("endpoint_bad_response", f"not a chat completion: {text[:200]!r}", False) from e
+                endpoint.dialect = dialect
+                return {"text": content, "usage": payload.get("usage") or {}, "model": payload.get("model"), "dialect": dialect}
+            # A server that does not speak this structured-output form answers 400/422 (or
+            # 500, llama.cpp): try the next, simpler form before treating it as an error.
+            low = text.lower()
+            refused = rf is not None and (
+                status in (400, 422) or (status == 500 and any(w in low for w in ("response_format", "schema", "grammar")))
+            )
+            if refused:
+                log.info("endpoint refused response_format %s (HTTP %s); trying the next form", dialect, status)
+                continue
+            raise _Failure(
+                "endpoint_error" if status not in RETRYABLE_STATUS else f"http_{status}",
+                f"HTTP {status}: {text[:300]}",
+                status in RETRYABLE_STATUS,
+                status,
+            )
+        raise _Failure("endpoint_error", "the server refused every structured-output form", False)
+
+
+class ReplayHandler(ModelHandler[LLMRequest, LLMResult, ResponseCache]):
+    """Answers from the cache only; a miss is `not_in_cache`. Reproduces a published run."""
+
+    def __init__(self, cache_dir: str, max_reasks: int = 1, batch_size: int = 64):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self.cache_dir = cache_dir
+        self.max_reasks = max_reasks
+
+    def load_model(self) -> ResponseCache:
+        return ResponseCache(self.cache_dir)
+
+    def get_metrics_namespace(self) -> str:
+        return "llm_replay"
+
+    def run_inference(self, batch, model: ResponseCache, inference_args=None):
+        for req in batch:
+            yield PredictionResult(req, replay_one(req, model, self.max_reasks), req.model)
+
+
+def replay_one(req: LLMRequest, cache: ResponseCache, max_reasks: int) -> LLMResult:
+    result = LLMResult(answer=None)
+    history: list[dict] = []
+    for _ in range(max_reasks + 1):
+        entry = cache.get(req.cache_key(history))
+        if entry is None:
+            result.error, result.detail = "not_in_cache", f"no cached answer for {req.prompt_id} (key {req.cache_key(history)[:16]})"
+            return result
+        result.cache_hits += 1
+        result.raw = entry.get("text", "")
+        answer, why = validate_answer(result.raw, req.schema)
+        if answer is not None:
+            result.answer = answer
+            return result
+        result.detail = why
+        history = history + reask_message(result.raw, why)
+    result.error = "llm_invalid_output"
+    return result
