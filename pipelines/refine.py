@@ -77,6 +77,7 @@ def build_parser():
     p.add_argument("--max_concurrency", type=int, default=16)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max_retries", type=int, default=5, help="on 429 / 5xx / timeouts / dropped connections")
+    p.add_argument("--retry_backoff", type=float, default=1.0, help="first retry delay in seconds (doubles, full jitter)")
     p.add_argument("--max_reasks", type=int, default=1, help="re-asks after an answer that fails the schema")
     p.add_argument("--structured_output", choices=DIALECTS, default="json_schema", help="first form tried; falls back")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -106,6 +107,7 @@ def llm_handler(args):
         max_concurrency=args.max_concurrency,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        backoff_s=args.retry_backoff,
         max_reasks=args.max_reasks,
         dialect=args.structured_output,
         batch_size=max(args.max_concurrency * 4, 16),
@@ -207,7 +209,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     cost = None
     if args.usd_per_million_input_tokens is not None or args.usd_per_million_output_tokens is not None:
         cost = round(
-            tokens_in * (args.usd_per_million_input_tokens or 0) / 1e6 + tokens_out * (args.usd_per_million_output_tokens or 0) / 1e6, 6
+            tokens_in * (args.usd_per_million_input_tokens or 0) / 1e6 + tokens_out * (args.usd_per_million_output_tokens or 0) / 1e6, 9
         )
     out = args.output.rstrip("/")
     summary = {

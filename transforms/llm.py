@@ -194,13 +194,25 @@ def reask_message(raw: str, why: str) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
+# The structured-output form each server accepted, shared by every stage in this process.
+_LEARNED_DIALECT: dict[str, str] = {}
+
+
 class _Endpoint:
     """Connection settings for an OpenAI-compatible server (the "model" Beam loads)."""
 
     def __init__(self, url: str, api_key: Optional[str], dialect: str):
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.dialect = dialect  # updated when the server refuses a structured-output form
+        self._first = dialect
+
+    @property
+    def dialect(self) -> str:
+        return _LEARNED_DIALECT.get(self.url, self._first)
+
+    @dialect.setter
+    def dialect(self, value: str) -> None:
+        _LEARNED_DIALECT[self.url] = value
 
 
 def _chat_url(url: str) -> str:

@@ -1,0 +1,157 @@
+"""A real HTTP server on loopback that implements the OpenAI chat-completions contract, with
+scripted faults, for testing the `openai` backend. It answers like a well-behaved VLM:
+
+* verify prompts: `correct` with the candidate, unless the caption carries a marker;
+* rationale_qa prompts: a rationale and three QA pairs.
+Markers in the caption script the faults (each once per distinct request body, unless
+said otherwise): [[SLOW]] (sleeps past the client's timeout), [[429]], [[500]], [[DROP]]
+(closes the connection without answering), [[BADJSON]] (an answer that is not JSON, the
+re-ask gets a valid one), [[ALWAYSBAD]] (never valid JSON), [[FENCED]] (valid JSON inside a
+``` fence with prose around it), [[CORRECT_TO:Name]] (verdict corrected with that name),
+[[NOTENTITY]], [[DEAD]] (503 forever). With `refuse_json_schema`, the server answers 400 to
+the `json_schema` form of response_format, like servers that only know `json_object`.
+Every request is recorded: its body hash, the prompt text, the response_format form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import socket
+import threading
+from collections import Counter
+
+from aiohttp import web
+
+
+class FakeLLMServer:
+    def __init__(self, slow_s: float = 2.0, refuse_json_schema: bool = False, latency_s: float = 0.0, max_answers=None):
+        self.slow_s = slow_s
+        self.max_answers = max_answers  # after that many answers, hang (a run to be killed)
+        self.refuse_json_schema = refuse_json_schema
+        self.latency_s = latency_s
+        self.requests: list[dict] = []  # every request that reached the handler
+        self.answered = Counter()  # body hash -> 200 answers sent
+        self.seen = Counter()  # body hash -> requests received
+        self._lock = threading.Lock()
+        self.dead = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self._thread.start()
+        assert started.wait(10), "fake LLM server did not start"
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self, started):
+        asyncio.set_event_loop(self._loop)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._handle)
+        # Hanging handlers (max_answers) must not hold up the shutdown.
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        self._loop.run_until_complete(site.start())
+        started.set()
+        self._loop.run_forever()
+
+    # -- the contract ---------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request):
+        body = await request.json()
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        text = "".join(
+            part.get("text", "")
+            for m in body["messages"]
+            if m["role"] == "user" and isinstance(m["content"], list)
+            for part in m["content"]
+            if part.get("type") == "text"
+        )
+        first_user = body["messages"][0]
+        has_image = any(p.get("type") == "image_url" for p in first_user["content"])
+        rf = body.get("response_format")
+        with self._lock:
+            self.seen[digest] += 1
+            n = self.seen[digest]
+            self.requests.append(
+                {"hash": digest, "text": text, "has_image": has_image, "format": rf and rf.get("type"),
+                 "messages": len(body["messages"]), "auth": request.headers.get("Authorization")}
+            )
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.max_answers is not None and sum(self.answered.values()) >= self.max_answers:
+            await asyncio.sleep(3600)
+        if rf and rf.get("type") == "json_schema" and self.refuse_json_schema:
+            return web.json_response({"error": {"message": "response_format json_schema not supported"}}, status=400)
+        caption = _between(text, "<<<CAPTION", "CAPTION>>>")
+        if "[[DEAD]]" in caption or self.dead:
+            return web.json_response({"error": {"message": "overloaded"}}, status=503)
+        if n == 1 and "[[429]]" in caption:
+            return web.json_response({"error": {"message": "rate limited"}}, status=429)
+        if n == 1 and "[[500]]" in caption:
+            return web.json_response({"error": {"message": "internal error"}}, status=500)
+        if n == 1 and "[[SLOW]]" in caption:
+            await asyncio.sleep(self.slow_s)
+        if n == 1 and "[[DROP]]" in caption:
+            request.transport.close()
+            return web.Response(status=200)
+        content = self._answer(text, caption, len(body["messages"]))
+        with self._lock:
+            self.answered[digest] += 1
+        return web.json_response(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(text) // 4 + 100, "completion_tokens": len(content) // 4},
+            }
+        )
+
+    def _answer(self, text: str, caption: str, n_messages: int) -> str:
+        if '"verdict"' in text:
+            candidate = _between(text, "<<<CANDIDATE", "CANDIDATE>>>")
+            m = re.search(r"\[\[CORRECT_TO:([^\]]+)\]\]", caption)
+            if "[[ALWAYSBAD]]" in caption or ("[[BADJSON]]" in caption and n_messages == 1):
+                return "The image shows a landmark, I think."
+            if "[[NOTENTITY]]" in caption:
+                answer = {"verdict": "not_an_entity", "entity": "", "reason": "generic object"}
+            elif m:
+                answer = {"verdict": "corrected", "entity": m.group(1), "reason": "the visible shape differs"}
+            else:
+                answer = {"verdict": "correct", "entity": candidate, "reason": "matches the visible landmark"}
+        else:
+            entity = re.search(r'shows the entity "([^"]*)"', text).group(1)
+            answer = {
+                "rationale": f"The image shows the typical outline and colours of {entity}.",
+                "qa": [
+                    {"question": "What is the main colour?", "answer": "grey"},
+                    {"question": "Is it outdoors?", "answer": "yes"},
+                    {"question": "How many objects are in focus?", "answer": "one"},
+                ],
+            }
+        out = json.dumps(answer)
+        if "[[FENCED]]" in caption:
+            out = f"Sure! Here is the answer:\n```json\n{out}\n```\nHope this helps."
+        return out
+
+
+def _between(text: str, start: str, end: str) -> str:
+    i = text.find(start)
+    j = text.find(end, i + 1)
+    return text[i + len(start) : j].strip() if i >= 0 and j > i else ""
