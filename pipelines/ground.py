@@ -1,0 +1,92 @@
+"""Map free-text entity names to catalog QIDs.
+
+    python -m pipelines.ground --entity_index out/entity_index --input names.jsonl --output grounded.jsonl
+
+Input: JSON lines with a `text` field (the name) and optionally `candidate_qid` (preferred
+when several QIDs share the title); every other field is passed through. Output: the same
+lines plus `qid`, `title`, `method` (exact | normalized | disambiguation | embedding |
+ungrounded), `score` and `ambiguous` (other QIDs with the same title). Lines that are not
+JSON objects go to <output>.rejected.jsonl with their reason. See transforms/grounding.py
+for the matching rules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import RunInference
+
+from transforms.common import METRICS_NAMESPACE, format_counters, match_files, run_and_count, threads_per_process
+from transforms.entity_index import read_manifest
+from transforms.options import cli_main, new_parser, parse
+from transforms.refine import GroundingHandler, json_item
+from transforms.schema import Reject
+
+
+def build_parser():
+    p = new_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--entity_index", required=True)
+    p.add_argument("--input", required=True, help="JSON lines with a 'text' field")
+    p.add_argument("--output", required=True, help="output JSON lines file")
+    p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding fallback floor (cosine)")
+    p.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def parse_line(line: str):
+    Metrics.counter(METRICS_NAMESPACE, "names_read").inc()
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        yield beam.pvalue.TaggedOutput("rejected", Reject(stage="ground", reason="bad_json", detail=str(e), record_json=line[:1000]))
+        return
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        yield beam.pvalue.TaggedOutput(
+            "rejected", Reject(stage="ground", reason="missing_text", detail="expected an object with a string 'text'", record_json=line[:1000])
+        )
+        return
+    yield obj
+
+
+def to_line(element) -> str:
+    obj, g = element
+    Metrics.counter(METRICS_NAMESPACE, f"grounded_{g.method}").inc()
+    out = {**obj, "qid": g.qid, "title": g.title, "method": g.method, "score": round(float(g.score), 6), "ambiguous": g.ambiguous}
+    return json.dumps(out, ensure_ascii=False)
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
+    args, options = parse(build_parser(), argv)
+    manifest = read_manifest(args.entity_index)
+    inputs = match_files(args.input, "--input")
+    threads = threads_per_process(options, args.threads)
+    p = test_pipeline or beam.Pipeline(options=options)
+    parsed = (
+        p
+        | "Files" >> beam.Create(inputs)
+        | "Read" >> beam.io.ReadAllFromText()
+        | "Parse" >> beam.FlatMap(parse_line).with_outputs("rejected", main="names")
+    )
+    handler = GroundingHandler(args.entity_index, manifest["model"], args.min_ground_score, threads, item_fn=json_item)
+    _ = (
+        parsed.names
+        | "Ground" >> RunInference(handler)
+        | "ToLine" >> beam.Map(to_line)
+        | "Write" >> beam.io.WriteToText(args.output, shard_name_template="", num_shards=1)
+    )
+    _ = (
+        parsed.rejected
+        | "RejectJson" >> beam.Map(Reject.to_json)
+        | "WriteRejects" >> beam.io.WriteToText(args.output + ".rejected.jsonl", shard_name_template="", num_shards=1)
+    )
+    counters, _ = run_and_count(p)
+    print(format_counters(counters, "ground counters"))
+    print(f"grounded names: {args.output}   rejects: {args.output}.rejected.jsonl")
+    return counters
+
+
+if __name__ == "__main__":
+    cli_main(run)
