@@ -8,7 +8,10 @@
 3. select_candidates over the webdataset shards (images carried to the output);
 4. decontaminate against a demo evaluation set holding exact, re-encoded, resized and
    cropped copies of some selected images plus unrelated images, and write the training
-   shards (Parquet, TFRecord, webdataset).
+   shards (Parquet, TFRecord, webdataset);
+5. refine (REW) 30 of the samples with the `replay` backend from a response cache built
+   from scripted answers (demo/rew_answers.py: NOT model output, see there), so the
+   corrected labels, rationales and QA pairs are visible without a GPU.
 No CLIP weights can be downloaded offline, so step 4 uses a random-weight ViT-S-32 by
 default. Random weights only separate near-exact copies (cosine >= 0.9997 here) from the
 rest (<= 0.997), hence the demo's --threshold 0.999; with real weights use GER's setting:
@@ -28,7 +31,8 @@ from collections import Counter, defaultdict
 import pyarrow.parquet as pq
 
 from demo.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
-from pipelines import build_entity_index, decontaminate, select_candidates
+from demo.rew_answers import DEMO_MODEL, build_demo_cache
+from pipelines import build_entity_index, decontaminate, refine, select_candidates
 
 
 def _show_candidates(out_dir: str, n_entities: int = 6) -> None:
@@ -79,6 +83,19 @@ def _show_decontamination(shards_dir: str, copies: dict) -> None:
     print(f"  other images dropped: {len(others)}")
 
 
+def _show_refined(rew_dir: str) -> None:
+    files = sorted(glob.glob(os.path.join(rew_dir, "samples-*.parquet")))
+    rows = pq.read_table(files).to_pylist() if files else []
+    changed = [r for r in rows if r["changed"]]
+    print(f"\nREW (scripted replay answers): {len(rows)} refined, {len(changed)} labels corrected; e.g.:")
+    for r in changed[:3]:
+        print(f"  {r['caption'][:60]!r}\n    {r['candidate_title']} ({r['candidate_qid']}) -> {r['title']} ({r['qid']}) [{r['grounding_method']}]")
+    if rows:
+        r = rows[0]
+        qa = json.loads(r["qa_json"])[0]
+        print(f"  rationale: {r['rationale'][:110]}\n  QA: {qa['question']} -> {qa['answer']}")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default="demo_output", help="folder for data and outputs")
@@ -125,18 +142,38 @@ def main(argv=None) -> dict:
             "  (random CLIP weights: only near-exact copies stand out; crops score like unrelated images.\n"
             "   With real weights run: --clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95)"
         )
+    rew_dir = os.path.join(out, "rew")
+    demo_cache = build_demo_cache(
+        os.path.join(shards_dir, "samples-*.parquet"), os.path.join(out, "data", "rew_input"), os.path.join(out, "data", "llm_cache")
+    )
+    rew = refine.run(
+        [
+            "--input", demo_cache["input"],
+            "--entities", data["entities"],
+            "--entity_index", index_dir,
+            "--llm_backend", "replay",
+            "--cache", os.path.join(out, "data", "llm_cache"),
+            "--model", DEMO_MODEL,
+            "--output", rew_dir,
+            *beam_args,
+        ]
+    )
+    _show_refined(rew_dir)
     _show_rejects(index_dir)
     _show_rejects(cand_dir)
     _show_rejects(shards_dir)
+    _show_rejects(rew_dir)
     print(
         f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
         f"  entity index  {index_dir}/ (entities.parquet, embeddings.npy, entities.faiss, manifest.json)\n"
         f"  candidates    {cand_dir}/candidates-*.parquet (with images), manifest.json\n"
         f"  eval images   {eval_dir}/ (copies named <kind>__<candidate key>.jpg, unrelated_*.jpg)\n"
         f"  shards        {shards_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
+        f"  REW shards    {rew_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
         f"  rejects       rejected/<stage>/ under each of the above"
     )
     summary["decontaminate"] = dec
+    summary["refine"] = rew
     return summary
 
 

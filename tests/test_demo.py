@@ -41,3 +41,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     kept = pq.read_table(glob.glob(str(shards / "samples-*.parquet"))).num_rows
     assert kept == len(rows) - 12 == dec["counters"]["samples_written"]
     assert glob.glob(str(shards / "samples-*.tfrecord")) and glob.glob(str(shards / "samples-*.tar"))
+    # REW with the replay backend: every request is answered from the demo cache (no
+    # not_in_cache), corrections are grounded, and the counts add up.
+    rew = summary["refine"]
+    assert rew["count_check"] == "ok" and rew["requests_sent"] == 0
+    assert "not_in_cache" not in json.dumps(rew["rejects"])
+    refined = pq.read_table(glob.glob(str(tmp_path / "rew" / "samples-*.parquet"))).to_pylist()
+    assert len(refined) == rew["counters"]["samples_refined"] == 25
+    corrected = [r for r in refined if r["changed"]]
+    assert len(corrected) == 10 and all(r["qid"] != r["candidate_qid"] and r["verdict"] == "corrected" for r in corrected)
+    assert all(r["rationale"] and len(json.loads(r["qa_json"])) == 3 for r in refined)
