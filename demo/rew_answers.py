@@ -27,7 +27,7 @@ from demo.make_corpus import build_samples, load_catalog
 from prompts import load_prompt
 from transforms.llm import ResponseCache
 from transforms.refine import RequestSettings, rationale_request, verify_request
-from transforms.schema import Sample, arrow_schema, from_row, to_row
+from transforms.schema import Sample, arrow_schema, from_row
 
 DEMO_MODEL = "demo-scripted-annotator"
 # The refine defaults (--temperature 0 --max_tokens 512 --seed 0): part of the cache key.

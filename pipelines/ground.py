@@ -13,13 +13,20 @@ for the matching rules.
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.common import METRICS_NAMESPACE, format_counters, match_files, run_and_count, threads_per_process
+from transforms.common import (
+    METRICS_NAMESPACE,
+    format_counters,
+    match_files,
+    run_and_count,
+    threads_per_process,
+)
 from transforms.entity_index import read_manifest
 from transforms.options import cli_main, new_parser, parse
 from transforms.refine import GroundingHandler, json_item
