@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import atexit
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -164,6 +166,23 @@ def extract_json_object(text: str) -> Optional[Any]:
     return None
 
 
+_VALIDATORS: dict[str, Any] = {}
+
+
+def _validator(schema: dict):
+    """A compiled validator per schema: `jsonschema.validate` re-checks the schema itself on
+    every call, which costs more than the HTTP round trip on loopback."""
+    import jsonschema
+
+    key = json.dumps(schema, sort_keys=True)
+    v = _VALIDATORS.get(key)
+    if v is None:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        v = _VALIDATORS[key] = cls(schema)
+    return v
+
+
 def validate_answer(text: str, schema: dict) -> tuple[Optional[dict], str]:
     """(object, "") when the text holds a JSON object valid under `schema`, else (None, why)."""
     import jsonschema
@@ -172,7 +191,7 @@ def validate_answer(text: str, schema: dict) -> tuple[Optional[dict], str]:
     if obj is None:
         return None, "no JSON object in the answer"
     try:
-        jsonschema.validate(obj, schema)
+        _validator(schema).validate(obj)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
         return None, f"schema violation at {where}: {e.message}"[:500]
@@ -199,12 +218,52 @@ _LEARNED_DIALECT: dict[str, str] = {}
 
 
 class _Endpoint:
-    """Connection settings for an OpenAI-compatible server (the "model" Beam loads)."""
+    """An OpenAI-compatible server as the "model" Beam loads: its URL and key, and one event
+    loop in a background thread holding one HTTP session, so connections are reused across
+    batches instead of being opened again for every batch."""
 
-    def __init__(self, url: str, api_key: Optional[str], dialect: str):
+    def __init__(self, url: str, api_key: Optional[str], dialect: str, max_concurrency: int, timeout_s: float):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self._first = dialect
+        self._max_concurrency = max_concurrency
+        self._timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="llm-http", daemon=True)
+        self._thread.start()
+        self._session = None
+        atexit.register(self.close)
+
+    def run(self, coro_fn):
+        """Run `coro_fn(session)` on the endpoint's loop and wait for its result."""
+
+        async def call():
+            if self._session is None:
+                import aiohttp
+
+                self._session = aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                    connector=aiohttp.TCPConnector(limit=self._max_concurrency),
+                )
+            return await coro_fn(self._session)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+
+        async def shutdown():
+            if self._session is not None:
+                await self._session.close()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
 
     @property
     def dialect(self) -> str:
@@ -256,7 +315,9 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         dialect: str = "json_schema",
         batch_size: int = 64,
     ):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # Fixed batches: Beam's adaptive batching would start at 1 element, and a batch of 1
+        # leaves all but one of the `max_concurrency` slots idle for a whole round trip.
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self.endpoint = endpoint
         self.cache_dir = cache_dir
         self.api_key_env = api_key_env
@@ -270,7 +331,9 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
 
     def load_model(self) -> _Endpoint:
         # Read here, on the worker: the key never travels in the pickled pipeline.
-        return _Endpoint(self.endpoint, os.environ.get(self.api_key_env) or None, self.dialect)
+        return _Endpoint(
+            self.endpoint, os.environ.get(self.api_key_env) or None, self.dialect, self.max_concurrency, self.timeout_s
+        )
 
     def get_metrics_namespace(self) -> str:
         return "llm_openai"
@@ -279,18 +342,14 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         self, batch: Sequence[LLMRequest], model: _Endpoint, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
         cache = ResponseCache(self.cache_dir)
-        results = asyncio.run(self._run_batch(list(batch), model, cache))
-        for req, res in zip(batch, results):
+        batch = list(batch)
+
+        async def run_batch(session):
+            sem = asyncio.Semaphore(self.max_concurrency)
+            return await asyncio.gather(*(self._one(req, model, cache, session, sem) for req in batch))
+
+        for req, res in zip(batch, model.run(run_batch)):
             yield PredictionResult(req, res, req.model)
-
-    async def _run_batch(self, batch, endpoint, cache):
-        import aiohttp
-
-        sem = asyncio.Semaphore(self.max_concurrency)
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        connector = aiohttp.TCPConnector(limit=self.max_concurrency)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            return await asyncio.gather(*(self._one(req, endpoint, cache, session, sem) for req in batch))
 
     async def _one(self, req: LLMRequest, endpoint, cache, session, sem) -> LLMResult:
         result = LLMResult(answer=None)

@@ -1,0 +1,104 @@
+"""The `openai` backend against a loopback endpoint with a fixed latency: completed
+requests/s vs the ideal `concurrency / latency`, and vs one request at a time.
+
+    python benchmarks/refine_bench.py [--requests 1280] [--latency 0.2] [--concurrency 64]
+
+The endpoint is tests/fake_llm_server.py (a real aiohttp server implementing the
+chat-completions contract) answering every request after `--latency` seconds. Requests
+are real verify prompts with a 64 x 48 JPEG as a base64 image part, sent through Beam
+(`RunInference` with `OpenAICompatibleHandler`, DirectRunner), no cache; the server runs in
+a process of its own. Reported for the whole run (Beam start-up included) and in steady
+state (the marginal time from N to 2N requests). Goal: >= 0.9 of the ideal at concurrency 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+
+def make_request(i: int):
+    """The i-th verify request, built as refine builds it (prompt render, image attached)."""
+    from prompts import load_prompt
+    from tests.helpers import draw_image
+    from transforms.refine import RequestSettings, verify_request
+    from transforms.schema import Sample
+
+    global _PROMPT, _IMAGE
+    if "_PROMPT" not in globals():
+        _PROMPT, _IMAGE = load_prompt("verify"), draw_image(1)
+    settings = RequestSettings("bench-vlm", "correct", "wiki_caption", {"temperature": 0.0, "max_tokens": 256})
+    sample = Sample(key=f"k{i}", image=_IMAGE, image_format="jpg", caption=f"photo {i} of the tower", qid="Q243", title="Eiffel Tower")
+    return verify_request((sample, "Wrought-iron lattice tower in Paris."), _PROMPT, settings)
+
+
+def run_once(url: str, start: int, n: int, concurrency: int) -> float:
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms.llm import OpenAICompatibleHandler
+
+    handler = OpenAICompatibleHandler(url, max_concurrency=concurrency, batch_size=max(concurrency * 4, 16), max_retries=0)
+    started = time.perf_counter()
+    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+        # As in refine: requests are built in the stage that sends them, never shuffled.
+        _ = p | beam.Create(range(start, start + n), reshuffle=False) | beam.Map(make_request) | RunInference(handler)
+    return time.perf_counter() - started
+
+
+def _serve(latency: float, urls, stop, counts) -> None:
+    from tests.fake_llm_server import FakeLLMServer
+
+    with FakeLLMServer(latency_s=latency) as server:
+        urls.put(server.url)
+        stop.wait()
+        counts.put(sum(server.answered.values()))
+
+
+def main(argv=None):
+    import multiprocessing as mp
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1280)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args = ap.parse_args(argv)
+    n = args.requests
+    serial_n = max(10, int(5 / args.latency))
+    # The endpoint runs in a process of its own, as a real server would: its CPU and GIL
+    # are not ours to measure.
+    ctx = mp.get_context("spawn")
+    urls, counts, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve, args=(args.latency, urls, stop, counts), daemon=True)
+    server.start()
+    try:
+        url = urls.get(timeout=60)
+        t_conc = run_once(url, 0, n, args.concurrency)
+        t_conc2 = run_once(url, n, 2 * n, args.concurrency)
+        t_one = run_once(url, 3 * n, serial_n, 1)
+    finally:
+        stop.set()
+    answered = counts.get(timeout=30)
+    server.join(30)
+    assert answered == 3 * n + serial_n, (answered, 3 * n + serial_n)
+    ideal = args.concurrency / args.latency
+    rate = n / t_conc
+    rate_one = serial_n / t_one
+    print(f"{n} requests, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency} (whole Beam run, start-up included)")
+    print(f"  completed          {rate:8.1f} requests/s  ({t_conc:.1f} s)")
+    print(f"  ideal c / latency  {ideal:8.1f} requests/s")
+    print(f"  ratio to ideal     {rate / ideal:8.3f}")
+    steady = n / (t_conc2 - t_conc)
+    print(f"  steady state       {steady:8.1f} requests/s  ((t(2N) - t(N)) / N: Beam start-up cancelled); ratio to ideal {steady / ideal:.3f}")
+    print(f"  one at a time      {rate_one:8.1f} requests/s  ({serial_n} requests, {t_one:.1f} s); speed-up {rate / rate_one:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
