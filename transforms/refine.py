@@ -24,7 +24,6 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from prompts import Prompt, render_rationale_qa, render_verify
 from transforms.common import METRICS_NAMESPACE, open_read
 from transforms.grounding import Grounder, Grounding
-from transforms.images import EXTENSIONS
 from transforms.llm import LLMRequest, LLMResult
 from transforms.readers import REJECTED, iter_webdataset
 from transforms.schema import Reject, Sample, from_row, truncate_json
@@ -150,11 +149,11 @@ def _count_usage(result: LLMResult):
     _counter("llm_completion_tokens").inc(result.completion_tokens)
 
 
-class InterpretVerify(beam.DoFn):
-    """PredictionResult(LLMRequest, LLMResult) -> ("final", Sample) for `correct`,
-    ("ground", (Sample, summary, name)) for `corrected`, or a reject."""
+class _InterpretAnswer(beam.DoFn):
+    """PredictionResult(LLMRequest, LLMResult) -> `accept(...)`'s outputs, or a reject with
+    the backend's reason and the raw answer. Token usage is counted either way."""
 
-    STAGE = "verify"
+    STAGE = ""
 
     def __init__(self, prompt: Prompt):
         self.prompt_tag = f"{prompt.id}@{prompt.sha256[:12]}"
@@ -166,7 +165,19 @@ class InterpretVerify(beam.DoFn):
         if result.error:
             yield _reject(self.STAGE, result.error, result.detail, sample, {"raw": result.raw})
             return
-        a = result.answer
+        yield from self.accept(req, sample, summary, result.answer)
+
+    def accept(self, req, sample, summary, answer):
+        raise NotImplementedError
+
+
+class InterpretVerify(_InterpretAnswer):
+    """`correct` -> the Sample (final = candidate); `corrected` -> ("ground", (Sample,
+    name)); `not_an_entity` -> a reject."""
+
+    STAGE = "verify"
+
+    def accept(self, req, sample, summary, a):
         verdict = a["verdict"]
         _counter(f"verdict_{verdict}").inc()
         base = dataclasses.replace(
@@ -260,20 +271,10 @@ class ApplyGrounding(beam.DoFn):
         )
 
 
-class InterpretRationale(beam.DoFn):
+class InterpretRationale(_InterpretAnswer):
     STAGE = "rationale_qa"
 
-    def __init__(self, prompt: Prompt):
-        self.prompt_tag = f"{prompt.id}@{prompt.sha256[:12]}"
-
-    def process(self, pr: PredictionResult):
-        req, result = pr.example, pr.inference
-        sample, summary = req.tag
-        _count_usage(result)
-        if result.error:
-            yield _reject(self.STAGE, result.error, result.detail, sample, {"raw": result.raw})
-            return
-        a = result.answer
+    def accept(self, req, sample, summary, a):
         _counter("samples_refined").inc()
         yield dataclasses.replace(
             sample,
@@ -283,6 +284,3 @@ class InterpretRationale(beam.DoFn):
             rationale_prompt=self.prompt_tag,
         )
 
-
-def image_extension(fmt: str) -> str:
-    return EXTENSIONS.get(fmt.upper(), fmt)
