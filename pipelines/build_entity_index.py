@@ -43,8 +43,7 @@ from transforms.entity_index import (
 )
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile
-from transforms.selection import _DeadLetters
-from transforms.sinks import WriteRejects
+from transforms.sinks import DeadLetters, WriteRejects
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
             )
         )
     )
-    embed_rejects = dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(_DeadLetters("embed", "embed_failed"))
+    embed_rejects = dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters("embed", "embed_failed"))
     _ = (read[REJECTED], deduped[REJECTED], embed_rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 

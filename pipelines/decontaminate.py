@@ -62,9 +62,8 @@ from transforms.decontam import (
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, SplitParquet
-from transforms.selection import _DeadLetters
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
-from transforms.sinks import WriteRejects
+from transforms.sinks import DeadLetters, WriteRejects
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +195,8 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
         read[REJECTED],
         decoded[REJECTED],
         filtered[REJECTED],
-        eval_dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(_DeadLetters("eval_images", "embed_failed")),
-        cand_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(_DeadLetters("embed", "embed_failed")),
+        eval_dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(DeadLetters("eval_images", "embed_failed")),
+        cand_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters("embed", "embed_failed")),
     ]
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 

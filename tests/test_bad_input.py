@@ -164,3 +164,48 @@ def test_missing_catalog_is_a_usage_error(tmp_path):
 
     with pytest.raises(UsageError, match="--entities: no file matches"):
         build_entity_index.run(["--entities", str(tmp_path / "nope*.jsonl"), "--output", str(tmp_path / "o")])
+
+
+def test_failed_model_batches_become_rejects_per_record():
+    """RunInference's dead-letter output -> one Reject per record of the failed batch."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tests.conftest import direct_pipeline
+    from transforms.schema import Caption
+    from transforms.sinks import DeadLetters
+
+    class Model:
+        pass
+
+    class Exploding(ModelHandler):
+        def __init__(self):
+            super().__init__(min_batch_size=2, max_batch_size=2)
+
+        def load_model(self):
+            return Model()
+
+        def run_inference(self, batch, model, inference_args=None):
+            if any("boom" in t for t in batch):
+                raise RuntimeError("model crashed")
+            return [PredictionResult(t, len(t)) for t in batch]
+
+    caps = [Caption(key=f"k{i}", caption=t, source="s") for i, t in enumerate(["a", "boom", "c", "d"])]
+    with direct_pipeline() as p:
+        main, dlq = (
+            p
+            | beam.Create(caps, reshuffle=False)
+            | beam.Map(lambda c: (c, c.caption))
+            | RunInference(KeyedModelHandler(Exploding())).with_exception_handling()
+        )
+        rejects = dlq.failed_inferences | beam.ParDo(DeadLetters("embed", "embed_failed"))
+        ok = main | beam.Map(lambda kv: kv[0].key)
+        failed = rejects | beam.Map(lambda r: (r.key, r.reason, "model crashed" in r.detail))
+        # Batches of two: the batch holding "boom" fails as a whole, record by record.
+        assert_that(failed | beam.Map(lambda x: (x[1], x[2])), equal_to([("embed_failed", True)] * 2), label="rejects")
+        assert_that(
+            (ok, failed | beam.Map(lambda x: x[0])) | beam.Flatten() | beam.combiners.Count.Globally(),
+            equal_to([4]),
+            label="all accounted",
+        )

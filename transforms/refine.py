@@ -108,11 +108,7 @@ class RequestSettings:
     sampling: dict
 
 
-def verify_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
-    sample, summary = element
-    text = render_verify(
-        prompt, caption=sample.caption, title=sample.title, summary=summary, mode=s.mode, context=s.context
-    )
+def _request(sample: Sample, summary, text: str, prompt: Prompt, s: RequestSettings) -> LLMRequest:
     return LLMRequest(
         model=s.model,
         prompt_id=prompt.id,
@@ -124,22 +120,18 @@ def verify_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
         sampling=s.sampling,
         tag=(sample, summary),
     )
+
+
+def verify_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
+    sample, summary = element
+    text = render_verify(prompt, caption=sample.caption, title=sample.title, summary=summary, mode=s.mode, context=s.context)
+    return _request(sample, summary, text, prompt, s)
 
 
 def rationale_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
     sample, summary = element
     text = render_rationale_qa(prompt, entity=sample.title, summary=summary, caption=sample.caption, context=s.context)
-    return LLMRequest(
-        model=s.model,
-        prompt_id=prompt.id,
-        prompt_sha256=prompt.sha256,
-        text=text,
-        image=sample.image,
-        image_mime=MIME.get(sample.image_format, "image/jpeg"),
-        schema=prompt.schema,
-        sampling=s.sampling,
-        tag=(sample, summary),
-    )
+    return _request(sample, summary, text, prompt, s)
 
 
 def _count_usage(result: LLMResult):

@@ -27,6 +27,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from transforms.common import METRICS_NAMESPACE
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Caption, Reject, truncate_json
+from transforms.sinks import DeadLetters
 
 
 def _counter(name: str):
@@ -257,33 +258,6 @@ def _vector_of(element):
     return caption, result.inference
 
 
-class _DeadLetters(beam.DoFn):
-    """RunInference's failed batches -> one Reject per record."""
-
-    def __init__(self, stage: str, reason: str):
-        self.stage = stage
-        self.reason = reason
-
-    def process(self, element):
-        batch, error = element if isinstance(element, tuple) and len(element) == 2 else (element, "")
-        items = batch if isinstance(batch, list) else [batch]
-        for item in items:
-            # Keyed elements: (key, example); the key may itself be (record, extra).
-            record = item
-            while isinstance(record, tuple) and record:
-                record = record[0]
-            yield Reject(
-                stage=self.stage,
-                reason=self.reason,
-                detail=str(error)[:1000],
-                key=getattr(record, "key", None),
-                source=getattr(record, "source", None),
-                record_json=truncate_json(
-                    dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record
-                ),
-            )
-
-
 class EmbedAndSearch(beam.PTransform):
     """Caption -> (Caption, PredictionResult(vector, (entity ids, scores))).
 
@@ -310,9 +284,9 @@ class EmbedAndSearch(beam.PTransform):
             >> RunInference(KeyedModelHandler(self.search_handler)).with_exception_handling()
         )
         rejected = (
-            embed_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(_DeadLetters("embed", "embed_failed")),
+            embed_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters("embed", "embed_failed")),
             search_dlq.failed_inferences
-            | "SearchFailures" >> beam.ParDo(_DeadLetters("search", "search_failed")),
+            | "SearchFailures" >> beam.ParDo(DeadLetters("search", "search_failed")),
         ) | "FlattenInferenceRejects" >> beam.Flatten()
         return {"searched": searched, "rejected": rejected}
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.common import METRICS_NAMESPACE
-from transforms.schema import Reject, arrow_schema, to_row
+from transforms.schema import Reject, arrow_schema, to_row, truncate_json
 
 
 class WriteRecordsToParquet(beam.PTransform):
@@ -82,3 +84,30 @@ class WriteRejects(beam.PTransform):
                 )
             )
         return merged
+
+
+class DeadLetters(beam.DoFn):
+    """RunInference's failed batches -> one Reject per record."""
+
+    def __init__(self, stage: str, reason: str):
+        self.stage = stage
+        self.reason = reason
+
+    def process(self, element):
+        batch, error = element if isinstance(element, tuple) and len(element) == 2 else (element, "")
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            # Keyed elements: (key, example); the key may itself be (record, extra).
+            record = item
+            while isinstance(record, tuple) and record:
+                record = record[0]
+            yield Reject(
+                stage=self.stage,
+                reason=self.reason,
+                detail=str(error)[:1000],
+                key=getattr(record, "key", None),
+                source=getattr(record, "source", None),
+                record_json=truncate_json(
+                    dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record
+                ),
+            )
