@@ -1,0 +1,161 @@
+"""Entity codes for generative entity recognition (GER): ALD and its baselines.
+
+ALD (GER, sec. 3.2 and DESIGN.md sec. 3), code length L:
+  * tokenize every (lower-cased) title with a BERT WordPiece tokenizer and count every token
+    over the whole catalog;
+  * an entity's code is its L-1 rarest distinct name tokens, rarest first (ties: smaller token
+    id), then EOS; short names are padded with EOS;
+  * collisions: entities are visited in a seeded random order (a hash of seed and QID, so the
+    order does not depend on how the input was split); the first keeps its code; a later one
+    writes its next-rarest unused name token into the slot right after its last real token
+    (the last non-EOS slot when all L-1 are taken), trying them one after another until the
+    code is unique; then random tokens in that slot. The share of random fallbacks is reported.
+Baselines: `caption` (the first L-1 name tokens, then EOS; collisions resolved the same way)
+and `atomic` (L-1 random tokens, then EOS, unique).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+STRATEGIES = ("ald", "caption", "atomic")
+
+
+@dataclass
+class CodeResult:
+    qid: str
+    int_id: int
+    code: list[int]
+    method: str  # initial | next_rarest | random
+    n_name_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+
+def visit_order_key(seed: int, qid: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+
+
+def rarest_first(tokens: Sequence[int], counts: dict[int, int]) -> list[int]:
+    """Distinct tokens of a name, rarest first; ties by token id."""
+    return sorted(set(tokens), key=lambda t: (counts.get(t, 0), t))
+
+
+def initial_code(tokens: Sequence[int], counts: dict[int, int], strategy: str, length: int, eos: int) -> tuple[list[int], list[int]]:
+    """(code, the remaining candidate tokens for collision resolution, in preference order)."""
+    if strategy == "ald":
+        ranked = rarest_first(tokens, counts)
+    elif strategy == "caption":
+        ranked = list(dict.fromkeys(tokens))  # name order, distinct
+    else:
+        raise ValueError(f"initial_code does not handle {strategy!r}")
+    head, rest = ranked[: length - 1], ranked[length - 1 :]
+    return head + [eos] * (length - len(head)), rest
+
+
+def resolve(
+    entities: Iterable[tuple[str, int, list[int]]],
+    counts: dict[int, int],
+    *,
+    strategy: str,
+    length: int,
+    eos: int,
+    vocab_ids: Sequence[int],
+    seed: int,
+    max_random_tries: int = 1000,
+) -> list[CodeResult]:
+    """Globally unique codes for (qid, int_id, name token ids), deterministic for a seed."""
+    if length < 2:
+        raise ValueError("code length must be >= 2 (at least one token and EOS)")
+    ordered = sorted(entities, key=lambda e: visit_order_key(seed, e[0]))
+    used: set[tuple[int, ...]] = set()
+    out: list[CodeResult] = []
+    for qid, int_id, tokens in ordered:
+        rng = random.Random(visit_order_key(seed, qid))
+        if strategy == "atomic":
+            for _ in range(max_random_tries):
+                code = [rng.choice(vocab_ids) for _ in range(length - 1)] + [eos]
+                if tuple(code) not in used:
+                    break
+            else:
+                raise RuntimeError(f"no unique atomic code for {qid} after {max_random_tries} tries")
+            used.add(tuple(code))
+            out.append(CodeResult(qid, int_id, code, "random", len(set(tokens))))
+            continue
+        code, rest = initial_code(tokens, counts, strategy, length, eos)
+        method = "initial"
+        if tuple(code) in used:
+            real = sum(1 for t in code[: length - 1] if t != eos)
+            slot = min(real, length - 2)  # right after the last real token, never the EOS slot
+            found = False
+            for t in rest:
+                trial = code[:slot] + [t] + code[slot + 1 :]
+                if tuple(trial) not in used:
+                    code, method, found = trial, "next_rarest", True
+                    break
+            if not found:
+                for _ in range(max_random_tries):
+                    trial = code[:slot] + [rng.choice(vocab_ids)] + code[slot + 1 :]
+                    if tuple(trial) not in used:
+                        code, method, found = trial, "random", True
+                        break
+            if not found:
+                raise RuntimeError(f"no unique code for {qid}: raise --code_length")
+        used.add(tuple(code))
+        out.append(CodeResult(qid, int_id, code, method, len(set(tokens))))
+    out.sort(key=lambda r: r.int_id)
+    return out
+
+
+@dataclass
+class WordPiece:
+    """A BERT WordPiece tokenizer from a vocab.txt, a tokenizer.json, a local folder or a
+    Hugging Face id (e.g. bert-base-uncased on machines that reach the hub). Titles are
+    lower-cased, special tokens are not added."""
+
+    name: str
+    _tok: Optional[object] = None
+
+    SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>", "<pad>", "<unk>", "<mask>")
+
+    def load(self):
+        if self._tok is None:
+            import os
+
+            if os.path.isfile(self.name) and self.name.endswith(".txt"):
+                from tokenizers import BertWordPieceTokenizer
+
+                self._tok = BertWordPieceTokenizer(self.name, lowercase=True)
+            elif os.path.isfile(self.name) and self.name.endswith(".json"):
+                from tokenizers import Tokenizer
+
+                self._tok = Tokenizer.from_file(self.name)
+            else:
+                from transformers import AutoTokenizer
+
+                self._tok = AutoTokenizer.from_pretrained(self.name).backend_tokenizer
+        return self._tok
+
+    def encode(self, title: str) -> list[int]:
+        return list(self.load().encode(title.lower(), add_special_tokens=False).ids)
+
+    @property
+    def eos_id(self) -> int:
+        tok = self.load()
+        for t in ("[SEP]", "</s>"):
+            i = tok.token_to_id(t)
+            if i is not None:
+                return i
+        raise ValueError(f"tokenizer {self.name!r} has neither [SEP] nor </s> for EOS")
+
+    def regular_ids(self) -> list[int]:
+        tok = self.load()
+        out = []
+        for i in range(tok.get_vocab_size()):
+            t = tok.id_to_token(i)
+            if t is not None and t not in self.SPECIAL and not t.startswith("[unused"):
+                out.append(i)
+        return out
