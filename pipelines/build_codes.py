@@ -52,6 +52,7 @@ def build_parser():
     p.add_argument("--code_length", type=int, default=4, help="L: tokens per code, EOS included")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strategy", choices=STRATEGIES, default="ald")
+    p.add_argument("--entity_index", default=None, help="entity index whose embeddings hkc clusters (required for hkc)")
     return p
 
 
@@ -70,14 +71,41 @@ class ResolveAndWrite(beam.DoFn):
     def __init__(self, args):
         self.args = args
 
+    def _hkc(self, items, tok):
+        """Codes from the entity index's embeddings, matched to the catalog by QID."""
+        import numpy as np
+
+        from transforms.codes import CodeResult, hkc_codes
+        from transforms.common import open_read
+        from transforms.entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
+
+        root = self.args.entity_index.rstrip("/")
+        with open_read(f"{root}/{ENTITIES_FILE}") as f:
+            table = pq.read_table(f, columns=["int_id", "qid"])
+        row_of = dict(zip(table["qid"].to_pylist(), table["int_id"].to_pylist()))
+        with open_read(f"{root}/{EMBEDDINGS_FILE}") as f:
+            vectors = np.load(f)
+        missing = [qid for qid, _, _ in items if qid not in row_of]
+        if missing:
+            raise UsageError(f"--entity_index lacks {len(missing)} catalog entities (e.g. {missing[:3]}): build it from the same catalog")
+        rows = np.array([row_of[qid] for qid, _, _ in items])
+        codes = hkc_codes(
+            vectors[rows], [i for _, i, _ in items], length=self.args.code_length, eos=tok.eos_id,
+            vocab_ids=tok.regular_ids(), seed=self.args.seed,
+        )
+        return [CodeResult(qid, i, codes[i], "hkc", len(set(t))) for qid, i, t in items]
+
     def process(self, entities, counts):
         a = self.args
         tok = WordPiece(a.tokenizer)
         ordered = sorted(entities, key=lambda et: (et[0].file_index, et[0].row))
         items = [(e.qid, i, tokens) for i, (e, tokens) in enumerate(ordered)]
-        results = resolve(
-            items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed
-        )
+        if a.strategy == "hkc":
+            results = self._hkc(items, tok)
+        else:
+            results = resolve(
+                items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed
+            )
         table = pa.table(
             {
                 "qid": [r.qid for r in results],
@@ -105,6 +133,12 @@ class ResolveAndWrite(beam.DoFn):
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--code_length", args.code_length, minimum=2)
+    if args.strategy == "hkc":
+        if not args.entity_index:
+            raise UsageError("--strategy hkc clusters the entity index's embeddings: give --entity_index")
+        from transforms.entity_index import read_manifest
+
+        read_manifest(args.entity_index)
     inputs = match_files(args.entities, "--entities")
     try:
         WordPiece(args.tokenizer).load()

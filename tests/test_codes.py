@@ -137,3 +137,20 @@ def test_infeasible_catalog_names_the_fix():
     entities = [(f"Q{i}", i, [10]) for i in range(60)]  # 60 entities, 50 possible codes at L = 2
     with pytest.raises(RuntimeError, match="raise --code_length"):
         resolve(entities, {10: 60}, strategy="ald", length=2, eos=EOS, vocab_ids=VOCAB, seed=0)
+
+
+def test_hkc_codes(tmp_path, vocab, entity_index, catalog_path):
+    """Hierarchical k-means over the entity index: unique, fixed length, deterministic."""
+    from pipelines import build_codes
+
+    args = ["--entities", catalog_path, "--tokenizer", vocab, "--strategy", "hkc", "--entity_index", entity_index, "--code_length", "3"]
+    m = build_codes.run(args + ["--output", str(tmp_path / "a")])
+    rows = pq.read_table(tmp_path / "a" / "codes.parquet").to_pylist()
+    assert len(rows) == 16 and m["unique"] and all(len(r["code"]) == 3 for r in rows)
+    assert {r["method"] for r in rows} == {"hkc"}
+    build_codes.run(args + ["--output", str(tmp_path / "b")])
+    assert pq.read_table(tmp_path / "b" / "codes.parquet").to_pylist() == rows
+    from transforms.common import UsageError
+
+    with pytest.raises(UsageError, match="--entity_index"):
+        build_codes.run(["--entities", catalog_path, "--tokenizer", vocab, "--strategy", "hkc", "--output", str(tmp_path / "c")])

@@ -10,8 +10,11 @@ ALD (GER, sec. 3.2 and DESIGN.md sec. 3), code length L:
     writes its next-rarest unused name token into the slot right after its last real token
     (the last non-EOS slot when all L-1 are taken), trying them one after another until the
     code is unique; then random tokens in that slot. The share of random fallbacks is reported.
-Baselines: `caption` (the first L-1 name tokens, then EOS; collisions resolved the same way)
-and `atomic` (L-1 random tokens, then EOS, unique).
+Baselines: `caption` (the first L-1 name tokens, then EOS; collisions resolved the same way),
+`atomic` (L-1 random tokens, then EOS, unique) and `hkc` (hierarchical k-means over the
+entity-index embeddings: L-2 levels of k-means with k = ceil(N ** (1 / (L-1))) clusters,
+then the entity's position inside its leaf cluster; each level's index is mapped to a
+vocabulary token; then EOS).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-STRATEGIES = ("ald", "caption", "atomic")
+STRATEGIES = ("ald", "caption", "atomic", "hkc")
 
 
 @dataclass
@@ -98,7 +101,10 @@ def resolve(
                     break
             if not found:
                 for _ in range(max_random_tries):
-                    trial = code[:slot] + [rng.choice(vocab_ids)] + code[slot + 1 :]
+                    t = rng.choice(vocab_ids)
+                    if t in code:
+                        continue  # a random token that repeats one of the code's is no new information
+                    trial = code[:slot] + [t] + code[slot + 1 :]
                     if tuple(trial) not in used:
                         code, method, found = trial, "random", True
                         break
@@ -159,3 +165,40 @@ class WordPiece:
             if t is not None and t not in self.SPECIAL and not t.startswith("[unused"):
                 out.append(i)
         return out
+
+
+def hkc_codes(vectors, ids: Sequence[int], *, length: int, eos: int, vocab_ids: Sequence[int], seed: int) -> dict[int, list[int]]:
+    """int id -> hierarchical k-means code (see the module docstring)."""
+    import math
+
+    import faiss
+    import numpy as np
+
+    n = len(ids)
+    levels = length - 1
+    k = max(2, math.ceil(n ** (1.0 / levels)))
+    if k > len(vocab_ids):
+        raise RuntimeError(f"hkc needs {k} tokens per level but the vocabulary has {len(vocab_ids)}: raise --code_length")
+    codes: dict[int, list[int]] = {}
+
+    def split(members: np.ndarray, prefix: list[int], depth: int):
+        if depth == levels - 1 or len(members) <= k:
+            order = sorted(members.tolist(), key=lambda m: ids[m])
+            if len(order) > len(vocab_ids):
+                raise RuntimeError(f"a leaf cluster of {len(order)} entities exceeds the vocabulary: raise --code_length")
+            for pos, m in enumerate(order):
+                code = prefix + [vocab_ids[pos]]
+                codes[ids[m]] = code + [eos] * (length - len(code))
+            return
+        x = np.ascontiguousarray(vectors[members], dtype=np.float32)
+        km = faiss.Kmeans(x.shape[1], min(k, len(members)), niter=20, seed=seed + depth, verbose=False)
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+        assign = assign[:, 0]
+        for c in range(int(assign.max()) + 1):
+            sub = members[assign == c]
+            if len(sub):
+                split(sub, prefix + [vocab_ids[c]], depth + 1)
+
+    split(np.arange(n), [], 0)
+    return codes
