@@ -1,7 +1,7 @@
 """Build GER entity codes (ALD by default) for every catalog entity.
 
     python -m pipelines.build_codes --entities wiki6m.jsonl --tokenizer bert-base-uncased \\
-        --output out/codes [--code_length 4] [--seed 0] [--strategy ald|caption|atomic]
+        --output out/codes [--code_length 4] [--seed 0] [--strategy ald|caption|atomic|hkc]
 
 A Beam pipeline: titles are tokenized in parallel, token counts are summed over the whole
 catalog, then one worker visits the entities in a seeded random order and resolves
