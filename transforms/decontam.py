@@ -42,16 +42,7 @@ def _counter(name: str):
     return Metrics.counter(METRICS_NAMESPACE, name)
 
 
-def _reject(stage, reason, detail, key=None, source=None, record=None, count=1):
-    return Reject(
-        stage=stage,
-        reason=reason,
-        detail=detail,
-        key=key,
-        source=source,
-        record_json=None if record is None else truncate_json(record),
-        count=count,
-    )
+_reject = Reject.of
 
 
 # --------------------------------------------------------------------------------------

@@ -261,18 +261,7 @@ class _CaptionReaderBase(beam.DoFn):
         self.ok = _counter("captions_rows_ok")
 
     def _reject(self, reason, detail, source, key=None, record=None, count=1):
-        return beam.pvalue.TaggedOutput(
-            REJECTED,
-            Reject(
-                stage=self.STAGE,
-                reason=reason,
-                detail=detail,
-                key=key,
-                source=source,
-                record_json=None if record is None else truncate_json(record),
-                count=count,
-            ),
-        )
+        return beam.pvalue.TaggedOutput(REJECTED, Reject.of(self.STAGE, reason, detail, key, source, record, count))
 
     def _caption(self, *, key, url, text, source, width=None, height=None, meta=None, record):
         self.rows.inc()

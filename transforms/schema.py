@@ -137,6 +137,19 @@ class Reject:
     def to_json(self) -> str:
         return json.dumps(to_row(self), ensure_ascii=False, sort_keys=True)
 
+    @classmethod
+    def of(cls, stage, reason, detail, key=None, source=None, record=None, count=1) -> Reject:
+        """A reject whose offending record (any JSON-able value or None) is stored truncated."""
+        return cls(
+            stage=stage,
+            reason=reason,
+            detail=detail,
+            key=key,
+            source=source,
+            record_json=None if record is None else truncate_json(record),
+            count=count,
+        )
+
 
 def arrow_schema(cls, exclude: tuple[str, ...] = ()) -> pa.Schema:
     fields = []
