@@ -6,8 +6,8 @@
 A Beam pipeline: titles are tokenized in parallel, token counts are summed over the whole
 catalog, then one worker visits the entities in a seeded random order and resolves
 collisions (transforms/codes.py). Int ids are the entity index's: dense, in catalog order.
-Output: codes.parquet (`qid`, `int_id`, `code` = token ids with EOS, `method`) and
-manifest.json (share of random fallbacks, histogram of name tokens per code, methods).
+Output: codes.parquet (`qid`, `int_id`, `code` = token ids with EOS, `method`, `title`),
+tokenizer.json (the tokenizer the ids belong to, read by trainer.train) and manifest.json (share of random fallbacks, histogram of name tokens per code, methods).
 The resolution step holds every entity's tokens on one worker: ~1 GB for the 6M catalog.
 """
 
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.codes import STRATEGIES, WordPiece, resolve
+from transforms.codes import STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
 from transforms.common import (
     UsageError,
     code_version,
@@ -100,6 +100,7 @@ class ResolveAndWrite(beam.DoFn):
         tok = WordPiece(a.tokenizer)
         ordered = sorted(entities, key=lambda et: (et[0].file_index, et[0].row))
         items = [(e.qid, i, tokens) for i, (e, tokens) in enumerate(ordered)]
+        titles = [e.title for e, _ in ordered]
         if a.strategy == "hkc":
             results = self._hkc(items, tok)
         else:
@@ -112,10 +113,14 @@ class ResolveAndWrite(beam.DoFn):
                 "int_id": pa.array([r.int_id for r in results], pa.int64()),
                 "code": pa.array([r.code for r in results], pa.list_(pa.int32())),
                 "method": [r.method for r in results],
+                "title": [titles[r.int_id] for r in results],
             }
         )
         with FileSystems.create(FileSystems.join(a.output, "codes.parquet")) as f:
             pq.write_table(table, f)
+        # The tokenizer travels with the codes: the trainer and predict must use the same ids.
+        with FileSystems.create(FileSystems.join(a.output, TOKENIZER_FILE)) as f:
+            f.write(tok.to_json().encode("utf-8"))
         methods = Counter(r.method for r in results)
         eos = tok.eos_id
         real = Counter(sum(1 for t in r.code if t != eos) for r in results)

@@ -48,15 +48,19 @@ def _read_jsonl(path: str, what: str) -> list[dict]:
     return rows
 
 
-def score(reference: list[dict], predictions: list[dict], allow_partial: bool = False) -> dict:
+def score(reference: list[dict], predictions: list[dict], allow_partial: bool = False, field: str = "pred_entity_id") -> dict:
+    """`field` names the prediction column (trainer.predict also writes top_beam_entity_id
+    and first_valid_entity_id). A null prediction (no image, no valid beam) is missing."""
     preds: dict[str, str] = {}
     for p in predictions:
-        if "data_id" not in p or "pred_entity_id" not in p:
-            raise ScoreError(f"a prediction lacks data_id or pred_entity_id: {json.dumps(p)[:200]}")
+        if "data_id" not in p or field not in p:
+            raise ScoreError(f"a prediction lacks data_id or {field}: {json.dumps(p)[:200]}")
+        if p[field] is None:
+            continue
         key = str(p["data_id"])
-        if key in preds and preds[key] != p["pred_entity_id"]:
+        if key in preds and preds[key] != p[field]:
             raise ScoreError(f"two different predictions for data_id {key}")
-        preds[key] = p["pred_entity_id"]
+        preds[key] = p[field]
     per_split = defaultdict(lambda: [0, 0])  # split -> [correct, total]
     missing = 0
     ref_ids = set()
@@ -109,9 +113,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--predictions", required=True)
     ap.add_argument("--output", default=None, help="write the metrics as JSON here")
     ap.add_argument("--allow_partial", action="store_true", help="score missing predictions as wrong")
+    ap.add_argument(
+        "--prediction_field", default="pred_entity_id",
+        help="prediction column to score, e.g. top_beam_entity_id for GER's top-beam accuracy",
+    )
     args = ap.parse_args(argv)
     try:
-        m = score(_read_jsonl(args.reference, "--reference"), _read_jsonl(args.predictions, "--predictions"), args.allow_partial)
+        m = score(_read_jsonl(args.reference, "--reference"), _read_jsonl(args.predictions, "--predictions"), args.allow_partial, args.prediction_field)
     except (ScoreError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from e

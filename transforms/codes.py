@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 STRATEGIES = ("ald", "caption", "atomic", "hkc")
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -144,6 +145,12 @@ class WordPiece:
 
                 self._tok = AutoTokenizer.from_pretrained(self.name).backend_tokenizer
         return self._tok
+
+    def to_json(self) -> str:
+        """The tokenizer as a `tokenizers` JSON document (loadable with Tokenizer.from_str)."""
+        tok = self.load()
+        tok = getattr(tok, "_tokenizer", tok)  # BertWordPieceTokenizer wraps a Tokenizer
+        return tok.to_str()
 
     def encode(self, title: str) -> list[int]:
         return list(self.load().encode(title.lower(), add_special_tokens=False).ids)

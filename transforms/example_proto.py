@@ -212,3 +212,39 @@ def feature_spec_markdown(cls) -> str:
             f"| `{feature_name}` | {kind} | `{field_name}` | {'yes (empty list)' if nullable else 'no'} | {doc} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def decode_example(data: bytes, cls):
+    """Parse a serialized `tf.train.Example` written by `encode_example` back into `cls`.
+
+    An empty list is None for a nullable field; a missing feature takes the field's default.
+    Raises ValueError when the bytes are not an Example or a non-nullable feature is empty.
+    """
+    from google.protobuf.message import DecodeError
+
+    example = Example()
+    try:
+        example.ParseFromString(data)
+    except DecodeError as e:
+        raise ValueError(f"not a tf.train.Example: {e}") from e
+    features = example.features.feature
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field_name, feature_name, kind, nullable, _ in _layout(cls):
+        if feature_name not in features:
+            continue
+        items = list(getattr(features[feature_name], kind).value)
+        if not items:
+            if nullable:
+                values[field_name] = None
+                continue
+            raise ValueError(f"feature {feature_name!r} is empty but {field_name} is not nullable")
+        v = items[0]
+        hint = typing.get_args(hints[field_name]) or (hints[field_name],)
+        if kind == "bytes_list":
+            values[field_name] = v if bytes in hint else v.decode("utf-8")
+        elif bool in hint:
+            values[field_name] = bool(v)
+        else:
+            values[field_name] = v
+    return cls(**values)
