@@ -388,6 +388,7 @@ class ItemBuilder:
             "n_prompt": 1 + len(q_ids),
             "task": TASKS.index(task),
             "qid": qid,
+            "key": row.get("key"),
         }
 
 
@@ -461,12 +462,7 @@ class ShardStream(_Base):
                     continue
                 yield rec
 
-    def __iter__(self) -> Iterator[dict]:
-        slot, total = self.reader_slot()
-        # A resumed run draws a different order than the first run did from step 0.
-        rng = random.Random(f"{self.seed}:{slot}:{self.start_step}")
-        skipped: Counter = Counter()
-        buffer: list[dict] = []
+    def _items(self, slot: int, total: int, rng: random.Random, skipped: Counter) -> Iterator[dict]:
         epoch = 0
         while self.max_epochs is None or epoch < self.max_epochs:
             produced = 0
@@ -477,25 +473,42 @@ class ShardStream(_Base):
                     skipped[s.reason] += 1
                     continue
                 produced += 1
-                if len(buffer) < self.shuffle_buffer:
-                    buffer.append(item)
-                    continue
-                i = rng.randrange(len(buffer))
-                out, buffer[i] = buffer[i], item
-                out["skipped"] = dict(skipped)
-                skipped.clear()
-                yield out
+                yield item
             if produced == 0:
                 raise RuntimeError(
                     f"reader {slot} of {total} found no usable training sample in a whole pass over "
                     f"{len(self.units)} shard units (skipped: {dict(skipped) or 'none'}); check --train and --codes"
                 )
             epoch += 1
-        rng.shuffle(buffer)
-        for item in buffer:
-            item["skipped"] = dict(skipped)
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, total = self.reader_slot()
+        # A resumed run draws a different order than the first run did from step 0.
+        rng = random.Random(f"{self.seed}:{slot}:{self.start_step}")
+        skipped: Counter = Counter()
+        items = self._items(slot, total, rng, skipped)
+        # Shuffle buffer: starts yielding at `initial` items and grows to its capacity by
+        # taking two items per item given out, so the first batch comes quickly.
+        capacity = self.shuffle_buffer
+        initial = min(capacity, 64)
+        buffer: list[dict] = []
+
+        def give():
+            out = buffer.pop(rng.randrange(len(buffer)))
+            out["skipped"] = dict(skipped)
             skipped.clear()
-            yield item
+            return out
+
+        for item in items:
+            buffer.append(item)
+            if len(buffer) < capacity:
+                nxt = next(items, None)
+                if nxt is not None:
+                    buffer.append(nxt)
+            if len(buffer) >= initial:
+                yield give()
+        while buffer:
+            yield give()
 
 
 def collate(items: list[dict]) -> dict:

@@ -1,0 +1,334 @@
+"""The training stage: shards written by the pipelines' writers -> trainer.train (tiny GIT on
+CPU) -> trainer.predict -> trainer.score; streaming/sharding, corrupt input, resume, a
+2-process gloo torchrun, constrained decoding."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import CATALOG, direct_pipeline, write_jsonl
+from tests.helpers import draw_image
+from transforms.common import UsageError
+from transforms.schema import Sample, arrow_schema, to_row
+
+ENTITIES = [(e["wikidata_id"], e["wikipedia_title"]) for e in CATALOG[:8]]
+PER_ENTITY = 6
+
+
+def samples():
+    out = []
+    for j, (qid, title) in enumerate(ENTITIES):
+        for i in range(PER_ENTITY):
+            out.append(
+                Sample(
+                    key=f"{qid}-{i}",
+                    # Two looks per entity: the model can learn image -> entity here.
+                    image=draw_image(j * 40 + i % 2),
+                    image_format="jpg",
+                    qid=qid,
+                    title=title,
+                    rationale=f"a tall structure with a lattice, typical of {title}" if i % 2 == 0 else None,
+                    qa_json=json.dumps([{"question": "what colour is it?", "answer": "red" if j % 2 else "blue"}]) if i % 3 == 0 else None,
+                )
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """WordPiece vocabulary trained here, ALD codes from pipelines.build_codes, and the same
+    48 samples written by WriteShards as Parquet, TFRecord and webdataset."""
+    import apache_beam as beam
+    from tokenizers import BertWordPieceTokenizer
+
+    from pipelines import build_codes
+    from transforms.shards import WriteShards
+
+    root = tmp_path_factory.mktemp("train_data")
+    texts = [e["wikipedia_title"].lower() for e in CATALOG]
+    texts += ["what is the main object? what is shown in the photo? why is this image showing this entity?"] * 3
+    texts += ["what colour is it? red blue a tall structure with a lattice, typical of"] * 3
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(texts, vocab_size=300, min_frequency=1)
+    tok.save_model(str(root))
+    catalog = write_jsonl(root / "entities.jsonl", CATALOG)
+    build_codes.run(["--entities", catalog, "--tokenizer", str(root / "vocab.txt"), "--output", str(root / "codes")])
+    with direct_pipeline() as p:
+        _ = p | beam.Create(samples()) | WriteShards(str(root / "shards"), "samples", ["parquet", "tfrecord", "webdataset"], num_shards=2)
+    return {"root": root, "codes": str(root / "codes"), "shards": str(root / "shards")}
+
+
+def train(data, out, *extra):
+    from trainer import train as T
+
+    args = [
+        "--train", os.path.join(data["shards"], "samples-*"), "--codes", data["codes"], "--output", str(out),
+        "--model_config", "tiny", "--batch_size", "8", "--lr", "2e-3", "--decoder_lr_multiplier", "1",
+        "--warmup_steps", "2", "--crop", "center", "--num_workers", "1", "--log_every", "1", "--shuffle_buffer", "64",
+    ]
+    return T.run(args + list(extra))
+
+
+def log_lines(out):
+    with open(os.path.join(out, "train_log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_twenty_cpu_steps_on_pipeline_shards_decrease_the_loss(data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(data, out, "--max_steps", "20")
+    losses = [r["loss"] for r in log_lines(out)]
+    assert [r["step"] for r in log_lines(out)] == list(range(1, 21))
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
+    assert summary["steps"] == 20 and summary["samples"] == 160 and summary["skipped_total"] == 0
+    # All three tasks were drawn (REW rationale and QA ride along with the entity task).
+    tasks = set().union(*(r["task_loss"] for r in log_lines(out)))
+    assert tasks == {"entity", "rationale", "qa"}
+    ckpt = summary["checkpoint"]
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "codes.parquet", "train_config.json", "train_state.json", "optimizer.pt"):
+        assert os.path.exists(os.path.join(ckpt, f)), f
+    assert json.load(open(os.path.join(ckpt, "train_config.json")))["model_config"] == "tiny"
+
+
+def test_resume_continues_the_step_count(data, tmp_path):
+    out = tmp_path / "run"
+    train(data, out, "--max_steps", "6", "--save_every", "3")
+    first = json.load(open(os.path.join(out, "checkpoints", "step-0000006", "train_state.json")))
+    assert first["step"] == 6 and first["samples"] == 48
+    summary = train(data, out, "--max_steps", "10", "--save_every", "3")
+    assert summary["resumed_from"].endswith("step-0000006")
+    assert summary["steps"] == 10 and summary["samples"] == 80
+    steps = [r["step"] for r in log_lines(out)]
+    assert steps == list(range(1, 11))  # 1..6 from the first run, 7..10 after resuming
+    # The LR schedule continues where it was (no second warmup): step 7's LR < step 3's.
+    lrs = {r["step"]: r["lr"] for r in log_lines(out)}
+    assert lrs[7] < lrs[3]
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000006", "step-0000009", "step-0000010"]
+    with pytest.raises(UsageError, match="--entity_target"):
+        train(data, out, "--max_steps", "12", "--entity_target", "name")
+
+
+def _flip_byte(path, offset_from_end):
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_corrupt_samples_are_skipped_and_counted(data, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in glob.glob(os.path.join(data["shards"], "samples-*")):
+        shutil.copy(p, bad)
+    rows = [to_row(s) for s in samples()[:4]]
+    rows[0]["image"] = b"not an image at all"
+    rows[1]["image"] = rows[1]["image"][: len(rows[1]["image"]) // 3]
+    rows[2]["qid"] = "Q424242"  # no code
+    rows[3]["qid"] = ""
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), bad / "extra.parquet")
+    (bad / "garbage.parquet").write_bytes(b"PAR1 this is not parquet")
+    tfr = sorted(glob.glob(str(bad / "*.tfrecord")))
+    _flip_byte(max(tfr, key=os.path.getsize), 100)  # inside the last record's payload
+    tar = max(glob.glob(str(bad / "*.tar")), key=os.path.getsize)
+    with open(tar, "r+b") as f:
+        f.truncate(os.path.getsize(tar) // 2 + 100)
+    from trainer import train as T
+
+    summary = T.run([
+        "--train", str(bad), "--codes", data["codes"], "--output", str(tmp_path / "run"), "--model_config", "tiny",
+        "--batch_size", "8", "--max_steps", "30", "--crop", "center", "--num_workers", "1", "--shuffle_buffer", "8",
+        "--task_weights", "entity=1",
+    ])
+    skipped = summary["skipped"]
+    for reason in ("image_not_an_image", "qid_not_in_codes", "missing_qid", "unreadable_file", "tfrecord_bad_crc"):
+        assert skipped.get(reason, 0) >= 1, (reason, skipped)
+    assert any(r in skipped for r in ("image_truncated_image", "image_corrupt_image")), skipped
+    assert summary["steps"] == 30
+
+
+def test_stream_shards_disjointly_across_ranks_and_workers(data):
+    from trainer.codebook import CodeBook, load_tokenizer
+    from trainer.data import ItemBuilder, ShardStream, list_units
+
+    builder = ItemBuilder(load_tokenizer(data["codes"]).to_str(), CodeBook.load(data["codes"]), 32, {"entity": 1.0}, crop="center")
+    for pattern in ("samples-*.parquet", "samples-*.tar", "samples-*.tfrecord"):
+        units = list_units(os.path.join(data["shards"], pattern))
+        for world in (1, 2, 3):  # 3 > units: record striding instead of unit assignment
+            seen = []
+            for rank in range(world):
+                stream = ShardStream(units, builder, rank=rank, world=world, max_epochs=1, shuffle_buffer=4)
+                seen.append([it["key"] for it in stream])
+            counts = [len(s) for s in seen]
+            every = [k for s in seen for k in s]
+            # One epoch over all readers: every sample exactly once.
+            assert sorted(every) == sorted(s.key for s in samples()), (pattern, world, counts)
+            if world > 1 and len(units) < world:
+                assert max(counts) - min(counts) <= 1, counts
+
+
+def test_stream_rows_equal_what_was_written(data):
+    """Each format reads back the written samples (keys, qids, REW fields)."""
+    from trainer.data import iter_unit, list_units
+
+    want = {s.key: s for s in samples()}
+    for pattern in ("samples-*.parquet", "samples-*.tar", "samples-*.tfrecord"):
+        got = {}
+        for unit in list_units(os.path.join(data["shards"], pattern)):
+            for row in iter_unit(unit):
+                assert isinstance(row, dict), row
+                got[row["key"]] = row
+        assert set(got) == set(want), pattern
+        for k, s in want.items():
+            assert (got[k]["qid"], got[k]["image"], got[k]["rationale"], got[k]["qa_json"]) == (s.qid, s.image, s.rationale, s.qa_json)
+
+
+def test_tfrecord_reader_reports_bad_crc_and_truncation(tmp_path):
+    from trainer.data import Skip, _masked_crc, iter_tfrecord
+
+    def frame(payload):
+        head = struct.pack("<Q", len(payload))
+        return head + struct.pack("<I", _masked_crc(head)) + payload + struct.pack("<I", _masked_crc(payload))
+
+    import io
+
+    good = frame(b"one") + frame(b"two") + frame(b"three")
+    assert list(iter_tfrecord(io.BytesIO(good))) == [b"one", b"two", b"three"]
+    broken = bytearray(good)
+    broken[len(frame(b"one")) + 12] ^= 0xFF  # payload of "two"
+    out = list(iter_tfrecord(io.BytesIO(bytes(broken))))
+    assert out[0] == b"one" and isinstance(out[1], Skip) and out[1].reason == "tfrecord_bad_crc" and out[2] == b"three"
+    out = list(iter_tfrecord(io.BytesIO(good[:-3])))
+    assert out[:2] == [b"one", b"two"] and out[2].reason == "tfrecord_truncated"
+    broken = bytearray(good)
+    broken[2] ^= 0xFF  # the first length
+    out = list(iter_tfrecord(io.BytesIO(bytes(broken))))
+    assert len(out) == 1 and out[0].reason == "tfrecord_bad_length_crc"
+
+
+def test_torchrun_two_process_gloo(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+        "-m", "trainer.train", "--train", os.path.join(data["shards"], "samples-*.parquet"), "--codes", data["codes"],
+        "--output", str(out), "--model_config", "tiny", "--batch_size", "4", "--max_steps", "4", "--crop", "center",
+        "--num_workers", "1", "--log_every", "1", "--shuffle_buffer", "8",
+    ]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["samples"] == 4 * 4 * 2
+    # Only rank 0 writes: one log line per step.
+    assert [r["step"] for r in log_lines(out)] == [1, 2, 3, 4]
+
+
+def test_usage_errors_name_the_flag(data, tmp_path):
+    from trainer import train as T
+
+    base = ["--train", os.path.join(data["shards"], "samples-*"), "--output", str(tmp_path / "o"), "--model_config", "tiny"]
+    with pytest.raises(UsageError, match="--codes"):
+        T.run(base + ["--codes", str(tmp_path / "nope")])
+    with pytest.raises(UsageError, match="--task_weights"):
+        T.run(base + ["--codes", data["codes"], "--task_weights", "entity=1,captions=2"])
+    with pytest.raises(UsageError, match="--precision fp16"):
+        T.run(base + ["--codes", data["codes"], "--precision", "fp16", "--device", "cpu"])
+    with pytest.raises(UsageError, match="--train"):
+        T.run(["--train", str(tmp_path / "none-*.parquet"), "--codes", data["codes"], "--output", str(tmp_path / "o"), "--model_config", "tiny"])
+
+
+def test_prefix_index_matches_brute_force():
+    from trainer.codebook import PrefixIndex
+
+    rng = random.Random(0)
+    eos = 2
+    rows = set()
+    while len(rows) < 120:  # of 155 possible
+        n = rng.randint(1, 3)
+        rows.add(tuple(rng.choice([5, 6, 7, 8, 9]) for _ in range(n)) + (eos,) * (4 - n))
+    rows = sorted(rows, key=lambda r: rng.random())
+    index = PrefixIndex(np.array(rows), eos)
+    for _ in range(300):
+        r = rows[rng.randrange(len(rows))]
+        k = rng.randint(0, 3)
+        prefix = r[:k]
+        want = sorted({x[k] for x in rows if x[:k] == prefix})
+        assert list(index.allowed(prefix)) == want
+        assert index.lookup(list(r)) == [rows.index(r)]
+    assert index.allowed((9, 9, 9, 9)) in ((), (eos,))
+    assert index.lookup([1, 1]) == []
+
+
+def test_codebook_lookup_and_eos_canonicalisation():
+    from trainer.codebook import CodeBook
+
+    cb = CodeBook(["Q10", "Q2", "Q300"], np.array([[5, 2, 7, 2], [6, 7, 2, 2], [5, 6, 7, 2]]), eos=2, titles=["a", "b", "c"])
+    assert cb.code_of("Q2") == [6, 7, 2] and cb.code_of("Q10") == [5, 2] and cb.code_of("Q300") == [5, 6, 7, 2]
+    assert cb.codes[0].tolist() == [5, 2, 2, 2]  # padding after the first EOS is EOS
+    assert cb.row_of("Q3") == -1 and cb.row_of("q10") == -1 and cb.row_of("") == -1
+    odd = CodeBook(["Q1", "L5-x", "Q0"], np.array([[5, 2], [6, 2], [7, 2]]), eos=2)
+    assert odd.code_of("L5-x") == [6, 2] and odd.code_of("Q0") == [7, 2]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A tiny model trained long enough to memorise the 8 entities' two looks."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(data, out, "--max_steps", "400", "--batch_size", "16", "--task_weights", "entity=1", "--log_every", "50", "--lr", "3e-3")
+    return out
+
+
+def oven_eval(root):
+    """OVEN-format annotations over training looks (seen) and a missing image."""
+    os.makedirs(root / "images" / "00", exist_ok=True)
+    lines = []
+    for j, (qid, _) in enumerate(ENTITIES):
+        image_id = f"oven_{j:08d}"
+        (root / "images" / "00" / f"{image_id}.jpg").write_bytes(draw_image(j * 40))
+        lines.append({"data_id": f"d{j}", "image_id": image_id, "question": "what is this?", "entity_id": qid,
+                      "data_split": "entity_val_seen" if j % 2 else "entity_val_unseen"})
+    lines.append({"data_id": "d-missing", "image_id": "oven_99999999", "entity_id": "Q243", "data_split": "entity_val_seen"})
+    return write_jsonl(root / "oven.jsonl", lines), str(root / "images")
+
+
+def test_predict_constrained_beams_are_entities_and_score(trained, tmp_path):
+    from trainer import predict, score
+
+    oven, images = oven_eval(tmp_path)
+    out = tmp_path / "pred.jsonl"
+    summary = predict.run(["--checkpoint", str(trained), "--oven", oven, "--images", images, "--output", str(out)])
+    lines = [json.loads(x) for x in open(out)]
+    assert [x["data_id"] for x in lines] == [f"d{j}" for j in range(len(ENTITIES))] + ["d-missing"]
+    assert summary["predicted"] == len(ENTITIES) and summary["errors"] == {"image_missing": 1}
+    valid = {q for q, _ in CATALOG_QIDS}
+    for x in lines[:-1]:
+        assert len(x["beams"]) == 4 and all(b["qid"] in valid for b in x["beams"]), x
+        assert x["pred_entity_id"] == x["top_beam_entity_id"] == x["beams"][0]["qid"]
+    assert lines[-1]["pred_entity_id"] is None and lines[-1]["error"] == "image_missing"
+    # Memorised: most training looks come back as their entity.
+    correct = sum(x["pred_entity_id"] == q for x, (q, _) in zip(lines, ENTITIES))
+    assert correct >= 5, [x["pred_entity_id"] for x in lines]
+    refs = [json.loads(x) for x in open(oven)]
+    m = score.score(refs, lines, allow_partial=True)
+    assert m["coverage"] == round(100 * 8 / 9, 2)
+    with pytest.raises(score.ScoreError, match="no prediction"):
+        score.score(refs, lines)
+    free = tmp_path / "free.jsonl"
+    predict.run(["--checkpoint", str(trained), "--oven", oven, "--images", images, "--output", str(free), "--decoding", "free"])
+    assert len(open(free).readlines()) == len(ENTITIES) + 1
+
+
+CATALOG_QIDS = [(e["wikidata_id"], e["wikipedia_title"]) for e in CATALOG]
