@@ -332,3 +332,44 @@ def test_predict_constrained_beams_are_entities_and_score(trained, tmp_path):
 
 
 CATALOG_QIDS = [(e["wikidata_id"], e["wikipedia_title"]) for e in CATALOG]
+
+
+def test_vote_majority_then_similarity_then_rank():
+    from trainer.visual_matching import vote
+
+    labels = ["A", "B", "B", "A", "C"]
+    # A: 2 votes (0.9 + 0.5), B: 2 votes (0.8 + 0.7) -> tie on votes, B wins on summed similarity.
+    ranked = vote(np.array([0, 1, 2, 3, 4]), np.array([0.9, 0.8, 0.7, 0.5, 0.4]), labels)
+    assert [r[0] for r in ranked] == ["B", "A", "C"] and ranked[0][1] == 2
+    # Equal votes and sums: the label with the nearer neighbour wins; -1 (no neighbour) ignored.
+    ranked = vote(np.array([4, 0, -1]), np.array([0.5, 0.5, 0.0]), labels)
+    assert [r[0] for r in ranked] == ["C", "A"]
+
+
+def test_visual_matching_nearest_copy_and_candidate_labels(data, tmp_path):
+    """Queries are copies of memory images: with k = 1 the vote is the copy's own label;
+    --label_field candidate_qid votes with the retrieval labels instead."""
+    from trainer import score, visual_matching
+
+    mem = tmp_path / "memory"
+    mem.mkdir()
+    rows = [to_row(s) for s in samples()]
+    for r in rows:
+        r["candidate_qid"] = "Q146"  # what caption retrieval had proposed for all of them
+    rows.append({**rows[0], "key": "broken", "image": b"\x89PNG broken"})
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), mem / "samples-0.parquet")
+    oven, images = oven_eval(tmp_path)
+    out = tmp_path / "vm.jsonl"
+    args = ["--memory", str(mem), "--oven", oven, "--images", images, "--clip_model", "ViT-S-32", "--clip_pretrained", "none",
+            "--num_workers", "1", "--memory_cache", str(tmp_path / "cache")]
+    summary = visual_matching.run(args + ["--output", str(out), "--k", "1"])
+    assert summary["memory_images"] == len(ENTITIES) * PER_ENTITY and summary["memory_skipped"] == {"image_not_an_image": 1}
+    assert summary["errors"] == {"image_missing": 1}
+    lines = [json.loads(x) for x in open(out)]
+    assert [x["pred_entity_id"] for x in lines[:-1]] == [q for q, _ in ENTITIES]
+    refs = [json.loads(x) for x in open(oven)]
+    assert score.score(refs, lines, allow_partial=True)["entity_seen"] == 80.0  # 4 of 5: the missing image counts as wrong
+    cand = tmp_path / "cand.jsonl"
+    summary = visual_matching.run(args + ["--output", str(cand), "--k", "500", "--label_field", "candidate_qid"])
+    assert summary["k"] == len(ENTITIES) * PER_ENTITY  # k is capped by the memory
+    assert {json.loads(x)["pred_entity_id"] for x in list(open(cand))[:-1]} == {"Q146"}

@@ -59,7 +59,7 @@ RATIONALE_QUESTION = "why is this image showing this entity?"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-COLUMNS = ("key", "image", "qid", "title", "rationale", "qa_json", "question", "meta_json")
+COLUMNS = ("key", "image", "qid", "title", "rationale", "qa_json", "question", "meta_json", "candidate_qid")
 
 
 # --------------------------------------------------------------------------------------
