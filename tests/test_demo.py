@@ -51,3 +51,12 @@ def test_demo_end_to_end(tmp_path, capsys):
     corrected = [r for r in refined if r["changed"]]
     assert len(corrected) == 10 and all(r["qid"] != r["candidate_qid"] and r["verdict"] == "corrected" for r in corrected)
     assert all(r["rationale"] and len(json.loads(r["qa_json"])) == 3 for r in refined)
+    # Training stage: codes, a tiny GIT trained on the REW shards, predictions, OVEN score.
+    trained = summary["train"]
+    assert trained["codes"]["unique"] and trained["codes"]["entities"] == 322
+    assert trained["train"]["last_loss"] < 0.7 * trained["train"]["first_loss"]
+    m = trained["metrics"]
+    assert m["coverage"] == 100.0 and trained["predict"]["annotations"] == 2 * (25 + 10)
+    # Seen = the training images (memorised well above the 1/322 chance); unseen = 0.
+    assert m["entity_seen"] >= 40 and m["entity_unseen"] == 0.0
+    assert "entity_val_seen" in printed and "final" in printed

@@ -373,3 +373,40 @@ def test_visual_matching_nearest_copy_and_candidate_labels(data, tmp_path):
     summary = visual_matching.run(args + ["--output", str(cand), "--k", "500", "--label_field", "candidate_qid"])
     assert summary["k"] == len(ENTITIES) * PER_ENTITY  # k is capped by the memory
     assert {json.loads(x)["pred_entity_id"] for x in list(open(cand))[:-1]} == {"Q146"}
+
+
+def test_name_target_trains_and_decodes_catalog_titles(data, tmp_path):
+    """--entity_target name: the target is the title; constrained decoding yields catalog
+    titles, mapped back to QIDs (case-only twins share no sequence: titles are lower-cased,
+    so "Ball" / "BALL" decode to one sequence and both QIDs are reported)."""
+    from trainer import predict
+
+    out = tmp_path / "run"
+    train(data, out, "--max_steps", "60", "--batch_size", "16", "--task_weights", "entity=1", "--entity_target", "name", "--lr", "3e-3")
+    oven, images = oven_eval(tmp_path)
+    pred = tmp_path / "pred.jsonl"
+    predict.run(["--checkpoint", str(out), "--oven", oven, "--images", images, "--output", str(pred)])
+    titles = {t.lower() for _, t in CATALOG_QIDS}
+    lines = [json.loads(x) for x in open(pred)][:-1]
+    for x in lines:
+        for b in x["beams"]:
+            assert b["qid"] is not None and b["text"] in titles, b
+    from trainer.predict import Decoder
+
+    dec = Decoder(str(out / "checkpoints" / "step-0000060"), __import__("torch").device("cpu"))
+    qid, others = dec.resolve(dec.encode("ball") + [dec.eos])
+    assert {qid, *others} == {"Q999000001", "Q999000002"}
+
+
+def test_questions_by_stage():
+    from trainer.codebook import CodeBook
+    from trainer.data import GENERIC_QUESTIONS, ItemBuilder
+
+    cb = CodeBook(["Q1"], np.array([[5, 2]]), eos=2)
+    pre = ItemBuilder("{}", cb, 32, {"entity": 1.0}, stage="pretrain")
+    fine = ItemBuilder("{}", cb, 32, {"entity": 1.0}, stage="finetune", question="what is this?")
+    rng = random.Random(0)
+    assert {pre.question_for({}, rng) for _ in range(200)} == set(GENERIC_QUESTIONS)
+    assert fine.question_for({}, rng) == "what is this?"
+    assert fine.question_for({"question": "which bridge is this?"}, rng) == "which bridge is this?"
+    assert fine.question_for({"meta_json": json.dumps({"question": "what breed?"})}, rng) == "what breed?"

@@ -13,6 +13,8 @@ import os
 import sys
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -96,8 +98,6 @@ model.save_pretrained(out)
 # transformers 5.19 saves the CLIP tower as `vision_tower.embeddings...`, but vLLM 0.32's llava
 # loader (like every llava-hf hub checkpoint) expects `vision_tower.vision_model.embeddings...`.
 # Rewrite the keys into the canonical llava-hf layout.
-from safetensors.torch import load_file, save_file
-
 sd = load_file(f"{out}/model.safetensors")
 sd = {
     ("vision_tower.vision_model." + k[len("vision_tower."):]
@@ -120,7 +120,6 @@ proc.save_pretrained(out)
 print("saved to", out, "params", sum(p.numel() for p in model.parameters()))
 
 # sanity check with transformers itself
-from PIL import Image
 
 msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
 prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
