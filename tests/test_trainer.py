@@ -410,3 +410,22 @@ def test_questions_by_stage():
     assert fine.question_for({}, rng) == "what is this?"
     assert fine.question_for({"question": "which bridge is this?"}, rng) == "which bridge is this?"
     assert fine.question_for({"meta_json": json.dumps({"question": "what breed?"})}, rng) == "what breed?"
+
+
+def test_init_from_a_local_pretrained_folder(data, tmp_path):
+    """--init takes a saved GIT (a hub id on users' machines); a model whose vocabulary is
+    smaller than the codes' tokenizer is refused with the fix."""
+    from trainer.codebook import load_tokenizer
+    from trainer.model import build_model
+
+    tok = load_tokenizer(data["codes"])
+    ok = build_model("tiny", None, tok.get_vocab_size() + 10, 0, 1, 2, seed=1)
+    ok.save_pretrained(tmp_path / "pretrained")
+    summary = train(data, tmp_path / "run", "--max_steps", "2", "--init", str(tmp_path / "pretrained"))
+    assert summary["steps"] == 2
+    small = build_model("tiny", None, 50, 0, 1, 2)
+    small.save_pretrained(tmp_path / "small")
+    with pytest.raises(UsageError, match="bert-base-uncased"):
+        train(data, tmp_path / "run2", "--max_steps", "2", "--init", str(tmp_path / "small"))
+    with pytest.raises(UsageError, match="--init"):
+        train(data, tmp_path / "run3", "--max_steps", "2", "--init", str(tmp_path / "missing"))
