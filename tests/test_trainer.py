@@ -429,3 +429,11 @@ def test_init_from_a_local_pretrained_folder(data, tmp_path):
         train(data, tmp_path / "run2", "--max_steps", "2", "--init", str(tmp_path / "small"))
     with pytest.raises(UsageError, match="--init"):
         train(data, tmp_path / "run3", "--max_steps", "2", "--init", str(tmp_path / "missing"))
+
+
+def test_bf16_autocast_and_grad_accumulation_run(data, tmp_path):
+    """The autocast path (bf16 works on CPU too; on GPU it is the default) and --grad_accum:
+    each optimizer step consumes grad_accum micro-batches."""
+    summary = train(data, tmp_path / "run", "--max_steps", "3", "--precision", "bf16", "--grad_accum", "2")
+    assert summary["steps"] == 3 and summary["samples"] == 3 * 8 * 2
+    assert all(np.isfinite(r["loss"]) for r in log_lines(tmp_path / "run"))
