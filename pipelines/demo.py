@@ -24,7 +24,7 @@ No CLIP weights can be downloaded offline, so step 4 uses a random-weight ViT-S-
 default. Random weights only separate near-exact copies (cosine >= 0.9997 here) from the
 rest (<= 0.997), hence the demo's --threshold 0.999; with real weights use GER's setting:
 `--clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95`.
-Takes about a minute on 2 cores. Prints where every output is and a sample of them.
+Takes about 90 s on 2 cores (after the install). Prints where every output is and a sample of them.
 """
 
 from __future__ import annotations
