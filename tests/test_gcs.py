@@ -83,3 +83,33 @@ def test_pipelines_read_and_write_gcs(tmp_path, gcs):
         rows += pq.read_table(local).to_pylist()
     assert {(r["key"], r["title"]) for r in rows} == {("a", "Eiffel Tower"), ("b", "Taj Mahal")}
     assert not glob.glob(os.path.join(str(tmp_path), "index*"))  # nothing was written locally
+
+
+def test_trainer_streams_shards_and_codes_from_gcs(tmp_path, gcs):
+    """trainer.train with --train and --codes on gs:// (shards in all three formats), the
+    data-loader worker reading through Beam's GCS filesystem."""
+    import apache_beam as beam
+    from tokenizers import BertWordPieceTokenizer
+
+    from pipelines import build_codes
+    from tests.conftest import direct_pipeline, write_jsonl
+    from trainer import train
+    from transforms.schema import Sample
+    from transforms.shards import WriteShards
+
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator([e["wikipedia_title"].lower() for e in CATALOG] + ["what is the main object?"] * 3, vocab_size=200)
+    tok.save_model(str(tmp_path))
+    catalog = write_jsonl(tmp_path / "entities.jsonl", CATALOG)
+    build_codes.run(["--entities", catalog, "--tokenizer", str(tmp_path / "vocab.txt"), "--output", f"{gcs}/codes"])
+    samples = [Sample(key=f"k{i}", image=draw_image(i), image_format="jpg", qid=CATALOG[i % 5]["wikidata_id"],
+                      title=CATALOG[i % 5]["wikipedia_title"]) for i in range(20)]
+    with direct_pipeline() as p:
+        _ = p | beam.Create(samples) | WriteShards(f"{gcs}/train", "samples", ["parquet", "tfrecord", "webdataset"], num_shards=2)
+    summary = train.run([
+        "--train", f"{gcs}/train/samples-*", "--codes", f"{gcs}/codes", "--output", str(tmp_path / "run"),
+        "--model_config", "tiny", "--max_steps", "3", "--batch_size", "4", "--num_workers", "1", "--crop", "center",
+        "--task_weights", "entity=1", "--shuffle_buffer", "8",
+    ])
+    assert summary["steps"] == 3 and summary["skipped_total"] == 0
+    assert os.path.exists(os.path.join(summary["checkpoint"], "codes.parquet"))

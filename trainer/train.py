@@ -130,8 +130,11 @@ def save_checkpoint(output: str, step: int, model, optimizer, scaler, state: dic
     tmp = os.path.join(root, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    for f in ("tokenizer.json", "codes.parquet"):
-        shutil.copyfile(os.path.join(codes_dir, f), os.path.join(tmp, f))
+    from transforms.common import read_bytes
+
+    for f in ("tokenizer.json", "codes.parquet"):  # --codes may be gs://
+        with open(os.path.join(tmp, f), "wb") as out:
+            out.write(read_bytes(f"{codes_dir.rstrip('/')}/{f}"))
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
