@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -505,14 +504,7 @@ class _nullcontext:
         return False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    from transforms.options import cli_main
+
+    cli_main(run)
