@@ -437,3 +437,25 @@ def test_bf16_autocast_and_grad_accumulation_run(data, tmp_path):
     summary = train(data, tmp_path / "run", "--max_steps", "3", "--precision", "bf16", "--grad_accum", "2")
     assert summary["steps"] == 3 and summary["samples"] == 3 * 8 * 2
     assert all(np.isfinite(r["loss"]) for r in log_lines(tmp_path / "run"))
+
+
+def test_more_readers_than_records_and_all_bad_data(data, tmp_path):
+    """Readers without records end quietly while the others feed training; a job whose
+    readers all end fails with an error that says why."""
+    rows = [to_row(s) for s in samples()[:3]]
+    few = tmp_path / "few"
+    few.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), few / "samples.parquet")
+    from trainer import train as T
+
+    base = ["--codes", data["codes"], "--model_config", "tiny", "--batch_size", "2", "--crop", "center", "--task_weights", "entity=1",
+            "--shuffle_buffer", "2", "--max_steps", "3"]
+    summary = T.run(base + ["--train", str(few), "--output", str(tmp_path / "a"), "--num_workers", "4"])
+    assert summary["steps"] == 3
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for r in rows:
+        r["image"] = b"junk"
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), bad / "samples.parquet")
+    with pytest.raises(RuntimeError, match="every data reader ended"):
+        T.run(base + ["--train", str(bad), "--output", str(tmp_path / "b"), "--num_workers", "1"])

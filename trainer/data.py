@@ -11,8 +11,9 @@ Corrupt input never stops training: an unreadable file, a TFRecord frame with a 
 a record that does not parse, an image that does not decode, a QID without a code, an
 empty target — each is skipped and counted by reason. Counts ride along with the next
 item to the main process (data-loader workers are separate processes) and the trainer
-sums them over ranks. Only a reader that finds no usable sample in a whole epoch fails,
-with the counts, since it could never produce a batch.
+sums them over ranks. A reader that finds no usable sample in a whole epoch stops (with a
+warning and its counts); when every reader of a rank has stopped, training fails with an
+error that names the likely causes.
 
 Tasks (REW multi-task training, GER's entity task):
   entity     question -> the entity's code tokens (ALD) or its name (`--entity_target name`)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +41,8 @@ import numpy as np
 
 from transforms.common import UsageError, match_files, open_read
 from transforms.images import ImageError, decode_image
+
+log = logging.getLogger("trainer.data")
 
 TASKS = ("entity", "rationale", "qa")
 
@@ -475,10 +479,14 @@ class ShardStream(_Base):
                 produced += 1
                 yield item
             if produced == 0:
-                raise RuntimeError(
-                    f"reader {slot} of {total} found no usable training sample in a whole pass over "
-                    f"{len(self.units)} shard units (skipped: {dict(skipped) or 'none'}); check --train and --codes"
+                # Nothing usable for this reader (too few records for this many readers, or
+                # only bad ones): it ends, the others go on. If every reader of a rank ends,
+                # the trainer stops with an error that says so.
+                log.warning(
+                    "data reader %d of %d has no usable training sample in %d shard units (skipped: %s); it stops",
+                    slot, total, len(self.units), dict(skipped) or "none",
                 )
+                return
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:

@@ -394,7 +394,13 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         step_loss = 0.0
         for micro in range(a.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {rank}: every data reader ended without a usable sample (skipped so far: {dict(skipped) or 'none'}); "
+                    "check --train and --codes, or use fewer --num_workers / ranks than there are records"
+                ) from None
             data_wait += time.perf_counter() - t0
             skipped.update(batch["skipped"])
             pixels = normalize(batch["pixels"].to(device, non_blocking=True))
