@@ -38,6 +38,7 @@ from transforms.common import (
     run_and_count,
     write_json,
 )
+from transforms.decontam import IMAGE_SUFFIXES
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.options import cli_main, new_parser, parse
 from transforms.readers import REJECTED, ReadCatalogFile
@@ -46,7 +47,6 @@ from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import WriteRejects
 
 STAGES = ["read_oven", "images", "read_catalog"]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
 
 
 def _counter(name: str):

@@ -326,9 +326,17 @@ def test_predict_constrained_beams_are_entities_and_score(trained, tmp_path):
     assert m["coverage"] == round(100 * 8 / 9, 2)
     with pytest.raises(score.ScoreError, match="no prediction"):
         score.score(refs, lines)
+    with open(oven, "a", encoding="utf-8") as f:
+        f.write("{this is not json\n")
     free = tmp_path / "free.jsonl"
-    predict.run(["--checkpoint", str(trained), "--oven", oven, "--images", images, "--output", str(free), "--decoding", "free"])
-    assert len(open(free).readlines()) == len(ENTITIES) + 1
+    summary = predict.run(["--checkpoint", str(trained), "--oven", oven, "--images", images, "--output", str(free), "--decoding", "free"])
+    assert len(open(free).readlines()) == len(ENTITIES) + 1 and summary["bad_annotation_lines"] == 1
+    rejected = [json.loads(x) for x in open(str(free) + ".rejected.jsonl")]
+    assert [r["reason"] for r in rejected] == ["bad_annotation"] and rejected[0]["text"].startswith("{this")
+    # The error line carries every prediction field, so any --prediction_field scores it.
+    free_lines = [json.loads(x) for x in open(free)]
+    valid_top = sum(1 for x in free_lines if x["top_beam_entity_id"])
+    assert score.score(refs, free_lines, allow_partial=True, field="top_beam_entity_id")["coverage"] == round(100 * valid_top / 9, 2)
 
 
 CATALOG_QIDS = [(e["wikidata_id"], e["wikipedia_title"]) for e in CATALOG]

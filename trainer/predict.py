@@ -38,10 +38,10 @@ from typing import Optional
 import numpy as np
 
 from transforms.common import UsageError
+from transforms.decontam import IMAGE_SUFFIXES
 
 log = logging.getLogger("trainer.predict")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,12 +102,46 @@ def read_oven(path: str, limit: int = 0) -> tuple[list[dict], list[dict]]:
                 if "data_id" not in obj or "image_id" not in obj:
                     raise ValueError("needs data_id and image_id")
             except ValueError as e:
-                bad.append({"line": n, "error": str(e)[:200]})
+                bad.append({"line": n, "reason": "bad_annotation", "error": str(e)[:200], "text": line[:1000]})
                 continue
             rows.append(obj)
             if limit and len(rows) >= limit:
                 break
     return rows, bad
+
+
+def error_line(row: dict, reason: str, detail: str) -> dict:
+    """The prediction line of an annotation that could not be predicted (kept, with why)."""
+    return {"data_id": row["data_id"], "pred_entity_id": None, "error": reason, "detail": detail}
+
+
+def load_query_image(row: dict, images: dict[str, str], draft: Optional[int] = None):
+    """(decoded RGB image, None), or (None, error line) when the image is missing or broken."""
+    from transforms.images import ImageError, decode_image
+
+    path = images.get(str(row["image_id"]))
+    if path is None:
+        return None, error_line(row, "image_missing", f"no {row['image_id']}.<ext> under --images")
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f.read(), draft=(draft, draft) if draft else None).image, None
+    except (OSError, ImageError) as e:
+        return None, error_line(row, f"image_{getattr(e, 'reason', 'unreadable')}", str(e)[:200])
+
+
+def write_predictions(path: str, lines: list[dict], bad: list[dict]) -> None:
+    """Prediction lines (atomically), and annotation lines that were not OVEN JSON to
+    PATH.rejected.jsonl with their reason."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    if bad:
+        with open(path + ".rejected.jsonl", "w", encoding="utf-8") as f:
+            for b in bad:
+                f.write(json.dumps(b, ensure_ascii=False) + "\n")
+        log.warning("%d annotation lines were not valid OVEN JSON: %s.rejected.jsonl", len(bad), path)
 
 
 class Decoder:
@@ -216,8 +250,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     from trainer.data import GENERIC_QUESTIONS, OVEN_QUESTION, center_crop, normalize
     from trainer.model import image_size
-    from transforms.images import ImageError, decode_image
-
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     dec = Decoder(checkpoint, device, a.max_name_tokens)
     size = image_size(dec.model)
@@ -242,19 +274,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     for prompt, members in groups.items():
         batch = []
         for i in members:
-            r = rows[i]
-            path = images.get(str(r["image_id"]))
-            if path is None:
-                out_lines[i] = _error_line(r, "image_missing", f"no {r['image_id']}.<ext> under {a.images}")
-                counts["image_missing"] += 1
-                continue
-            try:
-                with open(path, "rb") as f:
-                    img = decode_image(f.read(), draft=(size, size)).image
-            except (OSError, ImageError) as e:
-                reason = f"image_{getattr(e, 'reason', 'unreadable')}"
-                out_lines[i] = _error_line(r, reason, str(e)[:200])
-                counts[reason] += 1
+            img, err = load_query_image(rows[i], images, size)
+            if err is not None:
+                out_lines[i] = {**err, "top_beam_entity_id": None, "first_valid_entity_id": None, "first_valid_rank": None, "beams": []}
+                counts[err["error"]] += 1
                 continue
             batch.append((i, np.asarray(center_crop(img, size), dtype=np.uint8).transpose(2, 0, 1).copy()))
             if len(batch) >= a.batch_size:
@@ -262,12 +285,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 batch = []
         flush(prompt, batch)
 
-    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-    tmp = a.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i in range(len(rows)):
-            f.write(json.dumps(out_lines[i], ensure_ascii=False) + "\n")
-    os.replace(tmp, a.output)
+    write_predictions(a.output, [out_lines[i] for i in range(len(rows))], bad)
     lines = [out_lines[i] for i in range(len(rows))]
     summary = {
         "annotations": len(rows),
@@ -282,8 +300,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     }
     assert summary["predicted"] + sum(summary["errors"].values()) == len(rows)
     log.info("predictions: %s -> %s", json.dumps(summary), a.output)
-    if bad:
-        log.warning("%d annotation lines were not valid OVEN JSON (first: %s)", len(bad), bad[0])
     return summary
 
 
@@ -303,19 +319,6 @@ def _line(row: dict, beams, dec: Decoder) -> dict:
         "first_valid_entity_id": described[first_valid]["qid"] if first_valid is not None else None,
         "first_valid_rank": first_valid,
         "beams": described,
-    }
-
-
-def _error_line(row: dict, reason: str, detail: str) -> dict:
-    return {
-        "data_id": row["data_id"],
-        "pred_entity_id": None,
-        "top_beam_entity_id": None,
-        "first_valid_entity_id": None,
-        "first_valid_rank": None,
-        "beams": [],
-        "error": reason,
-        "detail": detail,
     }
 
 

@@ -25,6 +25,7 @@ step count, the optimizer state and the LR schedule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -406,7 +407,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
             pixels = normalize(batch["pixels"].to(device, non_blocking=True))
             args = [batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "label_rows", "label_cols")]
             sync = world == 1 or micro == a.grad_accum - 1
-            ctx = net.no_sync() if not sync else _nullcontext()
+            ctx = net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = net(pixels, *args)
@@ -500,14 +501,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

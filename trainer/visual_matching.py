@@ -24,11 +24,12 @@ import json
 import logging
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
+from torch.utils.data import IterableDataset
 
 from transforms.common import UsageError
 
@@ -57,41 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _MemoryImages:
-    """(key, label, pixels) of every labelled memory image; units split over loader
-    workers. Built lazily as a torch IterableDataset (torch is imported by the caller)."""
+class MemoryImages(IterableDataset):
+    """(key, label, pixels, skip counts) of every labelled memory image; shard units split
+    over data-loader workers. Skips are counted by reason and ride along with the items."""
 
-    def __new__(cls, units, label_field, preprocess):
-        from torch.utils.data import IterableDataset, get_worker_info
+    def __init__(self, units, label_field, preprocess):
+        self.units, self.label_field, self.preprocess = units, label_field, preprocess
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
 
         from trainer.data import Skip, iter_unit
         from transforms.images import ImageError, decode_image
 
-        class MemoryImages(IterableDataset):
-            def __iter__(self):
-                info = get_worker_info()
-                wid, nw = (info.id, info.num_workers) if info else (0, 1)
-                skipped: Counter = Counter()
-                for unit in units[wid::nw]:
-                    for row in iter_unit(unit):
-                        if isinstance(row, Skip):
-                            skipped[row.reason] += 1
-                            continue
-                        label = row.get(label_field)
-                        if not label:
-                            skipped[f"no_{label_field}"] += 1
-                            continue
-                        try:
-                            img = decode_image(row.get("image") or b"").image
-                        except ImageError as e:
-                            skipped[f"image_{e.reason}"] += 1
-                            continue
-                        yield row.get("key") or "", label, preprocess(img), dict(skipped)
-                        skipped.clear()
-                if skipped:
-                    yield None, None, None, dict(skipped)
-
-        return MemoryImages()
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        skipped: Counter = Counter()
+        for unit in self.units[wid::nw]:
+            for row in iter_unit(unit):
+                if isinstance(row, Skip):
+                    skipped[row.reason] += 1
+                    continue
+                label = row.get(self.label_field)
+                if not label:
+                    skipped[f"no_{self.label_field}"] += 1
+                    continue
+                try:
+                    img = decode_image(row.get("image") or b"").image
+                except ImageError as e:
+                    skipped[f"image_{e.reason}"] += 1
+                    continue
+                yield row.get("key") or "", label, self.preprocess(img), dict(skipped)
+                skipped.clear()
+        if skipped:
+            yield None, None, None, dict(skipped)
 
 
 def _collate(items):
@@ -114,7 +114,7 @@ def embed_memory(a, model, preprocess, device) -> tuple[np.ndarray, list[str], l
     units = list_units(a.memory, "--memory")
     workers = a.num_workers if a.num_workers >= 0 else max(0, (os.cpu_count() or 1) - 1)
     loader = DataLoader(
-        _MemoryImages(units, a.label_field, preprocess), batch_size=a.batch_size, num_workers=min(workers, len(units)),
+        MemoryImages(units, a.label_field, preprocess), batch_size=a.batch_size, num_workers=min(workers, len(units)),
         collate_fn=_collate,
     )
     vectors, keys, labels, skipped = [], [], [], Counter()
@@ -150,7 +150,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     a = build_parser().parse_args(argv)
     if a.k < 1 or a.batch_size < 1:
         raise UsageError("--k and --batch_size must be >= 1")
-    from trainer.predict import index_images, read_oven
+    from trainer.predict import index_images, load_query_image, read_oven, write_predictions
     from transforms.clip import load_open_clip, validate_clip_args
 
     rows, bad = read_oven(a.oven)
@@ -158,8 +158,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     validate_clip_args(a.clip_model, a.clip_pretrained)
     import faiss
     import torch
-
-    from transforms.images import ImageError, decode_image
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model, preprocess = load_open_clip(a.clip_model, a.clip_pretrained, device)
@@ -205,34 +203,19 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         todo.clear()
 
     for i, r in enumerate(rows):
-        path = images.get(str(r["image_id"]))
-        if path is None:
-            errors["image_missing"] += 1
-            out_lines[i] = {"data_id": r["data_id"], "pred_entity_id": None, "error": "image_missing"}
-            continue
-        try:
-            with open(path, "rb") as f:
-                img = decode_image(f.read()).image
-        except (OSError, ImageError) as e:
-            reason = f"image_{getattr(e, 'reason', 'unreadable')}"
-            errors[reason] += 1
-            out_lines[i] = {"data_id": r["data_id"], "pred_entity_id": None, "error": reason, "detail": str(e)[:200]}
+        img, err = load_query_image(r, images)
+        if err is not None:
+            errors[err["error"]] += 1
+            out_lines[i] = err
             continue
         todo.append((i, preprocess(img)))
         if len(todo) >= a.batch_size:
             flush()
     flush()
-    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-    with open(a.output + ".tmp", "w", encoding="utf-8") as f:
-        for i in range(len(rows)):
-            f.write(json.dumps(out_lines[i], ensure_ascii=False) + "\n")
-    os.replace(a.output + ".tmp", a.output)
-    per_label = defaultdict(int)
-    for lab in labels:
-        per_label[lab] += 1
+    write_predictions(a.output, [out_lines[i] for i in range(len(rows))], bad)
     summary = {
         "memory_images": len(labels),
-        "memory_entities": len(per_label),
+        "memory_entities": len(set(labels)),
         "memory_skipped": dict(skipped),
         "k": k,
         "label_field": a.label_field,
