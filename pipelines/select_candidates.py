@@ -25,16 +25,14 @@ from typing import Optional
 
 import apache_beam as beam
 
+from transforms.accounting import finish_run, input_summary
 from transforms.common import (
     UsageError,
-    code_version,
-    format_counters,
     match_files,
     run_and_count,
     sum_counters,
     threads_per_process,
     worker_processes,
-    write_json,
 )
 from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
@@ -43,10 +41,11 @@ from transforms.readers import (
     CAPTION_FORMATS,
     REJECTED,
     CaptionColumns,
-    ReadImages,
+    ListFiles,
     ReadParquetCaptions,
     ReadWebDatasetCaptions,
     SplitParquet,
+    input_root,
 )
 from transforms.schema import Candidate
 from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults
@@ -55,6 +54,7 @@ from transforms.sinks import WriteRecordsToParquet, WriteRejects
 log = logging.getLogger(__name__)
 
 STAGES = ["read_captions", "embed", "search", "select"]
+IMAGE_FORMATS = ("webdataset", "parquet")
 # Output columns for img2dataset's --save_additional_columns (it writes url/caption itself).
 IMG2DATASET_EXTRA = ["qid", "title", "score", "rank", "entity_id"]
 
@@ -96,6 +96,13 @@ def build_parser():
         "(auto: when the runner starts more than one process per machine)",
     )
     p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
+    p.add_argument(
+        "--hot_key_fanout",
+        type=int,
+        default=8,
+        help="pre-combine each entity's top-K on this many workers before the final merge "
+        "(generic titles draw millions of proposals); 0 or 1 = off",
+    )
     return p
 
 
@@ -117,25 +124,29 @@ def validate(args, manifest) -> None:
         raise UsageError("--image_col only applies to --caption_format parquet")
 
 
-def read_captions(p, args, files: list[str], columns: CaptionColumns):
-    """-> (captions, rejects, image work items or None)."""
-    paths = p | "CaptionFiles" >> beam.Create(files)
+def read_captions(p, args, columns: CaptionColumns):
+    """-> (captions, rejects). Caption files are matched inside the pipeline; no image
+    bytes are read here (image corpora: each caption carries its image's location)."""
+    root = input_root(args.captions)
     if args.caption_format == "webdataset":
-        units = paths | "SpreadTars" >> beam.Reshuffle()
+        units = p | "CaptionFiles" >> ListFiles(args.captions) | "SpreadTars" >> beam.Reshuffle()
         read = units | "ReadTars" >> beam.ParDo(
-            ReadWebDatasetCaptions(columns, args.max_caption_chars)
+            ReadWebDatasetCaptions(columns, args.max_caption_chars, root)
         ).with_outputs(REJECTED, main="captions")
-        return read.captions, [read[REJECTED]], units
-    split = paths | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
+        return read.captions, [read[REJECTED]]
+    split = (
+        p
+        | "CaptionFiles" >> ListFiles(args.captions)
+        | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
+    )
     units = split.units | "SpreadRowGroups" >> beam.Reshuffle()
     read = units | "ReadRowGroups" >> beam.ParDo(
-        ReadParquetCaptions(args.caption_format, columns, args.max_caption_chars)
+        ReadParquetCaptions(args.caption_format, columns, args.max_caption_chars, root)
     ).with_outputs(REJECTED, main="captions")
-    image_units = units if args.caption_format == "parquet" else None
-    return read.captions, [split[REJECTED], read[REJECTED]], image_units
+    return read.captions, [split[REJECTED], read[REJECTED]]
 
 
-def build_pipeline(p, args, manifest, files, threads, share_index):
+def build_pipeline(p, args, manifest, threads, share_index):
     columns = CaptionColumns(
         text=args.text_col,
         url=args.url_col,
@@ -143,7 +154,7 @@ def build_pipeline(p, args, manifest, files, threads, share_index):
         image=args.image_col,
         keep=tuple(c for c in args.keep_columns.split(",") if c),
     )
-    captions, rejects, image_units = read_captions(p, args, files, columns)
+    captions, rejects = read_captions(p, args, columns)
     text_handler = SentenceTransformerHandler(
         args.text_model or manifest["model"],
         batch_size=args.batch_size,
@@ -168,37 +179,35 @@ def build_pipeline(p, args, manifest, files, threads, share_index):
         | "EntityKV" >> beam.Map(lambda r: (int(r["int_id"]), (r["qid"], r["title"])))
     )
     selected = searched["searched"] | "Select" >> SelectFromSearchResults(
-        entities, args.k, args.per_caption_entities, args.min_score
+        entities, args.k, args.per_caption_entities, args.min_score, args.hot_key_fanout
     )
     candidates = selected["candidates"]
     rejects += [searched["rejected"], selected["rejected"]]
-    if image_units is not None:
-        images = image_units | "ReadImages" >> beam.ParDo(ReadImages(args.caption_format, columns))
-        attached = candidates | "AttachImages" >> AttachImages(images)
+    if args.caption_format in IMAGE_FORMATS:
+        attached = candidates | "AttachImages" >> AttachImages(columns.defaults(args.caption_format).image)
         candidates = attached.candidates
         rejects.append(attached[REJECTED])
-        exclude: tuple[str, ...] = ()
+        exclude: tuple[str, ...] = ("image_ref",)
     else:
-        exclude = ("image",)
-    _ = candidates | "WriteCandidates" >> WriteRecordsToParquet(
-        f"{args.output.rstrip('/')}/candidates", Candidate, exclude=exclude, num_shards=args.num_shards
-    )
+        exclude = ("image", "image_ref")
     _ = (
         candidates
-        | "CountWritten" >> beam.Map(lambda c: 1)
-        | "SumWritten" >> beam.CombineGlobally(sum)
-        | "RecordWritten" >> beam.Map(_count_written)
+        | "CountWritten" >> beam.Map(_count_written)
+        | "WriteCandidates"
+        >> WriteRecordsToParquet(
+            f"{args.output.rstrip('/')}/candidates", Candidate, exclude=exclude, num_shards=args.num_shards
+        )
     )
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
-def _count_written(n):
+def _count_written(c):
     from apache_beam.metrics import Metrics
 
     from transforms.common import METRICS_NAMESPACE
 
-    Metrics.counter(METRICS_NAMESPACE, "candidates_written").inc(n)
-    return n
+    Metrics.counter(METRICS_NAMESPACE, "candidates_written").inc()
+    return c
 
 
 def check_counts(c: dict) -> list[str]:
@@ -216,8 +225,9 @@ def check_counts(c: dict) -> list[str]:
         problems.append("searched != proposing + below min_score")
     if g("proposals_in_top_k", 0) != g("images_kept", 0) + g("proposals_lost_to_other_entity", 0):
         problems.append("in top-K != kept + lost to another entity")
-    if g("images_kept", 0) != g("candidates_written", 0) + g("rejected_select_image_missing", 0):
-        problems.append("images kept != written + image missing")
+    lost_images = g("rejected_select_image_missing", 0) + g("rejected_select_key_collision", 0)
+    if g("images_kept", 0) != g("candidates_written", 0) + lost_images:
+        problems.append("images kept != written + image missing + key collisions")
     if g("proposals_lost_to_other_entity", 0) != g("rejected_select_assigned_to_other_entity", 0):
         problems.append("lost to other entity != its rejects")
     return problems
@@ -231,38 +241,37 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     threads = threads_per_process(options, args.threads)
     share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) > 1)
     p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, args, manifest, files, threads, share)
+    build_pipeline(p, args, manifest, threads, share)
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
-    problems = check_counts(counters)
     out = args.output.rstrip("/")
-    summary = {
-        "kind": "candidates",
-        "entity_index": args.entity_index,
-        "entity_index_manifest": {k: manifest[k] for k in ("model", "dimension", "num_entities", "index_factory")},
-        "inputs": files,
-        "options": vars(args),
-        "counters": counters,
-        "derived": {
-            "proposals_not_in_top_k": counters.get("proposals", 0) - counters.get("proposals_in_top_k", 0),
-        },
-        "count_check": problems or "ok",
-        "seconds": round(seconds, 2),
-        "code_version": code_version(),
-        "created": started.isoformat(timespec="seconds"),
-    }
-    write_json(f"{out}/manifest.json", summary)
-    print(format_counters(counters, "select_candidates counters"))
-    print(f"count check: {summary['count_check']}")
-    print(f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json")
+    lines = [f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json"]
     if args.caption_format == "laion_parquet":
         cols = shlex.quote(str(IMG2DATASET_EXTRA).replace("'", '"'))
-        print(
+        lines.append(
             "download the selected images with:\n  img2dataset --url_list "
             f"{out} --input_format parquet --url_col url --caption_col caption "
             f"--save_additional_columns {cols} --output_format webdataset --output_folder IMAGES"
         )
-    return summary
+    return finish_run(
+        name="select_candidates",
+        output=out,
+        kind="candidates",
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check_counts,
+        fields={
+            "entity_index": args.entity_index,
+            "entity_index_manifest": {k: manifest[k] for k in ("model", "dimension", "num_entities", "index_factory")},
+            "inputs": input_summary(args.captions, files),
+            "options": vars(args),
+            "derived": {
+                "proposals_not_in_top_k": counters.get("proposals", 0) - counters.get("proposals_in_top_k", 0),
+            },
+        },
+        lines=tuple(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -98,17 +98,17 @@ def test_webdataset_bad_samples_and_truncated_archive(tmp_path, entity_index):
         ]
     )
     reasons = _by_reason(read_rejects(out))
-    assert [r["key"] for r in reasons["bad_utf8"]] == ["000002"]
-    assert [r["key"] for r in reasons["empty_caption"]] == ["000004"]
+    assert [r["key"] for r in reasons["bad_utf8"]] == ["shard-00000/000002"]
+    assert [r["key"] for r in reasons["empty_caption"]] == ["shard-00000/000004"]
     broken = reasons["broken_archive"][0]
     assert broken["source"].endswith("shard-00001.tar") and broken["detail"].startswith("after ")
     assert summary["count_check"] == "ok", summary["count_check"]
     rows = read_candidates(out)
     by_key = {r["key"]: r for r in rows}
-    assert by_key["000001"]["title"] == "Mona Lisa"
-    assert by_key["000003"]["title"] == "Taj Mahal"
+    assert by_key["shard-00000/000001"]["title"] == "Mona Lisa"
+    assert by_key["shard-00000/000003"]["title"] == "Taj Mahal"
     # Images are carried over byte for byte.
-    assert by_key["000001"]["image"] == ok[0]["jpg"]
+    assert by_key["shard-00000/000001"]["image"] == ok[0]["jpg"]
     # The samples read before the archive broke are kept, not lost.
     n_before_break = int(broken["detail"].split()[1])
     assert n_before_break >= 1

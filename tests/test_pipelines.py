@@ -102,20 +102,22 @@ def test_parquet_with_image_column(tmp_path, entity_index):
         ["--entity_index", entity_index, "--captions", path, "--caption_format", "parquet", "--output", str(out)]
     )
     got = {r["key"]: r for r in read_candidates(out)}
-    assert set(got) == {"k1", "k3"}
-    assert got["k1"]["image"] == rows[0]["jpg"] and got["k3"]["title"] == "Mount Everest"
+    # Corpus keys are qualified by their file (its path below the inputs' folder).
+    assert set(got) == {"img/k1", "img/k3"}
+    assert got["img/k1"]["image"] == rows[0]["jpg"] and got["img/k3"]["title"] == "Mount Everest"
     assert [r["reason"] for r in read_rejects(out) if r["stage"] == "read_captions"] == ["download_failed"]
     assert summary["count_check"] == "ok"
 
 
 def test_one_image_one_entity_on_real_model(tmp_path, entity_index):
-    """An image whose two captions name two entities goes to one of them only."""
+    """An image whose two captions name two entities goes to one of them only (the same
+    key twice in one tar with the same bytes is one image with two captions)."""
     samples = [
         {"key": "both", "jpg": draw_image(5), "txt": "Jaguar", "json": {"url": "http://j/1"}},
         {"key": "cat", "jpg": draw_image(6), "txt": "a cat", "json": {"url": "http://j/2"}},
+        {"key": "both", "jpg": draw_image(5), "txt": "Jaguar Cars"},
     ]
     write_webdataset(tmp_path / "a.tar", samples)
-    write_webdataset(tmp_path / "b.tar", [{"key": "both", "jpg": draw_image(5), "txt": "Jaguar Cars"}])
     out = tmp_path / "out"
     summary = select_candidates.run(
         ["--entity_index", entity_index, "--captions", str(tmp_path / "*.tar"), "--caption_format", "webdataset",
@@ -123,12 +125,12 @@ def test_one_image_one_entity_on_real_model(tmp_path, entity_index):
     )
     rows = read_candidates(out)
     keys = [r["key"] for r in rows]
-    assert sorted(keys) == ["both", "cat"]
+    assert sorted(keys) == ["a/both", "a/cat"]
     jaguars = {"Q35694", "Q30055"}
-    winner = next(r["qid"] for r in rows if r["key"] == "both")
-    assert winner in jaguars
+    winner = next(r for r in rows if r["key"] == "a/both")
+    assert winner["qid"] in jaguars and winner["image"] == draw_image(5)
     lost = [r for r in read_rejects(out) if r["reason"] == "assigned_to_other_entity"]
-    assert [r["key"] for r in lost] == ["both"]
+    assert [r["key"] for r in lost] == ["a/both"]
     assert summary["counters"]["proposals_lost_to_other_entity"] == len(lost)
 
 

@@ -40,7 +40,7 @@ from transforms.common import UsageError
 log = logging.getLogger("trainer.train")
 
 STAGE_DEFAULTS = {
-    # GER's published hyper-parameters (DESIGN.md sec. 3).
+    # GER's published hyper-parameters (the GER paper's implementation details).
     "pretrain": {"lr": 1e-5, "label_smoothing": 0.3, "warmup_steps": 250},
     "finetune": {"lr": 3e-7, "label_smoothing": 0.1, "warmup_steps": 250},
 }

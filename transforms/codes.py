@@ -1,6 +1,6 @@
 """Entity codes for generative entity recognition (GER): ALD and its baselines.
 
-ALD (GER, sec. 3.2 and DESIGN.md sec. 3), code length L:
+ALD (GER, sec. 3.2 and its public code), code length L:
   * tokenize every (lower-cased) title with a BERT WordPiece tokenizer and count every token
     over the whole catalog;
   * an entity's code is its L-1 rarest distinct name tokens, rarest first (ties: smaller token

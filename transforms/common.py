@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 __version__ = "0.1.0"
 
-METRICS_NAMESPACE = "entity_laion"
+METRICS_NAMESPACE = "entityforge"
 
 log = logging.getLogger(__name__)
 

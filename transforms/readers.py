@@ -251,19 +251,274 @@ def _jsonable(v):
     return v
 
 
+# --------------------------------------------------------------------------------------
+# Input files and image identity
+# --------------------------------------------------------------------------------------
+
+_GLOB_CHARS = "*?["
+_SOURCE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
+
+
+def split_patterns(pattern: str) -> list[str]:
+    return [p for p in pattern.split(",") if p]
+
+
+def _literal_dir(pattern: str) -> str:
+    """The folder part of a pattern before its first glob character ('' for none)."""
+    cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
+    head = pattern if cut < 0 else pattern[:cut]
+    if cut < 0 and (head.endswith("/") or ("://" not in head and os.path.isdir(head))):
+        return head.rstrip("/") + "/"
+    return head[: head.rfind("/") + 1] if "/" in head else ""
+
+
+def input_root(pattern: str) -> str:
+    """The deepest folder above every file the comma-separated `pattern` can match.
+
+    Image identities are qualified by a file's path below this folder, so two
+    img2dataset runs (both numbering their keys from 000000000) in run1/ and run2/ give
+    run1/00000/000000000 and run2/00000/000000000, not one key twice.
+    """
+    dirs = [_literal_dir(p) for p in split_patterns(pattern)]
+    if not dirs:
+        return ""
+    parts = [d.rstrip("/").split("/") for d in dirs]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    root = "/".join(common)
+    return root + "/" if root else ""
+
+
+def source_tag(path: str, root: str) -> str:
+    """A file's path below `root` without its format suffix: `run1/00000` for
+    `<root>run1/00000.tar`."""
+    rel = path[len(root) :] if root and path.startswith(root) else os.path.basename(path)
+    rel = rel.lstrip("/")
+    lower = rel.lower()
+    for suffix in _SOURCE_SUFFIXES:
+        if lower.endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
+
+
+def image_identity(corpus_key, url, tag: Optional[str], qualify_url: bool = True) -> Optional[str]:
+    """The one rule for an image's key, in every pass over a corpus.
+
+    A corpus key (img2dataset's `key`, a key column) is only unique within its file, so it
+    is qualified by the file's tag: `<tag>/<key>`. Without a key, the URL names the image:
+    a hash of it, qualified by the tag too for image corpora (`qualify_url`), where two
+    files may hold different downloads of one URL; in a caption-only corpus the URL alone
+    is the identity (img2dataset downloads it once). None when the row has neither.
+    An empty string is no key.
+    """
+    if corpus_key is not None and str(corpus_key) != "":
+        return f"{tag}/{corpus_key}" if tag else str(corpus_key)
+    if url is not None and str(url) != "":
+        h = url_key(str(url))
+        return f"{tag}/{h}" if tag and qualify_url else h
+    return None
+
+
+def is_hidden_file(path: str) -> bool:
+    """img2dataset's `_stats.json`, editors' dot files: never corpus data."""
+    return os.path.basename(path.rstrip("/")).startswith((".", "_"))
+
+
+def expand_patterns(pattern: str) -> list[str]:
+    """Globs to match for a comma list of paths, folders and globs (a folder: its files)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    out = []
+    for p in split_patterns(pattern):
+        if not any(ch in p for ch in _GLOB_CHARS) and FileSystems.exists(p):
+            is_dir = p.endswith("/") if "://" in p else os.path.isdir(p)
+            if is_dir:
+                p = p.rstrip("/") + "/*"
+        out.append(p)
+    return out
+
+
+class ListFiles(beam.PTransform):
+    """A comma list of paths, folders and globs -> the distinct file paths they match.
+
+    Matching runs inside the pipeline (Beam's MatchAll), so a corpus of 200,000 files is
+    not pickled into the job graph as a list; hidden and `_`-prefixed files are skipped.
+    The launcher still checks that each pattern matches something (`match_files`).
+    """
+
+    def __init__(self, pattern: str, suffixes: Optional[tuple[str, ...]] = None):
+        super().__init__()
+        self.globs = expand_patterns(pattern)
+        self.suffixes = suffixes
+
+    def expand(self, pbegin):
+        from apache_beam.io import fileio
+
+        suffixes = self.suffixes
+
+        def wanted(path: str) -> bool:
+            if is_hidden_file(path) or path.endswith("/"):
+                return False
+            return suffixes is None or path.lower().endswith(suffixes)
+
+        return (
+            pbegin
+            | "Patterns" >> beam.Create(self.globs)
+            | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+            | "Paths" >> beam.Map(lambda m: m.path)
+            | "Wanted" >> beam.Filter(wanted)
+            | "Distinct" >> beam.Distinct()
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Webdataset tars
+# --------------------------------------------------------------------------------------
+
+TAR_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class TarMemberRef:
+    """Where a member's bytes lie in an uncompressed tar: read them back with one ranged
+    read, and check the member header just before them."""
+
+    data_offset: int
+    size: int
+
+    def locator(self) -> str:
+        return f"t:{self.data_offset}:{self.size}"
+
+
+def _tar_mode(path: Optional[str], fileobj) -> str:
+    """Random access ('r:', members skipped by seeking) for plain tars; streaming for the rest."""
+    plain = path is None or path.lower().endswith(".tar")
+    seekable = getattr(fileobj, "seekable", lambda: False)()
+    return "r:" if plain and seekable else "r|*"
+
+
+def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> Iterator[tuple[str, dict]]:
+    """(key, {extension: bytes | TarMemberRef}) per sample of a webdataset tar, in order.
+
+    Files of one sample are adjacent in a webdataset tar; a sample ends when the key
+    changes. The key is the member's basename up to the first dot (with its folder, if
+    any). `read_ext(ext) -> bool` says which members to read; the others are given as
+    `TarMemberRef`s (their bytes are skipped, by seeking when the tar is plain and
+    seekable). By default every member is read.
+    """
+    current_key = None
+    parts: dict = {}
+    mode = _tar_mode(path, fileobj)
+    with tarfile.open(fileobj=fileobj, mode=mode) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name
+            base = os.path.basename(name)
+            if base.startswith("."):
+                continue
+            dirname = os.path.dirname(name)
+            stem, _, ext = base.partition(".")
+            key = f"{dirname}/{stem}" if dirname else stem
+            if key != current_key and current_key is not None:
+                yield current_key, parts
+                parts = {}
+            current_key = key
+            ext = ext.lower()
+            if read_ext is None or read_ext(ext):
+                f = tar.extractfile(member)
+                parts[ext] = f.read() if f is not None else b""
+            else:
+                parts[ext] = TarMemberRef(member.offset_data, member.size)
+    if current_key is not None:
+        yield current_key, parts
+
+
+def image_part(parts: dict):
+    """The sample's image member (bytes or a TarMemberRef), by extension preference."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in parts:
+            return parts[ext]
+    return None
+
+
+_image_part = image_part  # older name, still used by the decontamination reader
+
+
+def read_tar_member(fileobj, ref: TarMemberRef) -> bytes:
+    """A member's bytes by its offset, after checking that the header block in front of
+    them is a valid tar header of that size (so a tar rewritten since it was indexed is an
+    error, not wrong bytes)."""
+    fileobj.seek(ref.data_offset - TAR_BLOCK)
+    block = fileobj.read(TAR_BLOCK + ref.size)
+    if len(block) < TAR_BLOCK + ref.size:
+        raise tarfile.ReadError(f"tar ends before the member at offset {ref.data_offset}")
+    info = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], tarfile.ENCODING, "surrogateescape")
+    if info.size != ref.size:
+        raise tarfile.ReadError(
+            f"member header at offset {ref.data_offset - TAR_BLOCK} says {info.size} bytes, "
+            f"expected {ref.size}: the tar changed since it was read"
+        )
+    return block[TAR_BLOCK:]
+
+
+def _sample_meta(parts: dict) -> dict:
+    raw = parts.get("json")
+    if not isinstance(raw, (bytes, bytearray)):
+        return {}
+    try:
+        meta = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def webdataset_corpus_key(member_key: str, meta: dict, key_field: str = "key"):
+    """A sample's corpus key: its metadata's key field, else the member name's stem."""
+    value = meta.get(key_field)
+    if value is not None and str(value) != "":
+        return str(value)
+    return member_key.rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------
+# Caption readers
+# --------------------------------------------------------------------------------------
+
+REF_SEP = ","
+
+
+def merge_refs(a: Optional[str], b: Optional[str]) -> Optional[str]:
+    """The union of two image-location lists, in a stable order."""
+    if not a or a == b:
+        return a or b
+    if not b:
+        return a
+    return REF_SEP.join(sorted(set(a.split(REF_SEP)) | set(b.split(REF_SEP))))
+
+
 class _CaptionReaderBase(beam.DoFn):
     STAGE = "read_captions"
 
-    def __init__(self, columns: CaptionColumns, max_caption_chars: int):
+    def __init__(self, columns: CaptionColumns, max_caption_chars: int, root: Optional[str]):
         self.columns = columns
         self.max_caption_chars = max_caption_chars
+        # None: keys are not qualified by their file (caption-only corpora without keys).
+        self.root = root
         self.rows = _counter("captions_rows_read")
         self.ok = _counter("captions_rows_ok")
 
     def _reject(self, reason, detail, source, key=None, record=None, count=1):
         return beam.pvalue.TaggedOutput(REJECTED, Reject.of(self.STAGE, reason, detail, key, source, record, count))
 
-    def _caption(self, *, key, url, text, source, width=None, height=None, meta=None, record):
+    def _tag(self, path: str) -> Optional[str]:
+        return None if self.root is None else source_tag(path, self.root)
+
+    def _caption(self, *, key, url, text, source, width=None, height=None, meta=None, record, image_ref=None):
+        """`key` is the final image identity or None (then no identity could be made)."""
         self.rows.inc()
         caption, err = _clean_caption(text, self.max_caption_chars)
         if err:
@@ -271,11 +526,7 @@ class _CaptionReaderBase(beam.DoFn):
         if url is not None and not isinstance(url, str):
             url = str(url)
         if not key:
-            if not url:
-                return self._reject(
-                    "missing_key", "row has neither a key nor a URL", source, record=record
-                )
-            key = url_key(url)
+            return self._reject("missing_key", "row has neither a key nor a URL", source, record=record)
         self.ok.inc()
         return Caption(
             key=str(key),
@@ -285,7 +536,18 @@ class _CaptionReaderBase(beam.DoFn):
             width=_int_or_none(width),
             height=_int_or_none(height),
             meta_json=json.dumps(meta, ensure_ascii=False, default=str) if meta else None,
+            image_ref=image_ref,
         )
+
+
+def row_group_source(path: str, rg: int) -> str:
+    return f"{path}#rg{rg}"
+
+
+def source_file(source: str) -> str:
+    """The file of a `source` (a path, or `path#rgN` for a Parquet row group)."""
+    head, sep, tail = source.rpartition("#rg")
+    return head if sep and tail.isdigit() else source
 
 
 class SplitParquet(beam.DoFn):
@@ -313,10 +575,11 @@ class SplitParquet(beam.DoFn):
 
 
 class ReadParquetCaptions(_CaptionReaderBase):
-    """(path, row_group) -> Caption. Reads only the columns it needs."""
+    """(path, row_group) -> Caption. Reads only the columns it needs (never the images:
+    for image corpora a caption carries its row's location, `p:<rg>:<row>`)."""
 
-    def __init__(self, fmt: str, columns: CaptionColumns, max_caption_chars: int):
-        super().__init__(columns.defaults(fmt), max_caption_chars)
+    def __init__(self, fmt: str, columns: CaptionColumns, max_caption_chars: int, root: Optional[str] = None):
+        super().__init__(columns.defaults(fmt), max_caption_chars, root)
         self.fmt = fmt
 
     def process(self, element):
@@ -359,11 +622,15 @@ class ReadParquetCaptions(_CaptionReaderBase):
                 "unreadable_file", f"row group {rg}: {type(e).__name__}: {e}", path, count=0
             )
             return
-        source = f"{path}#rg{rg}"
+        source = row_group_source(path, rg)
+        tag = self._tag(path)
+        images = self.fmt == "parquet"
         for i, row in enumerate(table.to_pylist()):
-            key = row.get(key_col) if key_col else None
-            if key is None and not url_col:
-                key = f"{os.path.basename(path)}:{rg}:{i}"
+            corpus_key = row.get(key_col) if key_col else None
+            url = row.get(url_col) if url_col else None
+            if (corpus_key is None or corpus_key == "") and not url_col:
+                corpus_key = f"{rg}:{i}"  # a row position is an identity within its file
+            key = image_identity(corpus_key, url, tag, qualify_url=images)
             if status_col and row.get(status_col) not in (None, "success"):
                 self.rows.inc()
                 yield self._reject(
@@ -373,90 +640,64 @@ class ReadParquetCaptions(_CaptionReaderBase):
             meta = {k: _jsonable(row.get(k)) for k in keep}
             yield self._caption(
                 key=key,
-                url=row.get(url_col) if url_col else None,
+                url=url,
                 text=row.get(text_col),
                 source=source,
                 width=row.get(width_col) if width_col else None,
                 height=row.get(height_col) if height_col else None,
                 meta=meta,
                 record=row,
+                image_ref=f"p:{rg}:{i}" if images else None,
             )
 
 
-def iter_webdataset(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a webdataset tar, in archive order.
-
-    Files of one sample are adjacent in a webdataset tar; a sample ends when the key
-    changes. The key is the member's basename up to the first dot.
-    """
-    current_key = None
-    parts: dict[str, bytes] = {}
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            base = os.path.basename(name)
-            if base.startswith("."):
-                continue
-            dirname = os.path.dirname(name)
-            stem, _, ext = base.partition(".")
-            key = f"{dirname}/{stem}" if dirname else stem
-            if key != current_key and current_key is not None:
-                yield current_key, parts
-                parts = {}
-            current_key = key
-            f = tar.extractfile(member)
-            parts[ext.lower()] = f.read() if f is not None else b""
-    if current_key is not None:
-        yield current_key, parts
-
-
-def _image_part(parts: dict[str, bytes]) -> Optional[bytes]:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in parts:
-            return parts[ext]
-    return None
-
-
 class ReadWebDatasetCaptions(_CaptionReaderBase):
-    """tar path -> Caption per sample (KEY.txt caption, KEY.json metadata)."""
+    """tar path -> Caption per sample (KEY.txt caption, KEY.json metadata).
 
-    def __init__(self, columns: CaptionColumns, max_caption_chars: int):
-        super().__init__(columns.defaults("webdataset"), max_caption_chars)
+    Image members are not read: each caption carries its image's location in the tar
+    (`t:<offset>:<size>`), and the selected ones are read back by offset after selection.
+    A key that occurs more than once in a tar gets the locations of all its images, so
+    the image pass can tell one image with several captions from two images sharing a key.
+    """
+
+    def __init__(self, columns: CaptionColumns, max_caption_chars: int, root: str = ""):
+        super().__init__(columns.defaults("webdataset"), max_caption_chars, root)
 
     def process(self, path):
-        n = 0
+        samples = []
         try:
             with open_read(path) as f:
-                for key, parts in iter_webdataset(f):
-                    n += 1
-                    yield from self._sample(path, key, parts)
+                for member_key, parts in iter_webdataset(
+                    f, path=path, read_ext=lambda ext: ext not in IMAGE_EXTENSIONS
+                ):
+                    samples.append((member_key, parts))
         except Exception as e:  # noqa: BLE001 - truncated / corrupt archive
             _counter("captions_files_broken").inc()
             yield self._reject(
                 "broken_archive",
-                f"after {n} samples: {type(e).__name__}: {e}",
+                f"after {len(samples)} samples: {type(e).__name__}: {e}",
                 path,
                 count=0,
             )
+        # A truncated tar still yields the samples before the damage.
+        tag = self._tag(path)
+        prepared = []
+        locations: dict[str, list[str]] = {}
+        for member_key, parts in samples:
+            meta = _sample_meta(parts)
+            key = image_identity(webdataset_corpus_key(member_key, meta, self.columns.key), None, tag)
+            image = image_part(parts)
+            if isinstance(image, TarMemberRef):
+                locations.setdefault(key, []).append(image.locator())
+            prepared.append((key, parts, meta, image))
+        for key, parts, meta, image in prepared:
+            yield from self._sample(path, key, parts, meta, image, REF_SEP.join(locations.get(key, ())) or None)
 
-    def _sample(self, path, key, parts):
-        meta = {}
-        if "json" in parts:
-            try:
-                meta = json.loads(parts["json"].decode("utf-8"))
-                if not isinstance(meta, dict):
-                    meta = {}
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                meta = {}
-        base_key = key.rsplit("/", 1)[-1]
-        key = str(meta.get(self.columns.key) or base_key)
-        if "txt" in parts:
-            text = parts["txt"]
-        else:
+    def _sample(self, path, key, parts, meta, image, refs):
+        text = parts.get("txt")
+        if text is None:
             text = meta.get(self.columns.text)
-        if text is None and _image_part(parts) is None and not meta:
+        if text is None and image is None and not meta:
             self.rows.inc()
             yield self._reject("missing_column", f"no .txt/.json/image in sample {key}", path, key)
             return
@@ -470,58 +711,53 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
             height=meta.get("height"),
             meta=keep,
             record={"key": key, "parts": sorted(parts), **meta},
+            image_ref=refs,
         )
 
 
-class ReadImages(beam.DoFn):
-    """Image bytes keyed by image key, for joining images back after selection.
+# --------------------------------------------------------------------------------------
+# Image pass: read back only the selected images
+# --------------------------------------------------------------------------------------
 
-    webdataset: tar path -> (key, bytes); parquet: (path, row_group) -> (key, bytes).
-    Only the key and image columns are read. Read errors were already reported by the
-    caption pass over the same files, so they are only counted here.
+
+def read_images_at(path: str, locators: list[str], image_col: Optional[str]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """({locator: image bytes}, {locator: why there is none}) for locations in one file.
+
+    `t:<offset>:<size>` are ranged reads of a plain tar (its header checked);
+    `p:<rg>:<row>` read only the image column of the row groups that hold selected rows.
+    A location that holds no image is data (the second dict); I/O errors propagate, so
+    the runner retries the bundle.
     """
-
-    def __init__(self, fmt: str, columns: CaptionColumns):
-        self.fmt = fmt
-        self.columns = columns.defaults(fmt)
-
-    def process(self, element):
-        try:
-            if self.fmt == "webdataset":
-                with open_read(element) as f:
-                    for key, parts in iter_webdataset(f):
-                        meta = {}
-                        if "json" in parts:
-                            try:
-                                meta = json.loads(parts["json"].decode("utf-8"))
-                            except (UnicodeDecodeError, json.JSONDecodeError):
-                                meta = {}
-                        k = (meta.get(self.columns.key) if isinstance(meta, dict) else None) or (
-                            key.rsplit("/", 1)[-1]
-                        )
-                        img = _image_part(parts)
-                        if img is not None:
-                            yield str(k), img
-            else:
-                path, rg = element
-                with open_read(path) as f:
-                    pf = pq.ParquetFile(f)
-                    names = pf.schema_arrow.names
-                    key_col = first_present(names, [self.columns.key])
-                    url_col = first_present(names, [self.columns.url])
-                    img_col = first_present(names, [self.columns.image])
-                    if img_col is None:
-                        return
-                    cols = [x for x in (key_col, url_col, img_col) if x]
-                    table = pf.read_row_group(rg, columns=cols)
-                for i, row in enumerate(table.to_pylist()):
-                    key = row.get(key_col) if key_col else None
-                    if key is None and url_col and row.get(url_col):
-                        key = url_key(str(row[url_col]))
-                    if key is None and not url_col:
-                        key = f"{os.path.basename(path)}:{rg}:{i}"
-                    if key is not None and row.get(img_col) is not None:
-                        yield str(key), row[img_col]
-        except Exception as e:  # noqa: BLE001
-            _counter("images_read_errors").inc()
-            log.warning("image pass over %s stopped: %s", element, e)
+    images: dict[str, bytes] = {}
+    missing: dict[str, str] = {}
+    tar_refs = [x for x in locators if x.startswith("t:")]
+    pq_refs = [x for x in locators if x.startswith("p:")]
+    if tar_refs:
+        with open_read(path) as f:
+            for loc in sorted(tar_refs, key=lambda x: int(x.split(":")[1])):
+                _, off, size = loc.split(":")
+                try:
+                    images[loc] = read_tar_member(f, TarMemberRef(int(off), int(size)))
+                except tarfile.TarError as e:
+                    missing[loc] = f"{type(e).__name__}: {e}"
+    if pq_refs:
+        by_rg: dict[int, list[int]] = {}
+        for loc in pq_refs:
+            _, rg, row = loc.split(":")
+            by_rg.setdefault(int(rg), []).append(int(row))
+        with open_read(path) as f:
+            pf = pq.ParquetFile(f)
+            col = first_present(pf.schema_arrow.names, [image_col])
+            for rg, rows in sorted(by_rg.items()):
+                if col is None or rg >= pf.metadata.num_row_groups:
+                    for row in rows:
+                        missing[f"p:{rg}:{row}"] = f"no image column {image_col!r}" if col is None else "no such row group"
+                    continue
+                column = pf.read_row_group(rg, columns=[col]).column(0)
+                for row in rows:
+                    value = column[row].as_py() if row < len(column) else None
+                    if value is None:
+                        missing[f"p:{rg}:{row}"] = "null image" if row < len(column) else "no such row"
+                    else:
+                        images[f"p:{rg}:{row}"] = bytes(value)
+    return images, missing

@@ -47,13 +47,16 @@ class Entity:
 class Caption:
     """One caption row of an image-text corpus (LAION parquet, webdataset, parquet)."""
 
-    key: str = _f(pa.string(), doc="image identity: corpus key, or a hash of the URL")
+    key: str = _f(pa.string(), doc="image identity: <file tag>/<corpus key>, or a hash of the URL")
     url: Optional[str] = _f(pa.string(), None)
     caption: str = _f(pa.string(), "")
     source: str = _f(pa.string(), "", doc="file the row came from")
     width: Optional[int] = _f(pa.int32(), None)
     height: Optional[int] = _f(pa.int32(), None)
     meta_json: Optional[str] = _f(pa.string(), None, doc="other corpus columns, JSON")
+    image_ref: Optional[str] = _f(
+        pa.string(), None, doc="where the image lies in `source` (image corpora): t:<offset>:<size> or p:<rg>:<row>, comma list"
+    )
 
 
 @dataclasses.dataclass
@@ -74,6 +77,7 @@ class Candidate:
     height: Optional[int] = _f(pa.int32(), None)
     meta_json: Optional[str] = _f(pa.string(), None)
     image: Optional[bytes] = _f(pa.binary(), None, doc="encoded image bytes (image corpora)")
+    image_ref: Optional[str] = _f(pa.string(), None, doc="the caption's image locations (internal, not written)")
 
 
 @dataclasses.dataclass

@@ -15,8 +15,8 @@ Order is total and deterministic everywhere:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import heapq
-from collections.abc import Iterable
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -24,8 +24,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from transforms.accounting import MeasureShuffle
 from transforms.common import METRICS_NAMESPACE
-from transforms.readers import REJECTED
+from transforms.readers import REF_SEP, REJECTED, merge_refs, read_images_at, source_file
 from transforms.schema import Candidate, Caption, Reject, truncate_json
 from transforms.sinks import DeadLetters
 
@@ -75,6 +76,15 @@ class TopKDistinctImages(beam.CombineFn):
         # Several captions of one image: keep its best; equal scores -> smaller caption text,
         # so the result does not depend on the order bundles arrive in.
         old = acc.get(caption.key)
+        if old is not None and old[1].image_ref != caption.image_ref:
+            # One key, several locations: keep them all, so the image pass can check that
+            # they hold the same image.
+            refs = merge_refs(old[1].image_ref, caption.image_ref)
+            if (-score, caption.caption) < (-old[0], old[1].caption):
+                acc[caption.key] = (score, dataclasses.replace(caption, image_ref=refs))
+            else:
+                acc[caption.key] = (old[0], dataclasses.replace(old[1], image_ref=refs))
+            return
         if old is None or (-score, caption.caption) < (-old[0], old[1].caption):
             acc[caption.key] = (score, caption)
 
@@ -156,6 +166,11 @@ class KeepBestEntity(beam.DoFn):
         key, assignments = element
         ordered = sorted(assignments, key=_entity_preference)
         best = ordered[0]
+        refs = best.caption.image_ref
+        for a in ordered[1:]:
+            refs = merge_refs(refs, a.caption.image_ref)
+        if refs != best.caption.image_ref:
+            best = best._replace(caption=dataclasses.replace(best.caption, image_ref=refs))
         self.kept.inc()
         yield best.entity_id, best
         for a in ordered[1:]:
@@ -211,6 +226,7 @@ class RankAndName(beam.DoFn):
                 width=c.width,
                 height=c.height,
                 meta_json=c.meta_json,
+                image_ref=c.image_ref,
             )
 
 
@@ -221,28 +237,39 @@ class SelectFromSearchResults(beam.PTransform):
     Returns a dict with "candidates" and "rejected".
     """
 
-    def __init__(self, entities, k: int, per_caption_entities: int, min_score: float):
+    def __init__(self, entities, k: int, per_caption_entities: int, min_score: float, hot_key_fanout: int = 0):
         super().__init__()
         self.entities = entities
         self.k = k
         self.m = per_caption_entities
         self.min_score = min_score
+        self.hot_key_fanout = hot_key_fanout
 
     def expand(self, searched):
+        top_k_combine = beam.CombinePerKey(TopKDistinctImages(self.k))
+        if self.hot_key_fanout > 1:
+            # Generic titles draw a large share of all proposals: pre-combine every key on
+            # `hot_key_fanout` workers before the final merge.
+            top_k_combine = top_k_combine.with_hot_key_fanout(self.hot_key_fanout)
         top_k = (
             searched
             | "Propose" >> beam.ParDo(ProposeEntities(self.m, self.min_score))
-            | "TopKPerEntity" >> beam.CombinePerKey(TopKDistinctImages(self.k))
+            | "MeasureTopK" >> MeasureShuffle("top_k_per_entity")
+            | "TopKPerEntity" >> top_k_combine
             | "RankTopK" >> beam.FlatMap(_rank_top_k)
         )
         best = (
             top_k
+            | "MeasureByImage" >> MeasureShuffle("one_entity_per_image")
             | "GroupByImage" >> beam.GroupByKey()
             | "OneEntityPerImage"
             >> beam.ParDo(KeepBestEntity()).with_outputs(REJECTED, main="kept")
         )
         candidates = (
-            {"entity": self.entities, "kept": best.kept}
+            {
+                "entity": self.entities | "MeasureEntityTable" >> MeasureShuffle("join_entity_table"),
+                "kept": best.kept | "MeasureKept" >> MeasureShuffle("join_entity_table"),
+            }
             | "JoinEntityTable" >> beam.CoGroupByKey()
             | "RankAndName" >> beam.ParDo(RankAndName())
         )
@@ -292,45 +319,67 @@ class EmbedAndSearch(beam.PTransform):
 
 
 class AttachImages(beam.PTransform):
-    """Join selected candidates with their image bytes by key (images never pass through
-    the top-K grouping). A candidate whose image is missing becomes a reject."""
+    """Give each selected candidate of an image corpus its image bytes, read back from its
+    source file: candidates are grouped by file, and each file is opened once to read only
+    the selected images (ranged reads in a tar, the image column of the needed row groups
+    in a Parquet file). Only the selected candidates cross the shuffle, never the corpus.
 
-    def __init__(self, images):
+    A key whose locations hold different images is a `key_collision` reject; a location
+    with no image is `image_missing`. I/O errors are raised, so the runner retries.
+    """
+
+    def __init__(self, image_col: Optional[str]):
         super().__init__()
-        self.images = images
+        self.image_col = image_col
 
     def expand(self, candidates):
         return (
-            {
-                "cand": candidates | "KeyCandidates" >> beam.Map(lambda c: (c.key, c)),
-                "image": self.images,
-            }
-            | "JoinImages" >> beam.CoGroupByKey()
-            | "Attach" >> beam.ParDo(_AttachImage()).with_outputs(REJECTED, main="candidates")
+            candidates
+            | "ByFile" >> beam.Map(lambda c: (source_file(c.source), c))
+            | "MeasureByFile" >> MeasureShuffle("attach_images")
+            | "GroupByFile" >> beam.GroupByKey()
+            | "ReadSelected" >> beam.ParDo(ReadSelectedImages(self.image_col)).with_outputs(REJECTED, main="candidates")
         )
 
 
-class _AttachImage(beam.DoFn):
+class ReadSelectedImages(beam.DoFn):
+    """(file, [Candidate]) -> Candidate with `image`, or a reject."""
+
+    STAGE = "select"
+
+    def __init__(self, image_col: Optional[str]):
+        self.image_col = image_col
+        self.attached = _counter("candidates_with_image")
+
+    def _reject(self, c: Candidate, reason: str, detail: str):
+        return beam.pvalue.TaggedOutput(
+            REJECTED,
+            Reject.of(self.STAGE, reason, detail, c.key, c.source, {**dataclasses.asdict(c), "image": None}),
+        )
+
     def process(self, element):
-        key, joined = element
-        cands = list(joined["cand"])
-        if not cands:
-            return
-        images: Iterable[bytes] = joined["image"]
-        image: Optional[bytes] = next(iter(images), None)
+        path, cands = element
+        cands = sorted(cands, key=lambda c: (c.key, c.qid))
+        wanted = sorted({loc for c in cands for loc in (c.image_ref or "").split(REF_SEP) if loc})
+        images, missing = read_images_at(path, wanted, self.image_col)
         for c in cands:
-            if image is None:
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED,
-                    Reject(
-                        stage="select",
-                        reason="image_missing",
-                        detail="selected by caption but no image bytes under this key",
-                        key=key,
-                        source=c.source,
-                        record_json=truncate_json(dataclasses.asdict(c)),
-                    ),
+            locs = [loc for loc in (c.image_ref or "").split(REF_SEP) if loc]
+            if not locs:
+                yield self._reject(c, "image_missing", "selected by caption but its sample has no image")
+                continue
+            gone = [loc for loc in locs if loc not in images]
+            if gone:
+                why = "; ".join(f"{loc}: {missing.get(loc, 'no image')}" for loc in gone)
+                yield self._reject(c, "image_missing", f"no image bytes at {why}")
+                continue
+            distinct = {hashlib.sha256(images[loc]).hexdigest() for loc in locs}
+            if len(distinct) > 1:
+                yield self._reject(
+                    c,
+                    "key_collision",
+                    f"key {c.key!r} names {len(distinct)} different images in {path} "
+                    f"(at {', '.join(locs)}); neither is kept: give the corpus unique keys",
                 )
                 continue
-            _counter("candidates_with_image").inc()
-            yield dataclasses.replace(c, image=bytes(image))
+            self.attached.inc()
+            yield dataclasses.replace(c, image=images[locs[0]], image_ref=None)
