@@ -157,7 +157,7 @@ EVAL_KINDS = ("exact", "reencoded", "resized", "cropped")
 def write_eval_set(candidates_glob: str, output: str, per_kind: int = 4, unrelated: int = 12, seed: int = 0) -> dict:
     """A demo evaluation set: copies of some selected candidate images (exact bytes,
     re-encoded as JPEG q=60, resized to 2/3, centre-cropped to 80%) plus unrelated images.
-    File names say what each is: `<kind>__<candidate key>.jpg`, `unrelated_<n>.jpg`."""
+    File names say what each is: `<kind>__<candidate key, / as -->.jpg`, `unrelated_<n>.jpg`."""
     import glob as _glob
 
     files = sorted(_glob.glob(candidates_glob))
@@ -169,7 +169,8 @@ def write_eval_set(candidates_glob: str, output: str, per_kind: int = 4, unrelat
     made = {}
     for i, row in enumerate(picked):
         kind = EVAL_KINDS[i % len(EVAL_KINDS)]
-        name = f"{kind}__{row['key']}.jpg"
+        # Keys are `<shard>/<corpus key>`: a file name cannot hold the slash.
+        name = f"{kind}__{row['key'].replace('/', '--')}.jpg"
         if kind == "exact":
             data = row["image"]
         else:

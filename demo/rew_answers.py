@@ -56,7 +56,8 @@ def build_demo_cache(samples_glob: str, input_out: str, cache_dir: str, n: int =
     origin = {s["key"]: s["why"] for s in build_samples(seed)}
     rows = pq.read_table(sorted(glob.glob(samples_glob))).to_pylist()
     rows.sort(key=lambda r: r["key"])
-    about = lambda r: origin.get(r["key"], "unrelated")  # noqa: E731
+    # Sample keys are `<shard>/<corpus key>`; the corpus builder knows the corpus key.
+    about = lambda r: origin.get(r["key"].rsplit("/", 1)[-1], "unrelated")  # noqa: E731
     wrong = [r for r in rows if about(r).startswith("about ") and about(r)[6:] != r["title"]]
     right = [r for r in rows if about(r)[6:] == r["title"]]
     unrelated = [r for r in rows if about(r) == "unrelated"]

@@ -25,15 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.accounting import MeasureShuffle, finish_run
 from transforms.codes import STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
 from transforms.common import (
     UsageError,
+    build_only,
     code_version,
     ensure_dir,
-    format_counters,
+    is_dry_run,
     match_files,
     read_json,
     run_and_count,
+    sum_counters,
     write_json,
 )
 from transforms.entity_index import CollapseDuplicateQids
@@ -158,6 +161,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     deduped = (
         read.entities
         | "ByQid" >> beam.Map(lambda e: (e.qid, e))
+        | "MeasureByQid" >> MeasureShuffle("group_by_qid")
         | "GroupQid" >> beam.GroupByKey()
         | "Dedup" >> beam.ParDo(CollapseDuplicateQids()).with_outputs(REJECTED, main="entities")
     )
@@ -165,27 +169,52 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     counts = (
         tokenized
         | "Tokens" >> beam.FlatMap(lambda et: et[1])
+        | "MeasureTokens" >> MeasureShuffle("count_tokens")
         | "CountTokens" >> beam.combiners.Count.PerElement()
     )
     summary_pc = (
         tokenized
+        | "MeasureEntities" >> MeasureShuffle("all_entities")
         | "AllEntities" >> beam.combiners.ToList()
         | "Resolve" >> beam.ParDo(ResolveAndWrite(args), beam.pvalue.AsDict(counts))
     )
     _ = (read[REJECTED], deduped[REJECTED]) | "Rejects" >> WriteRejects(args.output, ["read_catalog", "dedup"])
     ensure_dir(args.output)
     _ = summary_pc | "WriteManifest" >> beam.Map(_write_manifest, args, inputs)
-    counters, _ = run_and_count(p)
-    manifest = read_json(FileSystems.join(args.output, "manifest.json"))
-    manifest["counters"] = counters
-    write_json(FileSystems.join(args.output, "manifest.json"), manifest)
-    print(format_counters(counters, "build_codes counters"))
-    print(
-        f"codes: {manifest['entities']} entities, strategy {args.strategy}, L={args.code_length}, "
-        f"random fallbacks {manifest['random_fallback_share']}, histogram {manifest['name_tokens_per_code_histogram']}"
-        f" -> {args.output}/codes.parquet"
+    if is_dry_run(options):
+        return build_only(p, "build_codes")
+    started = dt.datetime.now(dt.UTC)
+    counters, seconds = run_and_count(p)
+    base = read_json(FileSystems.join(args.output, "manifest.json"))
+
+    def check(c: dict) -> list[str]:
+        problems = []
+        rows, ok = c.get("catalog_rows_read", 0), c.get("catalog_rows_ok", 0)
+        rejected = sum_counters(c, "rejected_read_catalog_")
+        if rows != ok + rejected:
+            problems.append(f"catalog rows read {rows} != ok {ok} + rejected {rejected}")
+        unique, dups = c.get("entities_unique", 0), c.get("rejected_dedup_duplicate_qid", 0)
+        if ok != unique + dups:
+            problems.append(f"rows ok {ok} != unique {unique} + duplicates {dups}")
+        if unique != base["entities"]:
+            problems.append(f"unique entities {unique} != codes written {base['entities']}")
+        return problems
+
+    return finish_run(
+        name="build_codes",
+        output=args.output,
+        kind="entity_codes",
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check,
+        base=base,
+        lines=(
+            f"codes: {base['entities']} entities, strategy {args.strategy}, L={args.code_length}, "
+            f"random fallbacks {base['random_fallback_share']}, histogram {base['name_tokens_per_code_histogram']}"
+            f" -> {args.output}/codes.parquet",
+        ),
     )
-    return manifest
 
 
 def _write_manifest(summary: dict, args, inputs) -> dict:

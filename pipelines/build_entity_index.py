@@ -15,6 +15,7 @@ roughly 1-2k titles/s per core, so the 6M OVEN catalog wants a Dataflow job (or 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Optional
@@ -22,15 +23,15 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from transforms.accounting import MeasureShuffle, finish_run
 from transforms.common import (
-    code_version,
-    format_counters,
+    build_only,
+    is_dry_run,
     match_files,
     read_json,
     run_and_count,
     sum_counters,
     threads_per_process,
-    write_json,
 )
 from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
 from transforms.entity_index import (
@@ -70,11 +71,17 @@ def build_parser():
 
 
 def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
-    files = p | "CatalogFiles" >> beam.Create(list(enumerate(inputs))) | "SpreadFiles" >> beam.Reshuffle()
+    files = (
+        p
+        | "CatalogFiles" >> beam.Create(list(enumerate(inputs)))
+        | "MeasureSpread" >> MeasureShuffle("spread_files")
+        | "SpreadFiles" >> beam.Reshuffle()
+    )
     read = files | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
     deduped = (
         read.entities
         | "KeyByQid" >> beam.Map(lambda e: (e.qid, e))
+        | "MeasureByQid" >> MeasureShuffle("group_by_qid")
         | "GroupByQid" >> beam.GroupByKey()
         | "CollapseDuplicates" >> beam.ParDo(CollapseDuplicateQids()).with_outputs(REJECTED, main="entities")
     )
@@ -94,6 +101,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
     )
     _ = (
         parts
+        | "MeasureParts" >> MeasureShuffle("all_parts")
         | "AllParts" >> beam.combiners.ToList()
         | "BuildIndex"
         >> beam.ParDo(
@@ -139,21 +147,27 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     new_faiss_index(text_dimension(args.text_model), args.index_factory)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, threads)
-    counters, _ = run_and_count(p)
-    manifest_path = f"{args.output.rstrip('/')}/{MANIFEST_FILE}"
-    manifest = read_json(manifest_path)
-    manifest["counters"] = counters
-    manifest["count_check"] = check_counts(counters) or "ok"
-    manifest["options"] = {k: v for k, v in vars(args).items()}
-    manifest["code_version"] = code_version()
-    write_json(manifest_path, manifest)
-    print(format_counters(counters, "build_entity_index counters"))
-    print(f"count check: {manifest['count_check']}")
-    print(
-        f"entity index: {manifest['num_entities']} entities, dim {manifest['dimension']}, "
-        f"index {manifest['index_factory']!r} -> {args.output}"
+    if is_dry_run(options):
+        return build_only(p, "build_entity_index")
+    started = dt.datetime.now(dt.UTC)
+    counters, seconds = run_and_count(p)
+    # FinalizeEntityIndex wrote the index's own manifest; the run's accounting joins it.
+    base = read_json(f"{args.output.rstrip('/')}/{MANIFEST_FILE}")
+    return finish_run(
+        name="build_entity_index",
+        output=args.output,
+        kind=base.get("kind", "entity_index"),
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check_counts,
+        base=base,
+        fields={"options": dict(vars(args))},
+        lines=(
+            f"entity index: {base['num_entities']} entities, dim {base['dimension']}, "
+            f"index {base['index_factory']!r} -> {args.output}",
+        ),
     )
-    return manifest
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+from transforms.accounting import MeasureShuffle, finish_run, input_summary
 from transforms.clip import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
@@ -43,13 +44,12 @@ from transforms.clip import (
 from transforms.common import (
     METRICS_NAMESPACE,
     UsageError,
-    code_version,
-    format_counters,
+    build_only,
+    is_dry_run,
     match_files,
     run_and_count,
     sum_counters,
     threads_per_process,
-    write_json,
 )
 from transforms.decontam import (
     DecodeImages,
@@ -61,7 +61,7 @@ from transforms.decontam import (
 )
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, SplitParquet
+from transforms.readers import REJECTED, ListFiles, SplitParquet
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import DeadLetters, WriteRejects
 
@@ -128,6 +128,7 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
     eval_read = (
         p
         | "EvalImages" >> beam.Create(eval_items)
+        | "MeasureSpreadEval" >> MeasureShuffle("spread_eval")
         | "SpreadEval" >> beam.Reshuffle()
         | "ReadEval" >> beam.ParDo(ReadEvalImage()).with_outputs(REJECTED, main="images")
     )
@@ -143,29 +144,31 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
         eval_embedded
         | "EvalVectors" >> beam.Map(_eval_vector)
         | "CountEval" >> beam.Map(_count_eval)
+        | "MeasureStackEval" >> MeasureShuffle("stack_eval")
         | "StackEval" >> beam.CombineGlobally(StackEval())
     )
 
     # Candidates: read, decode, embed, filter, write -- streamed, never all in memory.
     units = []
-    parquet = [f for f in inputs if not f.lower().endswith(".tar")]
-    tars = [f for f in inputs if f.lower().endswith(".tar")]
     rejects = [eval_read[REJECTED], eval_decoded[REJECTED]]
     if eval_rejects:
         rejects.append(p | "EvalListRejects" >> beam.Create(eval_rejects))
-    if parquet:
+    # Files are matched inside the job (a list of 100k shards would be pickled into it).
+    files = p | "InputFiles" >> ListFiles(args.input)
+    if any(not f.lower().endswith(".tar") for f in inputs):
         split = (
-            p
-            | "ParquetFiles" >> beam.Create(parquet)
+            files
+            | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
             | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
         )
         units.append(split.units)
         rejects.append(split[REJECTED])
-    if tars:
-        units.append(p | "TarFiles" >> beam.Create(tars))
+    if any(f.lower().endswith(".tar") for f in inputs):
+        units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
     read = (
         tuple(units)
         | "AllUnits" >> beam.Flatten()
+        | "MeasureSpread" >> MeasureShuffle("spread_units")
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadCandidates" >> beam.ParDo(ReadCandidateImages()).with_outputs(REJECTED, main="candidates")
     )
@@ -234,35 +237,37 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads)
+    if is_dry_run(options):
+        return build_only(p, "decontaminate")
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
-    problems = check_counts(counters)
     out = args.output.rstrip("/")
-    summary = {
-        "kind": "decontaminated_shards",
-        "inputs": inputs,
-        "eval_images": {"listed": len(eval_items), "embedded": counters.get("eval_images_embedded", 0)},
-        "threshold": args.threshold,
-        "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
-        "formats": list(formats),
-        "shards": f"{SHARD_NAME}-SSSSS-of-NNNNN.{{parquet,tfrecord,tar}}",
-        "options": vars(args),
-        "counters": counters,
-        "count_check": problems or "ok",
-        "seconds": round(seconds, 2),
-        "code_version": code_version(),
-        "created": started.isoformat(timespec="seconds"),
-    }
-    write_json(f"{out}/manifest.json", summary)
-    print(format_counters(counters, "decontaminate counters"))
-    print(f"count check: {summary['count_check']}")
+    lines = []
     if counters.get("eval_images_embedded", 0) < len(eval_items) or eval_rejects:
-        print(
+        lines.append(
             f"WARNING: only {counters.get('eval_images_embedded', 0)} of {len(eval_items)} evaluation images were "
             f"embedded; candidates were not checked against the others (see {out}/rejected/eval_images/)"
         )
-    print(f"shards: {out}/{SHARD_NAME}-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
-    return summary
+    lines.append(f"shards: {out}/{SHARD_NAME}-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
+    return finish_run(
+        name="decontaminate",
+        output=out,
+        kind="decontaminated_shards",
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check_counts,
+        fields={
+            "inputs": input_summary(args.input, inputs),
+            "eval_images": {"listed": len(eval_items), "embedded": counters.get("eval_images_embedded", 0)},
+            "threshold": args.threshold,
+            "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
+            "formats": list(formats),
+            "shards": f"{SHARD_NAME}-SSSSS-of-NNNNN.{{parquet,tfrecord,tar}}",
+            "options": vars(args),
+        },
+        lines=tuple(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
         f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
         f"  entity index  {index_dir}/ (entities.parquet, embeddings.npy, entities.faiss, manifest.json)\n"
         f"  candidates    {cand_dir}/candidates-*.parquet (with images), manifest.json\n"
-        f"  eval images   {eval_dir}/ (copies named <kind>__<candidate key>.jpg, unrelated_*.jpg)\n"
+        f"  eval images   {eval_dir}/ (copies named <kind>__<candidate key, / as -->.jpg, unrelated_*.jpg)\n"
         f"  shards        {shards_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
         f"  REW shards    {rew_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
         f"  codes, model  {out}/codes/ (codes.parquet, tokenizer.json), {out}/model/checkpoints/\n"

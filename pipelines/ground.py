@@ -22,7 +22,9 @@ from apache_beam.ml.inference.base import RunInference
 
 from transforms.common import (
     METRICS_NAMESPACE,
+    build_only,
     format_counters,
+    is_dry_run,
     match_files,
     run_and_count,
     threads_per_process,
@@ -89,6 +91,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         | "RejectJson" >> beam.Map(Reject.to_json)
         | "WriteRejects" >> beam.io.WriteToText(args.output + ".rejected.jsonl", shard_name_template="", num_shards=1)
     )
+    if is_dry_run(options):
+        return build_only(p, "ground")
     counters, _ = run_and_count(p)
     print(format_counters(counters, "ground counters"))
     print(f"grounded names: {args.output}   rejects: {args.output}.rejected.jsonl")

@@ -28,15 +28,15 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
+from transforms.accounting import MeasureShuffle, finish_run
 from transforms.common import (
     METRICS_NAMESPACE,
     UsageError,
-    code_version,
-    format_counters,
+    build_only,
+    is_dry_run,
     match_files,
     open_read,
     run_and_count,
-    write_json,
 )
 from transforms.decontam import IMAGE_SUFFIXES
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
@@ -194,39 +194,38 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         titles = beam.pvalue.AsDict(
             catalog.entities
             | "TitleOf" >> beam.Map(lambda e: (e.qid, e.title))
+            | "MeasureTitles" >> MeasureShuffle("one_title_per_qid")
             | "OnePerQid" >> beam.CombinePerKey(lambda ts: min(ts) if ts else "")
         )
         rejects.append(catalog[REJECTED])
     else:
         titles = beam.pvalue.AsDict(p | "NoTitles" >> beam.Create([]))
     built = (
-        {"ann": parsed.annotations, "path": images}
+        {
+            "ann": parsed.annotations | "MeasureAnn" >> MeasureShuffle("join_images"),
+            "path": images | "MeasurePaths" >> MeasureShuffle("join_images"),
+        }
         | "JoinImages" >> beam.CoGroupByKey()
         | "Build" >> beam.ParDo(BuildSamples(args.max_pixels), titles).with_outputs(REJECTED, main="samples")
     )
     rejects.append(built[REJECTED])
     _ = built.samples | "Shards" >> WriteShards(out, "samples", formats, args.num_shards)
     _ = tuple(rejects) | "Rejects" >> WriteRejects(out, STAGES)
+    if is_dry_run(options):
+        return build_only(p, "oven_to_shards")
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
-    problems = check_counts(counters)
-    summary = {
-        "kind": "oven_shards",
-        "inputs": oven_files,
-        "images": args.images,
-        "formats": list(formats),
-        "options": vars(args),
-        "counters": counters,
-        "count_check": problems or "ok",
-        "seconds": round(seconds, 2),
-        "code_version": code_version(),
-        "created": started.isoformat(timespec="seconds"),
-    }
-    write_json(f"{out}/manifest.json", summary)
-    print(format_counters(counters, "oven_to_shards counters"))
-    print(f"count check: {summary['count_check']}")
-    print(f"shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
-    return summary
+    return finish_run(
+        name="oven_to_shards",
+        output=out,
+        kind="oven_shards",
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check_counts,
+        fields={"inputs": oven_files, "images": args.images, "formats": list(formats), "options": vars(args)},
+        lines=(f"shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json",),
+    )
 
 
 if __name__ == "__main__":

@@ -28,20 +28,20 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from prompts import CONTEXTS, MODES, load_prompt
+from transforms.accounting import MeasureShuffle, finish_run, input_summary
 from transforms.common import (
     UsageError,
-    code_version,
-    format_counters,
+    build_only,
+    is_dry_run,
     match_files,
     run_and_count,
     sum_counters,
     threads_per_process,
-    write_json,
 )
 from transforms.entity_index import read_manifest
 from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ReadCatalogFile, SplitParquet
+from transforms.readers import REJECTED, ListFiles, ReadCatalogFile, SplitParquet
 from transforms.refine import (
     ApplyGrounding,
     GroundingHandler,
@@ -148,18 +148,23 @@ def build_pipeline(p, args, inputs, catalog_files, threads):
     settings = RequestSettings(
         args.model, args.mode, args.context, {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
     )
-    parquet = [f for f in inputs if not f.lower().endswith(".tar")]
-    tars = [f for f in inputs if f.lower().endswith(".tar")]
     units, rejects = [], []
-    if parquet:
-        split = p | "ParquetFiles" >> beam.Create(parquet) | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="u")
+    # Files are matched inside the job (a list of 100k shards would be pickled into it).
+    files = p | "InputFiles" >> ListFiles(args.input)
+    if any(not f.lower().endswith(".tar") for f in inputs):
+        split = (
+            files
+            | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
+            | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="u")
+        )
         units.append(split.u)
         rejects.append(split[REJECTED])
-    if tars:
-        units.append(p | "TarFiles" >> beam.Create(tars))
+    if any(f.lower().endswith(".tar") for f in inputs):
+        units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
     read = (
         tuple(units)
         | "Units" >> beam.Flatten()
+        | "MeasureSpread" >> MeasureShuffle("spread_units")
         | "Spread" >> beam.Reshuffle()
         | "ReadSamples" >> beam.ParDo(ReadSamples()).with_outputs(REJECTED, main="samples")
     )
@@ -171,7 +176,10 @@ def build_pipeline(p, args, inputs, catalog_files, threads):
     summaries = catalog.entities | "Summaries" >> beam.Map(lambda e: (e.qid, e.summary))
     handler = llm_handler(args)
     verified = (
-        {"sample": read.samples | "ByCandidate" >> beam.Map(lambda s: (s.qid, s)), "summary": summaries}
+        {
+            "sample": read.samples | "ByCandidate" >> beam.Map(lambda s: (s.qid, s)) | "MeasureCandidate" >> MeasureShuffle("join_candidate_summary"),
+            "summary": summaries | "MeasureSummaries1" >> MeasureShuffle("join_candidate_summary"),
+        }
         | "JoinCandidateSummary" >> beam.CoGroupByKey()
         | "CandidateSummary" >> beam.FlatMap(attach_summary)
         | "VerifyRequests" >> beam.Map(verify_request, verify_prompt, settings)
@@ -188,7 +196,10 @@ def build_pipeline(p, args, inputs, catalog_files, threads):
     )
     finals = (verified.final, grounded.final) | "Finals" >> beam.Flatten()
     refined = (
-        {"sample": finals | "ByFinal" >> beam.Map(lambda s: (s.qid, s)), "summary": summaries}
+        {
+            "sample": finals | "ByFinal" >> beam.Map(lambda s: (s.qid, s)) | "MeasureFinal" >> MeasureShuffle("join_final_summary"),
+            "summary": summaries | "MeasureSummaries2" >> MeasureShuffle("join_final_summary"),
+        }
         | "JoinFinalSummary" >> beam.CoGroupByKey()
         | "FinalSummary" >> beam.FlatMap(attach_summary)
         | "RationaleRequests" >> beam.Map(rationale_request, rationale_prompt, settings)
@@ -230,6 +241,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, catalog_files, threads)
+    if is_dry_run(options):
+        return build_only(p, "refine")
     started = dt.datetime.now(dt.UTC)
     if args.llm_backend == "vllm":
         import uuid
@@ -244,7 +257,6 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             log.info("stopped vllm servers: %s", shutdown_vllm_servers())
     else:
         counters, seconds = run_and_count(p)
-    problems = check_counts(counters)
     tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
     cost = None
     if args.usd_per_million_input_tokens is not None or args.usd_per_million_output_tokens is not None:
@@ -252,34 +264,35 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             tokens_in * (args.usd_per_million_input_tokens or 0) / 1e6 + tokens_out * (args.usd_per_million_output_tokens or 0) / 1e6, 9
         )
     out = args.output.rstrip("/")
-    summary = {
-        "kind": "rew_shards",
-        "inputs": inputs,
-        "model": args.model,
-        "backend": args.llm_backend,
-        "prompts": {
-            "verify": f"verify/{args.verify_prompt}@{load_prompt('verify', args.verify_prompt).sha256}",
-            "rationale_qa": f"rationale_qa/{args.rationale_prompt}@{load_prompt('rationale_qa', args.rationale_prompt).sha256}",
+    return finish_run(
+        name="refine",
+        output=out,
+        kind="rew_shards",
+        counters=counters,
+        seconds=seconds,
+        started=started,
+        check=check_counts,
+        fields={
+            "inputs": input_summary(args.input, inputs),
+            "model": args.model,
+            "backend": args.llm_backend,
+            "prompts": {
+                "verify": f"verify/{args.verify_prompt}@{load_prompt('verify', args.verify_prompt).sha256}",
+                "rationale_qa": f"rationale_qa/{args.rationale_prompt}@{load_prompt('rationale_qa', args.rationale_prompt).sha256}",
+            },
+            "verdicts": {k[len('verdict_'):]: v for k, v in counters.items() if k.startswith("verdict_")},
+            "rejects": {k[len('rejected_'):]: v for k, v in counters.items() if k.startswith("rejected_")},
+            "tokens": {"input": tokens_in, "output": tokens_out},
+            "requests_sent": counters.get("llm_requests_sent", 0),
+            "cache_hits": counters.get("llm_cache_hits_total", 0),
+            "cost_usd": cost,
+            "options": {k: v for k, v in vars(args).items() if k != "api_key_env"},
         },
-        "verdicts": {k[len('verdict_'):]: v for k, v in counters.items() if k.startswith("verdict_")},
-        "rejects": {k[len('rejected_'):]: v for k, v in counters.items() if k.startswith("rejected_")},
-        "tokens": {"input": tokens_in, "output": tokens_out},
-        "requests_sent": counters.get("llm_requests_sent", 0),
-        "cache_hits": counters.get("llm_cache_hits_total", 0),
-        "cost_usd": cost,
-        "options": {k: v for k, v in vars(args).items() if k != "api_key_env"},
-        "counters": counters,
-        "count_check": problems or "ok",
-        "seconds": round(seconds, 2),
-        "code_version": code_version(),
-        "created": started.isoformat(timespec="seconds"),
-    }
-    write_json(f"{out}/manifest.json", summary)
-    print(format_counters(counters, "refine counters"))
-    print(f"count check: {summary['count_check']}")
-    print(f"tokens in/out: {tokens_in}/{tokens_out}" + (f"  cost: ${cost}" if cost is not None else ""))
-    print(f"REW shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
-    return summary
+        lines=(
+            f"tokens in/out: {tokens_in}/{tokens_out}" + (f"  cost: ${cost}" if cost is not None else ""),
+            f"REW shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json",
+        ),
+    )
 
 
 if __name__ == "__main__":

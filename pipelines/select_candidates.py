@@ -25,9 +25,11 @@ from typing import Optional
 
 import apache_beam as beam
 
-from transforms.accounting import finish_run, input_summary
+from transforms.accounting import MeasureShuffle, finish_run, input_summary
 from transforms.common import (
     UsageError,
+    build_only,
+    is_dry_run,
     match_files,
     run_and_count,
     sum_counters,
@@ -129,7 +131,12 @@ def read_captions(p, args, columns: CaptionColumns):
     bytes are read here (image corpora: each caption carries its image's location)."""
     root = input_root(args.captions)
     if args.caption_format == "webdataset":
-        units = p | "CaptionFiles" >> ListFiles(args.captions) | "SpreadTars" >> beam.Reshuffle()
+        units = (
+            p
+            | "CaptionFiles" >> ListFiles(args.captions)
+            | "MeasureSpread" >> MeasureShuffle("spread_units")
+            | "SpreadTars" >> beam.Reshuffle()
+        )
         read = units | "ReadTars" >> beam.ParDo(
             ReadWebDatasetCaptions(columns, args.max_caption_chars, root)
         ).with_outputs(REJECTED, main="captions")
@@ -139,7 +146,7 @@ def read_captions(p, args, columns: CaptionColumns):
         | "CaptionFiles" >> ListFiles(args.captions)
         | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
     )
-    units = split.units | "SpreadRowGroups" >> beam.Reshuffle()
+    units = split.units | "MeasureSpread" >> MeasureShuffle("spread_units") | "SpreadRowGroups" >> beam.Reshuffle()
     read = units | "ReadRowGroups" >> beam.ParDo(
         ReadParquetCaptions(args.caption_format, columns, args.max_caption_chars, root)
     ).with_outputs(REJECTED, main="captions")
@@ -242,6 +249,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) > 1)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, manifest, threads, share)
+    if is_dry_run(options):
+        return build_only(p, "select_candidates")
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     out = args.output.rstrip("/")

@@ -204,3 +204,36 @@ def run_and_count(pipeline) -> tuple[dict[str, int], float]:
     result = pipeline.run()
     result.wait_until_finish()
     return query_counters(result), time.perf_counter() - started
+
+
+def is_dry_run(options) -> bool:
+    """Beam's `--dry_run`: the runner builds the job (for Dataflow: translates it) and
+    submits nothing, so no counters and no outputs exist afterwards."""
+    from apache_beam.options.pipeline_options import TestOptions
+
+    return bool(options.view_as(TestOptions).dry_run)
+
+
+def build_only(pipeline, name: str) -> dict:
+    """Run a pipeline whose options say `--dry_run`; what the runner built, not a manifest.
+
+    For the DataflowRunner the result carries the job it would submit: its size is what
+    Dataflow's ~10 MB request limit applies to (data given to `beam.Create` is pickled
+    into it, which is why the pipelines list their input files inside the job).
+    """
+    result = pipeline.run()
+    job = getattr(result, "job", None)
+    summary: dict = {"dry_run": True, "pipeline": name, "runner": type(pipeline.runner).__name__}
+    if job is not None:
+        summary["pipeline_proto_bytes"] = job.proto_pipeline.ByteSize()
+        summary["job_request_bytes"] = len(type(job.proto).serialize(job.proto))
+        summary["transforms"] = len(job.proto_pipeline.components.transforms)
+        summary["job"] = job
+    detail = ""
+    if job is not None:
+        detail = (
+            f" ({summary['transforms']} transforms, pipeline proto {summary['pipeline_proto_bytes']:,} bytes, "
+            f"job request {summary['job_request_bytes']:,} bytes)"
+        )
+    print(f"{name}: built for {summary['runner']} without submitting{detail}")
+    return summary

@@ -357,6 +357,8 @@ class ListFiles(beam.PTransform):
     def expand(self, pbegin):
         from apache_beam.io import fileio
 
+        from transforms.accounting import MeasureShuffle
+
         suffixes = self.suffixes
 
         def wanted(path: str) -> bool:
@@ -370,6 +372,7 @@ class ListFiles(beam.PTransform):
             | "Match" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
             | "Paths" >> beam.Map(lambda m: m.path)
             | "Wanted" >> beam.Filter(wanted)
+            | "MeasureDistinct" >> MeasureShuffle("list_files")
             | "Distinct" >> beam.Distinct()
         )
 
