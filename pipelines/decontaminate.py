@@ -61,7 +61,7 @@ from transforms.decontam import (
 )
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ListFiles, SplitParquet
+from transforms.readers import REJECTED, ListFiles, SplitParquet, input_root
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import DeadLetters, WriteRejects
 
@@ -170,7 +170,7 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
         | "AllUnits" >> beam.Flatten()
         | "MeasureSpread" >> MeasureShuffle("spread_units")
         | "SpreadUnits" >> beam.Reshuffle()
-        | "ReadCandidates" >> beam.ParDo(ReadCandidateImages()).with_outputs(REJECTED, main="candidates")
+        | "ReadCandidates" >> beam.ParDo(ReadCandidateImages(input_root(args.input))).with_outputs(REJECTED, main="candidates")
     )
     decoded = read.candidates | "Decode" >> beam.ParDo(DecodeImages("decode", args.max_pixels)).with_outputs(
         REJECTED, main="images"

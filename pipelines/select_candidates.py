@@ -246,7 +246,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     validate(args, manifest)
     files = match_files(args.captions, "--captions")
     threads = threads_per_process(options, args.threads)
-    share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) > 1)
+    share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) != 1)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, manifest, threads, share)
     if is_dry_run(options):

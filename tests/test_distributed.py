@@ -11,14 +11,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import build_codes, build_entity_index, decontaminate, oven_to_shards, refine, select_candidates
+from pipelines import (
+    build_codes,
+    build_entity_index,
+    decontaminate,
+    oven_to_shards,
+    refine,
+    select_candidates,
+)
 from tests.conftest import write_jsonl
 from tests.fake_llm_server import FakeLLMServer
 from tests.helpers import draw_image, write_webdataset
 
 MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 DATAFLOW = [
-    "--runner", "DataflowRunner", "--dry_run", "--no_auth", "--sdk_location", "container",
+    "--runner", "DataflowRunner", "--dry_run=True", "--no_auth", "--sdk_location", "container",
     "--project", "entityforge-test", "--region", "us-central1",
     "--temp_location", "gs://entityforge-test-bucket/tmp", "--setup_file", os.path.join(os.path.dirname(__file__), "..", "setup.py"),
 ]

@@ -162,3 +162,26 @@ def test_one_key_two_different_images_is_a_reject(tmp_path, entity_index):
     assert [r["key"] for r in collisions] == ["00000/k"] and "2 different images" in collisions[0]["detail"]
     assert summary["counters"]["rejected_select_key_collision"] == 1
     assert summary["count_check"] == "ok", summary["count_check"]
+
+
+def test_thread_budget_is_decided_on_the_worker(monkeypatch):
+    """The launcher records the runner's layout; the cores are counted where the code runs."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from transforms import common
+
+    budget = common.threads_per_process(PipelineOptions(["--runner", "DataflowRunner"]))
+    assert budget == common.ThreadBudget(explicit=0, processes=0)
+    monkeypatch.setattr(common, "machine_cores", lambda: 32)
+    assert common.resolve_threads(budget) == 1  # Dataflow: one SDK process per core
+    single = common.threads_per_process(
+        PipelineOptions(["--runner", "DataflowRunner", "--experiments", "no_use_multiple_sdk_containers"])
+    )
+    assert common.resolve_threads(single) == 32
+    multi = common.threads_per_process(
+        PipelineOptions(["--direct_running_mode", "multi_processing", "--direct_num_workers", "4"])
+    )
+    assert common.resolve_threads(multi) == 8
+    monkeypatch.setattr(common, "machine_cores", lambda: 2)
+    assert common.resolve_threads(multi) == 1
+    assert common.resolve_threads(common.threads_per_process(PipelineOptions([]), explicit=3)) == 3

@@ -29,11 +29,14 @@ def pretrained_arg(pretrained: Optional[str]) -> Optional[str]:
     return pretrained
 
 
-def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu", threads: int = 0):
+def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cpu", threads=0):
     """(model in eval mode, the validation preprocess transform open_clip returns)."""
     import open_clip
     import torch
 
+    from transforms.common import resolve_threads
+
+    threads = resolve_threads(threads)
     if threads > 0:
         torch.set_num_threads(threads)
     pre = pretrained_arg(pretrained)

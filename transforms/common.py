@@ -3,6 +3,7 @@ thread budgets, and the run summary (counters table)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -129,8 +130,18 @@ def ensure_dir(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def machine_cores() -> int:
+    """Cores this process may use on the machine it runs on (a container's CPU set, not
+    the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def worker_processes(options) -> int:
-    """How many SDK processes share one machine's cores under these pipeline options."""
+    """SDK processes sharing one machine's cores under these options; 0 = one per core of
+    the worker (Dataflow's default for Python), known only on the worker itself."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
     runner = (options.view_as(StandardOptions).runner or "").lower()
@@ -138,19 +149,45 @@ def worker_processes(options) -> int:
         experiments = options.get_all_options().get("experiments") or []
         if "no_use_multiple_sdk_containers" in experiments:
             return 1
-        return os.cpu_count() or 1
+        return 0
     direct = options.view_as(DirectOptions)
     if (direct.direct_running_mode or "") == "multi_processing":
         n = direct.direct_num_workers or 1
-        return max(1, n if n > 0 else (os.cpu_count() or 1))
+        return n if n > 0 else 0
     return 1
 
 
-def threads_per_process(options, explicit: int = 0) -> int:
-    """Cores / processes, so faiss and torch do not oversubscribe a shared machine."""
-    if explicit and explicit > 0:
-        return explicit
-    return max(1, (os.cpu_count() or 1) // worker_processes(options))
+@dataclasses.dataclass(frozen=True)
+class ThreadBudget:
+    """Threads for torch / faiss in one SDK process, decided where the code runs.
+
+    The launcher knows the runner's layout (`processes` per machine, 0 = one per core),
+    but not the worker's cores: a laptop that launches a Dataflow job has 8, the worker
+    32. `resolve()` is called in `load_model`, on the worker.
+    """
+
+    explicit: int = 0
+    processes: int = 1
+
+    def resolve(self) -> int:
+        if self.explicit > 0:
+            return self.explicit
+        cores = machine_cores()
+        processes = cores if self.processes <= 0 else self.processes
+        return max(1, cores // processes)
+
+
+def threads_per_process(options, explicit: int = 0) -> ThreadBudget:
+    """Cores / processes per machine (resolved on the worker), so faiss and torch do not
+    oversubscribe a shared machine; `explicit` > 0 wins."""
+    return ThreadBudget(explicit=max(0, explicit or 0), processes=worker_processes(options))
+
+
+def resolve_threads(threads) -> int:
+    """A ThreadBudget resolved here, or an int as given (0 = the library's default)."""
+    if isinstance(threads, ThreadBudget):
+        return threads.resolve()
+    return int(threads or 0)
 
 
 def query_counters(result, namespace: str = METRICS_NAMESPACE) -> dict[str, int]:

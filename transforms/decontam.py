@@ -30,7 +30,14 @@ from apache_beam.metrics import Metrics
 
 from transforms.common import METRICS_NAMESPACE, UsageError, maybe_gunzip, open_read
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from transforms.readers import REJECTED, _image_part, iter_webdataset
+from transforms.readers import (
+    REJECTED,
+    _image_part,
+    image_identity,
+    iter_webdataset,
+    source_tag,
+    webdataset_corpus_key,
+)
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
@@ -57,9 +64,16 @@ class ReadCandidateImages(beam.DoFn):
     output with our columns saved (`jpg` image column, `status`). Webdataset: img2dataset
     shards whose KEY.json carries qid / title / score / rank / entity_id
     (`--save_additional_columns`).
+
+    Keys follow the corpus identity rule (`readers.image_identity`): img2dataset's own keys
+    (tars, its parquet output) are qualified by their file below `root`; select_candidates
+    output already carries qualified keys and keeps them.
     """
 
     STAGE = "read_candidates"
+
+    def __init__(self, root: str = ""):
+        self.root = root
 
     def process(self, element):
         try:
@@ -111,7 +125,11 @@ class ReadCandidateImages(beam.DoFn):
         with open_read(path) as f:
             pf = pq.ParquetFile(f)
             table = pf.read_row_group(rg)
+        img2dataset = "image" not in table.column_names
+        tag = source_tag(path, self.root)
         for row in table.to_pylist():
+            if img2dataset:
+                row["key"] = image_identity(row.get("key"), row.get("url"), tag)
             yield self._emit(row, f"{path}#rg{rg}")
 
     def _tar(self, path: str):
@@ -132,7 +150,8 @@ class ReadCandidateImages(beam.DoFn):
                             continue
                     if "txt" in parts and "caption" not in meta:
                         meta["caption"] = parts["txt"].decode("utf-8", "replace")
-                    row = {**meta, "key": meta.get("key") or key.rsplit("/", 1)[-1], "image": _image_part(parts)}
+                    ident = image_identity(webdataset_corpus_key(key, meta), None, source_tag(path, self.root))
+                    row = {**meta, "key": ident, "image": _image_part(parts)}
                     yield self._emit(row, path)
         except Exception as e:  # noqa: BLE001
             _counter("candidate_files_broken").inc()

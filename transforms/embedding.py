@@ -40,10 +40,13 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
-def load_sentence_transformer(name: str, device: str = "cpu", threads: int = 0):
+def load_sentence_transformer(name: str, device: str = "cpu", threads=0):
     import torch
     from sentence_transformers import SentenceTransformer
 
+    from transforms.common import resolve_threads
+
+    threads = resolve_threads(threads)
     if threads > 0:
         torch.set_num_threads(threads)
     path = resolve_text_model(name)
@@ -109,9 +112,12 @@ class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
         return "sentence_transformer"
 
 
-def set_faiss_threads(threads: int) -> None:
+def set_faiss_threads(threads) -> None:
     import faiss
 
+    from transforms.common import resolve_threads
+
+    threads = resolve_threads(threads)
     if threads > 0:
         faiss.omp_set_num_threads(threads)
 
