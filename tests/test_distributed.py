@@ -201,6 +201,16 @@ def test_dataflow_graphs_are_small_and_do_not_grow_with_inputs(tmp_path, corpus,
              "--llm_backend", "openai", "--endpoint", "http://127.0.0.1:9/v1", "--output", "gs://entityforge-test-bucket/rew", *DATAFLOW])
     built[("build_entity_index", 1)] = build_entity_index.run(
         ["--entities", catalog_path, "--output", "gs://entityforge-test-bucket/index", *DATAFLOW])
+    oven = write_jsonl(tmp_path / "oven.jsonl", [{"data_id": "d", "image_id": "i", "entity_id": "Q243", "data_split": "entity_train"}])
+    built[("oven_to_shards", 1)] = oven_to_shards.run(
+        ["--oven", oven, "--images", "gs://entityforge-test-bucket/images", "--output", "gs://entityforge-test-bucket/oven", *DATAFLOW])
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(["eiffel tower", "mona lisa"], vocab_size=200, min_frequency=1)
+    tok.save_model(str(tmp_path))
+    built[("build_codes", 1)] = build_codes.run(
+        ["--entities", catalog_path, "--tokenizer", str(tmp_path / "vocab.txt"), "--output", str(tmp_path / "codes"), *DATAFLOW])
     for (name, n), summary in built.items():
         assert summary["dry_run"] and summary["runner"] == "DataflowRunner", name
         assert 0 < summary["pipeline_proto_bytes"] < GRAPH_LIMIT, (name, n, summary["pipeline_proto_bytes"])
