@@ -14,6 +14,13 @@ Input (`--input`): select_candidates output for image-bearing corpora (Parquet w
 output (qid, title, ... saved with --save_additional_columns).
 Evaluation side (`--eval_images`): a folder of images, a glob, or OVEN annotation JSON lines
 plus `--eval_image_root` (images as IMAGE_ID.<ext>, flat or in sub-folders).
+
+Two phases (two Beam jobs). Phase 1 lists, reads and embeds the evaluation images into
+OUTPUT/eval_set/ (embeddings.npy, ids.json, manifest.json, rejected/); it fails closed: if
+any evaluation image cannot be read, decoded or embedded, the run stops with an error naming
+them before any candidate is read, unless --allow_partial_eval. `--eval_embeddings DIR`
+reuses an eval_set/ of an earlier run instead. Phase 2 embeds the candidates and searches
+the evaluation matrix (held once per machine when shared across SDK processes).
 Output: samples-SSSSS-of-NNNNN.{parquet,tfrecord,tar} (`--formats`), rejected/<stage>/
 (bad images with their reason; near-duplicates with the matched eval image id and the
 similarity), manifest.json.
@@ -26,11 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
+import os
 from collections.abc import Sequence
 from typing import Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
@@ -47,17 +57,25 @@ from transforms.common import (
     build_only,
     is_dry_run,
     match_files,
+    read_json,
     run_and_count,
     sum_counters,
     threads_per_process,
+    worker_processes,
 )
 from transforms.decontam import (
+    EVAL_IDS_FILE,
+    EVAL_SET_DIR,
+    EVAL_VECTORS_FILE,
     DecodeImages,
     DropNearDuplicates,
+    EvalMatrixHandler,
+    ListEvalImages,
     ReadCandidateImages,
     ReadEvalImage,
     StackEval,
-    list_eval_images,
+    WriteEvalSet,
+    is_annotation_file,
 )
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
@@ -67,15 +85,33 @@ from transforms.sinks import DeadLetters, WriteRejects
 
 log = logging.getLogger(__name__)
 
-STAGES = ["read_candidates", "decode", "eval_images", "embed", "decontaminate"]
+STAGES = ["read_candidates", "decode", "embed", "decontaminate"]
+EVAL_STAGES = ["eval_images"]
 SHARD_NAME = "samples"
+
+
+class EvalCoverageError(UsageError):
+    """Some evaluation images could not be checked: the run stops before any shard is
+    written (fail closed) unless --allow_partial_eval says otherwise."""
 
 
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="candidate shards: Parquet (image column) and/or webdataset .tar")
-    p.add_argument("--eval_images", required=True, help="folder / glob of images, or OVEN annotation JSON lines")
+    p.add_argument("--eval_images", default=None, help="folder / glob of images, or OVEN annotation JSON lines")
     p.add_argument("--eval_image_root", default=None, help="image folder for an annotation file")
+    p.add_argument(
+        "--eval_embeddings",
+        default=None,
+        help="an eval_set/ folder written by an earlier run (same --clip_model and --clip_pretrained): "
+        "reuse its embeddings instead of --eval_images",
+    )
+    p.add_argument(
+        "--allow_partial_eval",
+        action="store_true",
+        help="write shards even when some evaluation images could not be read, decoded or embedded "
+        "(they are listed in eval_set/rejected/ and the manifest says the coverage is partial)",
+    )
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--threshold", type=float, default=0.95, help="drop when max cosine > threshold")
     p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="open_clip architecture")
@@ -90,6 +126,13 @@ def build_parser():
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = cores / processes")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
+    p.add_argument(
+        "--share_eval",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="hold the evaluation matrix once per machine and serve it to every SDK process "
+        "(auto: when the runner starts more than one process per machine)",
+    )
     return p
 
 
@@ -99,18 +142,10 @@ def _with_image(item):
     return (cand_or_id, dataclasses.replace(decoded, image=None)), decoded.image
 
 
-def _vector(kv):
-    return kv[0], kv[1].inference
-
-
 def _eval_vector(kv):
     (eval_id, _facts), vec = kv[0], kv[1].inference
-    return eval_id, vec
-
-
-def _count_eval(kv):
     Metrics.counter(METRICS_NAMESPACE, "eval_images_embedded").inc()
-    return kv
+    return eval_id, vec
 
 
 def _count_written(sample):
@@ -118,41 +153,86 @@ def _count_written(sample):
     return sample
 
 
-def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
-    def handler():
-        return OpenClipImageHandler(
-            args.clip_model, args.clip_pretrained, batch_size=args.batch_size, device=args.device, threads=threads
-        )
+def clip_handler(args, threads):
+    return OpenClipImageHandler(args.clip_model, args.clip_pretrained, batch_size=args.batch_size, device=args.device, threads=threads)
 
-    # Evaluation side: embedded first; its vectors reach the filter as one side input.
-    eval_read = (
-        p
-        | "EvalImages" >> beam.Create(eval_items)
+
+def build_eval_pipeline(p, args, eval_dir: str, threads):
+    """Phase 1: list, read, decode and embed every evaluation image -> eval_set/."""
+    items, list_rejects = p | "ListEval" >> ListEvalImages(args.eval_images, args.eval_image_root)
+    read = (
+        items
         | "MeasureSpreadEval" >> MeasureShuffle("spread_eval")
         | "SpreadEval" >> beam.Reshuffle()
         | "ReadEval" >> beam.ParDo(ReadEvalImage()).with_outputs(REJECTED, main="images")
     )
-    eval_decoded = eval_read.images | "DecodeEval" >> beam.ParDo(
-        DecodeImages("eval_images", args.max_pixels)
-    ).with_outputs(REJECTED, main="images")
-    eval_embedded, eval_dlq = (
-        eval_decoded.images
-        | "EvalPixels" >> beam.Map(_with_image)
-        | "EmbedEval" >> RunInference(KeyedModelHandler(handler())).with_exception_handling()
+    decoded = read.images | "DecodeEval" >> beam.ParDo(DecodeImages("eval_images", args.max_pixels)).with_outputs(
+        REJECTED, main="images"
     )
-    eval_matrix = (
-        eval_embedded
+    embedded, dlq = (
+        decoded.images
+        | "EvalPixels" >> beam.Map(_with_image)
+        | "EmbedEval" >> RunInference(KeyedModelHandler(clip_handler(args, threads))).with_exception_handling()
+    )
+    _ = (
+        embedded
         | "EvalVectors" >> beam.Map(_eval_vector)
-        | "CountEval" >> beam.Map(_count_eval)
         | "MeasureStackEval" >> MeasureShuffle("stack_eval")
         | "StackEval" >> beam.CombineGlobally(StackEval())
+        | "WriteEvalSet" >> beam.ParDo(WriteEvalSet(eval_dir))
+    )
+    rejects = (
+        list_rejects,
+        read[REJECTED],
+        decoded[REJECTED],
+        dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(DeadLetters("eval_images", "embed_failed")),
+    )
+    _ = rejects | "WriteEvalRejects" >> WriteRejects(eval_dir, EVAL_STAGES)
+
+
+def check_eval_counts(c: dict) -> list[str]:
+    listed, embedded = c.get("eval_images_listed", 0), c.get("eval_images_embedded", 0)
+    failed = sum_counters(c, "rejected_eval_images_") - c.get("rejected_eval_images_bad_annotation", 0)
+    if listed != embedded + failed:
+        return [f"eval images listed {listed} != embedded {embedded} + rejected {failed}"]
+    return []
+
+
+def eval_coverage(eval_dir: str, manifest: dict, allow_partial: bool, flag_hint: str) -> dict:
+    """The coverage of an eval set; raises EvalCoverageError when it is partial and that
+    was not allowed."""
+    c = manifest["counters"]
+    listed, embedded = c.get("eval_images_listed", 0), c.get("eval_images_embedded", 0)
+    bad_lines = c.get("eval_annotation_lines_bad", 0)
+    failed = listed - embedded
+    coverage = {"listed": listed, "embedded": embedded, "bad_annotation_lines": bad_lines,
+                "complete": failed == 0 and bad_lines == 0 and listed > 0}
+    if listed == 0:
+        raise EvalCoverageError(f"{flag_hint}: no evaluation image was found; check the path (and --eval_image_root)")
+    if coverage["complete"] or allow_partial:
+        return coverage
+    examples = []
+    for path in FileSystems.match([f"{eval_dir}/rejected/eval_images/*"])[0].metadata_list:
+        with FileSystems.open(path.path) as f:
+            for line in f.read().decode("utf-8").splitlines():
+                r = json.loads(line)
+                examples.append(f"{r.get('key') or r.get('source')} ({r['reason']})")
+                if len(examples) >= 10:
+                    break
+    raise EvalCoverageError(
+        f"{failed} of {listed} evaluation images could not be read, decoded or embedded"
+        + (f" and {bad_lines} annotation lines have no image id" if bad_lines else "")
+        + f", e.g. {', '.join(sorted(examples)[:10])}; all are listed in {eval_dir}/rejected/eval_images/. "
+        "No shard was written: candidates would not have been checked against them. Fix or remove those images "
+        "and run again, or pass --allow_partial_eval to write shards checked against the others only "
+        "(the manifest then records the partial coverage)."
     )
 
-    # Candidates: read, decode, embed, filter, write -- streamed, never all in memory.
+
+def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, share_eval: bool):
+    """Phase 2: read, decode, embed and filter the candidates against eval_set/, write shards."""
     units = []
-    rejects = [eval_read[REJECTED], eval_decoded[REJECTED]]
-    if eval_rejects:
-        rejects.append(p | "EvalListRejects" >> beam.Create(eval_rejects))
+    rejects = []
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
     files = p | "InputFiles" >> ListFiles(args.input)
     if any(not f.lower().endswith(".tar") for f in inputs):
@@ -178,16 +258,14 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
     embedded, cand_dlq = (
         decoded.images
         | "Pixels" >> beam.Map(_with_image)
-        | "EmbedCandidates" >> RunInference(KeyedModelHandler(handler())).with_exception_handling()
+        | "EmbedCandidates" >> RunInference(KeyedModelHandler(clip_handler(args, threads))).with_exception_handling()
     )
     filtered = (
         embedded
-        | "Vectors" >> beam.Map(_vector)
-        | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=256)
-        | "DropNearDuplicates"
-        >> beam.ParDo(DropNearDuplicates(args.threshold), beam.pvalue.AsSingleton(eval_matrix)).with_outputs(
-            REJECTED, main="samples"
-        )
+        | "Vectors" >> beam.Map(lambda kv: (kv[0], kv[1].inference))
+        | "NearestEval"
+        >> RunInference(KeyedModelHandler(EvalMatrixHandler(eval_dir, share_across_processes=share_eval)))
+        | "DropNearDuplicates" >> beam.ParDo(DropNearDuplicates(args.threshold)).with_outputs(REJECTED, main="samples")
     )
     _ = (
         filtered.samples
@@ -198,7 +276,6 @@ def build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads):
         read[REJECTED],
         decoded[REJECTED],
         filtered[REJECTED],
-        eval_dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(DeadLetters("eval_images", "embed_failed")),
         cand_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters("embed", "embed_failed")),
     ]
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
@@ -222,31 +299,92 @@ def check_counts(c: dict) -> list[str]:
     return problems
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
-    args, options = parse(build_parser(), argv)
+def validate(args) -> None:
     positive("--batch_size", args.batch_size)
     positive("--max_pixels", args.max_pixels)
     if not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
+    if bool(args.eval_images) == bool(args.eval_embeddings):
+        raise UsageError("give either --eval_images (embed the evaluation set) or --eval_embeddings (reuse one)")
+    if args.eval_images and is_annotation_file(args.eval_images):
+        if not args.eval_image_root:
+            raise UsageError("--eval_images is an annotation file: give --eval_image_root, the folder of its images")
+        if not FileSystems.exists(args.eval_images):
+            raise UsageError(f"--eval_images: no such file {args.eval_images!r}")
+        if "://" not in args.eval_image_root and not os.path.isdir(args.eval_image_root):
+            raise UsageError(f"--eval_image_root: no such folder {args.eval_image_root!r}")
+
+
+def reused_eval_set(args) -> tuple[str, dict]:
+    folder = args.eval_embeddings.rstrip("/")
+    try:
+        manifest = read_json(f"{folder}/manifest.json")
+    except Exception as e:  # noqa: BLE001 - missing file, bad JSON, unreachable bucket alike
+        raise UsageError(
+            f"--eval_embeddings {folder!r} is not an eval set ({type(e).__name__}: {e}); give the eval_set/ "
+            "folder of an earlier decontaminate run"
+        ) from e
+    clip = manifest.get("clip", {})
+    if (clip.get("model"), clip.get("pretrained")) != (args.clip_model, args.clip_pretrained):
+        raise UsageError(
+            f"--eval_embeddings {folder!r} was embedded with {clip.get('model')}/{clip.get('pretrained')}, "
+            f"this run uses {args.clip_model}/{args.clip_pretrained}: vectors of two models cannot be compared"
+        )
+    return folder, manifest
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
+    args, options = parse(build_parser(), argv)
+    validate(args)
     formats = parse_formats(args.formats)
     validate_clip_args(args.clip_model, args.clip_pretrained)
     inputs = match_files(args.input, "--input")
-    eval_items, eval_rejects = list_eval_images(args.eval_images, args.eval_image_root)
-    if not eval_items:
-        raise UsageError(f"--eval_images: none of the evaluation images in {args.eval_images!r} was found")
     threads = threads_per_process(options, args.threads)
-    p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, args, inputs, eval_items, eval_rejects, formats, threads)
-    if is_dry_run(options):
+    share_eval = {"yes": True, "no": False}.get(args.share_eval, worker_processes(options) != 1)
+    out = args.output.rstrip("/")
+    dry = is_dry_run(options)
+    if args.eval_embeddings:
+        eval_dir, eval_manifest = reused_eval_set(args)
+    else:
+        eval_dir = f"{out}/{EVAL_SET_DIR}"
+        ep = beam.Pipeline(options=options)
+        build_eval_pipeline(ep, args, eval_dir, threads)
+        if dry:
+            eval_manifest = build_only(ep, "decontaminate (phase 1: evaluation set)")
+        else:
+            started = dt.datetime.now(dt.UTC)
+            counters, seconds = run_and_count(ep)
+            eval_manifest = finish_run(
+                name="decontaminate, evaluation set",
+                output=eval_dir,
+                kind="eval_embeddings",
+                counters=counters,
+                seconds=seconds,
+                started=started,
+                check=check_eval_counts,
+                fields={
+                    "eval_images": args.eval_images,
+                    "eval_image_root": args.eval_image_root,
+                    "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
+                    "files": [EVAL_VECTORS_FILE, EVAL_IDS_FILE],
+                },
+            )
+    if dry:
+        p = test_pipeline or beam.Pipeline(options=options)
+        build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval)
         return build_only(p, "decontaminate")
+    coverage = eval_coverage(
+        eval_dir, eval_manifest, args.allow_partial_eval, "--eval_embeddings" if args.eval_embeddings else "--eval_images"
+    )
+    p = test_pipeline or beam.Pipeline(options=options)
+    build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval)
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
-    out = args.output.rstrip("/")
     lines = []
-    if counters.get("eval_images_embedded", 0) < len(eval_items) or eval_rejects:
+    if not coverage["complete"]:
         lines.append(
-            f"WARNING: only {counters.get('eval_images_embedded', 0)} of {len(eval_items)} evaluation images were "
-            f"embedded; candidates were not checked against the others (see {out}/rejected/eval_images/)"
+            f"WARNING (--allow_partial_eval): only {coverage['embedded']} of {coverage['listed']} evaluation images "
+            f"were embedded; candidates were not checked against the others (see {eval_dir}/rejected/eval_images/)"
         )
     lines.append(f"shards: {out}/{SHARD_NAME}-*   rejects: {out}/rejected/   manifest: {out}/manifest.json")
     return finish_run(
@@ -259,7 +397,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         check=check_counts,
         fields={
             "inputs": input_summary(args.input, inputs),
-            "eval_images": {"listed": len(eval_items), "embedded": counters.get("eval_images_embedded", 0)},
+            "eval_set": eval_dir,
+            "eval_images": {
+                "listed": coverage["listed"],
+                "embedded": coverage["embedded"],
+                "coverage": "complete" if coverage["complete"] else "partial (--allow_partial_eval)",
+            },
             "threshold": args.threshold,
             "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
             "formats": list(formats),

@@ -28,6 +28,7 @@ from transforms.common import (
     match_files,
     run_and_count,
     threads_per_process,
+    worker_processes,
 )
 from transforms.entity_index import read_manifest
 from transforms.options import cli_main, new_parser, parse
@@ -42,6 +43,13 @@ def build_parser():
     p.add_argument("--output", required=True, help="output JSON lines file")
     p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding fallback floor (cosine)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--share_grounding",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="hold the grounding tables, the faiss index and the text encoder once per machine and "
+        "serve them to every SDK process (auto: when the runner starts more than one process per machine)",
+    )
     return p
 
 
@@ -79,7 +87,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         | "Read" >> beam.io.ReadAllFromText()
         | "Parse" >> beam.FlatMap(parse_line).with_outputs("rejected", main="names")
     )
-    handler = GroundingHandler(args.entity_index, manifest["model"], args.min_ground_score, threads, item_fn=json_item)
+    share = {"yes": True, "no": False}.get(args.share_grounding, worker_processes(options) != 1)
+    handler = GroundingHandler(
+        args.entity_index, manifest["model"], args.min_ground_score, threads, item_fn=json_item, share_across_processes=share
+    )
     _ = (
         parsed.names
         | "Ground" >> RunInference(handler)

@@ -37,8 +37,10 @@ from transforms.common import (
     run_and_count,
     sum_counters,
     threads_per_process,
+    worker_processes,
 )
 from transforms.entity_index import read_manifest
+from transforms.images import DEFAULT_LLM_MAX_SIDE
 from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ListFiles, ReadCatalogFile, SplitParquet
@@ -49,7 +51,9 @@ from transforms.refine import (
     InterpretVerify,
     ReadSamples,
     RequestSettings,
+    WithImages,
     attach_summary,
+    catalog_summary,
     rationale_request,
     verify_request,
 )
@@ -92,12 +96,26 @@ def build_parser():
     p.add_argument("--structured_output", choices=DIALECTS, default="json_schema", help="first form tried; falls back")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max_tokens", type=int, default=512)
+    p.add_argument(
+        "--max_image_side",
+        type=int,
+        default=DEFAULT_LLM_MAX_SIDE,
+        help="downscale images whose longer side is larger before sending them (JPEG q90; the cache key "
+        "is computed on what is sent); 0 = send as stored",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding grounding floor (cosine)")
     p.add_argument("--usd_per_million_input_tokens", type=float, default=None)
     p.add_argument("--usd_per_million_output_tokens", type=float, default=None)
     p.add_argument("--formats", default=",".join(SHARD_FORMATS))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--share_grounding",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="hold the grounding tables, the faiss index and the text encoder once per machine and "
+        "serve them to every SDK process (auto: when the runner starts more than one process per machine)",
+    )
     p.add_argument("--num_shards", type=int, default=0)
     return p
 
@@ -142,11 +160,15 @@ def llm_handler(args):
     )
 
 
-def build_pipeline(p, args, inputs, catalog_files, threads):
+def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: bool = False):
     verify_prompt = load_prompt("verify", args.verify_prompt)
     rationale_prompt = load_prompt("rationale_qa", args.rationale_prompt)
     settings = RequestSettings(
-        args.model, args.mode, args.context, {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed}
+        args.model,
+        args.mode,
+        args.context,
+        {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed},
+        max_image_side=args.max_image_side,
     )
     units, rejects = [], []
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
@@ -173,15 +195,23 @@ def build_pipeline(p, args, inputs, catalog_files, threads):
         | "CatalogFiles" >> beam.Create(list(enumerate(catalog_files)))
         | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
     )
-    summaries = catalog.entities | "Summaries" >> beam.Map(lambda e: (e.qid, e.summary))
+    summaries = catalog.entities | "Summaries" >> beam.Map(catalog_summary)
     handler = llm_handler(args)
-    verified = (
+    # Samples travel without their image bytes: through the joins with the summaries, and
+    # back to their shard file, where only the images needed are read again.
+    candidate = (
         {
-            "sample": read.samples | "ByCandidate" >> beam.Map(lambda s: (s.qid, s)) | "MeasureCandidate" >> MeasureShuffle("join_candidate_summary"),
+            "sample": read.samples
+            | "ByCandidate" >> beam.Map(lambda loc: (loc.sample.qid, loc))
+            | "MeasureCandidate" >> MeasureShuffle("join_candidate_summary"),
             "summary": summaries | "MeasureSummaries1" >> MeasureShuffle("join_candidate_summary"),
         }
         | "JoinCandidateSummary" >> beam.CoGroupByKey()
         | "CandidateSummary" >> beam.FlatMap(attach_summary)
+        | "VerifyImages" >> WithImages("verify", "verify_images")
+    )
+    verified = (
+        candidate["items"]
         | "VerifyRequests" >> beam.Map(verify_request, verify_prompt, settings)
         | "Verify" >> RunInference(handler)
         | "InterpretVerify" >> beam.ParDo(InterpretVerify(verify_prompt)).with_outputs(REJECTED, "ground", main="final")
@@ -190,24 +220,44 @@ def build_pipeline(p, args, inputs, catalog_files, threads):
         verified.ground
         | "GroundNames"
         >> RunInference(
-            GroundingHandler(args.entity_index, read_manifest(args.entity_index)["model"], args.min_ground_score, threads)
+            GroundingHandler(
+                args.entity_index,
+                read_manifest(args.entity_index)["model"],
+                args.min_ground_score,
+                threads,
+                share_across_processes=share_grounding,
+            )
         )
         | "ApplyGrounding" >> beam.ParDo(ApplyGrounding()).with_outputs(REJECTED, main="final")
     )
     finals = (verified.final, grounded.final) | "Finals" >> beam.Flatten()
-    refined = (
+    final = (
         {
-            "sample": finals | "ByFinal" >> beam.Map(lambda s: (s.qid, s)) | "MeasureFinal" >> MeasureShuffle("join_final_summary"),
+            "sample": finals
+            | "ByFinal" >> beam.Map(lambda loc: (loc.sample.qid, loc))
+            | "MeasureFinal" >> MeasureShuffle("join_final_summary"),
             "summary": summaries | "MeasureSummaries2" >> MeasureShuffle("join_final_summary"),
         }
         | "JoinFinalSummary" >> beam.CoGroupByKey()
         | "FinalSummary" >> beam.FlatMap(attach_summary)
+        | "RationaleImages" >> WithImages("rationale_qa", "rationale_images")
+    )
+    refined = (
+        final["items"]
         | "RationaleRequests" >> beam.Map(rationale_request, rationale_prompt, settings)
         | "RationaleQA" >> RunInference(handler)
         | "InterpretRationale" >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, main="samples")
     )
     _ = refined.samples | "WriteShards" >> WriteShards(args.output, "samples", parse_formats(args.formats), args.num_shards)
-    rejects += [read[REJECTED], catalog[REJECTED], verified[REJECTED], grounded[REJECTED], refined[REJECTED]]
+    rejects += [
+        read[REJECTED],
+        catalog[REJECTED],
+        candidate[REJECTED],
+        verified[REJECTED],
+        grounded[REJECTED],
+        final[REJECTED],
+        refined[REJECTED],
+    ]
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
@@ -240,7 +290,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             raise UsageError(f"{flag}: {e}") from e
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
-    build_pipeline(p, args, inputs, catalog_files, threads)
+    share = {"yes": True, "no": False}.get(args.share_grounding, worker_processes(options) != 1)
+    build_pipeline(p, args, inputs, catalog_files, threads, share)
     if is_dry_run(options):
         return build_only(p, "refine")
     started = dt.datetime.now(dt.UTC)

@@ -10,13 +10,16 @@ re-ask gets a valid one), [[ALWAYSBAD]] (never valid JSON), [[FENCED]] (valid JS
 ``` fence with prose around it), [[CORRECT_TO:Name]] (verdict corrected with that name),
 [[NOTENTITY]], [[DEAD]] (503 forever). With `refuse_json_schema`, the server answers 400 to
 the `json_schema` form of response_format, like servers that only know `json_object`.
-Every request is recorded: its body hash, the prompt text, the response_format form.
+Every request is recorded: its body hash, the prompt text, the size and format of its image,
+the response_format form.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import io
 import json
 import re
 import socket
@@ -24,6 +27,7 @@ import threading
 from collections import Counter
 
 from aiohttp import web
+from PIL import Image
 
 
 class FakeLLMServer:
@@ -84,12 +88,18 @@ class FakeLLMServer:
         )
         first_user = body["messages"][0]
         has_image = any(p.get("type") == "image_url" for p in first_user["content"])
+        image_size = None
+        for part in first_user["content"]:
+            url = part.get("image_url", {}).get("url", "") if part.get("type") == "image_url" else ""
+            if url.startswith("data:"):
+                with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+                    image_size = (im.size[0], im.size[1], im.format)
         rf = body.get("response_format")
         with self._lock:
             self.seen[digest] += 1
             n = self.seen[digest]
             self.requests.append(
-                {"hash": digest, "text": text, "has_image": has_image, "format": rf and rf.get("type"),
+                {"hash": digest, "text": text, "has_image": has_image, "image_size": image_size, "format": rf and rf.get("type"),
                  "messages": len(body["messages"]), "auth": request.headers.get("Authorization")}
             )
         if self.latency_s:

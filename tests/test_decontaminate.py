@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image
 
@@ -21,7 +22,7 @@ from tests.conftest import direct_pipeline
 from tests.helpers import read_rejects, write_webdataset
 from transforms.clip import OpenClipImageHandler
 from transforms.common import UsageError
-from transforms.decontam import DropNearDuplicates, EvalMatrix
+from transforms.decontam import DropNearDuplicates, EvalMatrix, EvalSearch
 from transforms.images import DecodedImage, decode_image
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, arrow_schema, to_row
@@ -83,19 +84,21 @@ def test_threshold_is_strictly_greater_in_float32():
         c = np.float32(c)
         return np.array([c, np.sqrt(np.float32(1) - c * c)], np.float32)
 
-    eval_matrix = EvalMatrix(["e0"], np.array([[1, 0]], np.float32))
-    cands = {name: (Candidate(key=name, qid="Q1", image=b"x"), None) for name in ("equal", "below", "above")}
+    search = EvalSearch(EvalMatrix(["e0"], np.array([[1, 0]], np.float32)))
+    cands = {name: Candidate(key=name, qid="Q1", image=b"x") for name in ("equal", "below", "above")}
     vecs = {"equal": unit(t), "below": unit(below), "above": unit(above)}
+    names = ("equal", "below", "above")
+    found = search.nearest(np.stack([vecs[n] for n in names]))
     # The test vectors' first coordinate is exactly the similarity with e0 = [1, 0].
-    assert float((vecs["equal"] @ eval_matrix.vectors.T)[0]) == float(t)
+    assert found[0] == ("e0", float(t))
 
     facts = DecodedImage(None, "JPEG", 1, 1, 1)
-    batch = [((cands[n][0], facts), vecs[n]) for n in ("equal", "below", "above")]
+    elements = [((cands[n], facts), PredictionResult(vecs[n], f)) for n, f in zip(names, found)]
     with direct_pipeline() as p:
         out = (
             p
-            | "Batch" >> beam.Create([batch])
-            | beam.ParDo(DropNearDuplicates(0.95), eval_matrix).with_outputs(REJECTED, main="kept")
+            | "Elements" >> beam.Create(elements)
+            | beam.ParDo(DropNearDuplicates(0.95)).with_outputs(REJECTED, main="kept")
         )
         assert_that(out.kept | beam.Map(lambda s: s.key), equal_to(["equal", "below"]), label="kept")
         assert_that(
@@ -152,16 +155,19 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
     tmp_path, good, imgs = corpus
     out = tmp_path / "out"
     threshold = 0.99
-    summary = decontaminate.run(
-        [
-            "--input", str(tmp_path / "candidates-*.parquet"),
-            "--eval_images", str(tmp_path / "eval"),
-            "--output", str(out),
-            "--clip_model", ARCH, "--clip_pretrained", checkpoint,
-            "--threshold", str(threshold),
-            "--formats", "parquet",
-        ]
-    )
+    args = [
+        "--input", str(tmp_path / "candidates-*.parquet"),
+        "--eval_images", str(tmp_path / "eval"),
+        "--output", str(out),
+        "--clip_model", ARCH, "--clip_pretrained", checkpoint,
+        "--threshold", str(threshold),
+        "--formats", "parquet",
+    ]
+    # One evaluation image is broken: the run fails closed, naming it, and writes no shard.
+    with pytest.raises(decontaminate.EvalCoverageError, match=r"1 of 7 evaluation images .*broken \(not_an_image\)"):
+        decontaminate.run(args)
+    assert not glob.glob(str(out / "samples-*"))
+    summary = decontaminate.run([*args, "--allow_partial_eval"])
     # Oracle: bare open_clip on the decoded images, exact cosine, strict threshold.
     eval_files = sorted(p for p in glob.glob(str(tmp_path / "eval" / "**" / "*"), recursive=True)
                         if os.path.isfile(p) and "broken" not in p)
@@ -193,11 +199,26 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
         "empty": "empty_image",
         "bomb": "too_many_pixels",
     }
-    assert [r["reason"] for r in rejects if r["stage"] == "eval_images"] == ["not_an_image"]
+    assert [(r["key"], r["reason"]) for r in read_rejects(out / "eval_set")] == [("broken", "not_an_image")]
     assert summary["count_check"] == "ok", summary["count_check"]
-    assert summary["eval_images"] == {"listed": 7, "embedded": 6}
+    assert summary["eval_images"] == {"listed": 7, "embedded": 6, "coverage": "partial (--allow_partial_eval)"}
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["threshold"] == threshold and manifest["clip"]["model"] == ARCH
+    eval_manifest = json.load(open(out / "eval_set" / "manifest.json"))
+    assert eval_manifest["count_check"] == "ok" and eval_manifest["counters"]["eval_images_embedded"] == 6
+    # The eval set is reusable: the same shards from its embeddings, without --eval_images.
+    model_args = ["--clip_model", ARCH, "--clip_pretrained", checkpoint, "--threshold", str(threshold), "--formats", "parquet"]
+    again = decontaminate.run(
+        ["--input", str(tmp_path / "candidates-*.parquet"), "--eval_embeddings", str(out / "eval_set"),
+         "--output", str(tmp_path / "again"), *model_args, "--allow_partial_eval"]
+    )
+    assert again["counters"]["decontaminate_dropped"] == summary["counters"]["decontaminate_dropped"]
+    assert sorted(r["key"] for r in pq.read_table(glob.glob(str(tmp_path / "again" / "samples-*.parquet"))).to_pylist()) == sorted(
+        r["key"] for r in kept
+    )
+    with pytest.raises(UsageError, match="cannot be compared"):
+        decontaminate.run(["--input", str(tmp_path / "candidates-*.parquet"), "--eval_embeddings", str(out / "eval_set"),
+                           "--output", str(tmp_path / "x"), "--clip_model", ARCH, "--clip_pretrained", "none"])
 
 
 def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
@@ -231,9 +252,9 @@ def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
         ["--input", str(tmp_path / "*.tar"), "--eval_images", str(ann), "--eval_image_root", str(root),
          "--output", str(out), "--clip_model", ARCH, "--clip_pretrained", "none", "--formats", "parquet",
          # Random weights: only (near-)exact copies are reliably above the rest.
-         "--threshold", "0.9999"]
+         "--threshold", "0.9999", "--allow_partial_eval"]
     )
-    rejects = read_rejects(out)
+    rejects = read_rejects(out) + read_rejects(out / "eval_set")
     by_reason = {}
     for r in rejects:
         by_reason.setdefault(r["reason"], []).append(r["key"])

@@ -169,3 +169,72 @@ def test_replay_miss_is_a_reject(tmp_path, catalog_path, entity_index):
     )
     assert [r["reason"] for r in read_rejects(tmp_path / "out")] == ["not_in_cache"]
     assert summary["count_check"] == "ok"
+
+
+def _noise_jpeg(seed: int, size) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_images_downscaled_for_the_llm_and_never_in_a_shuffle(tmp_path, catalog_path, entity_index):
+    """Big images: the endpoint gets them at most --max_image_side; the shards keep the
+    originals; and what the joins shuffle does not grow with the image size."""
+    cases = {"a": ("Q243", "Eiffel Tower at night"), "b": ("Q9202", "[[CORRECT_TO:taj mahal]] marble"),
+             "c": ("Q146", "a cat")}
+    summaries = {}
+    for side in (64, 1600):
+        rows = []
+        for i, (key, (qid, caption)) in enumerate(sorted(cases.items())):
+            image = _noise_jpeg(i, (side, side * 3 // 4))
+            rows.append(to_row(Sample(key=key, image=image, image_format="jpg", width=side, height=side * 3 // 4,
+                                      image_sha256="x", caption=caption, qid=qid, title=TITLES[qid], source="t")))
+        shards = tmp_path / f"in{side}"
+        shards.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), shards / "samples-00000-of-00001.parquet")
+        out = tmp_path / f"rew{side}"
+        with FakeLLMServer() as server:
+            summaries[side] = refine.run(
+                base_args(tmp_path, catalog_path, entity_index, str(shards / "*.parquet"), out, tmp_path / f"cache{side}")
+                + ["--llm_backend", "openai", "--endpoint", server.url, "--max_image_side", "512"]
+            )
+            sizes = [r["image_size"] for r in server.requests]
+        assert summaries[side]["count_check"] == "ok", summaries[side]["count_check"]
+        assert len(sizes) == 6 and all(s is not None for s in sizes)
+        if side == 64:
+            assert all(s == (64, 48, "JPEG") for s in sizes)  # small enough: sent as stored
+        else:
+            assert all(s == (512, 384, "JPEG") for s in sizes)
+        kept = {r["key"]: r["image"] for r in pq.read_table(glob.glob(str(out / "samples-*.parquet"))).to_pylist()}
+        assert kept == {r["key"]: r["image"] for r in rows}  # the shards keep the original bytes
+    small, big = summaries[64]["shuffles"], summaries[1600]["shuffles"]
+    assert {"join_candidate_summary", "verify_images", "join_final_summary", "rationale_images"} <= set(big)
+    for step in ("join_candidate_summary", "verify_images", "join_final_summary", "rationale_images"):
+        assert big[step]["elements"] == small[step]["elements"]
+        assert big[step]["bytes"] < 1.05 * small[step]["bytes"] + 64, (step, big[step], small[step])
+
+
+def test_repeated_qid_summary_is_the_first_in_file_order(tmp_path, entity_index):
+    """A catalog that repeats a QID with another summary: the prompt (and so the cache key)
+    is built from the first occurrence, whatever order the join delivers them in."""
+    from tests.conftest import write_jsonl
+
+    catalog = write_jsonl(tmp_path / "cat.jsonl", [
+        {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower", "wikipedia_summary": "FIRST summary."},
+        {"wikidata_id": "Q146", "wikipedia_title": "Cat"},
+        {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower", "wikipedia_summary": "SECOND summary."},
+    ])
+    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", {"ok": ("Q243", "Eiffel Tower at night")})
+    for run_no in range(3):
+        with FakeLLMServer() as server:
+            refine.run(["--input", inputs, "--entities", catalog, "--entity_index", entity_index, "--output",
+                        str(tmp_path / f"o{run_no}"), "--model", "m", "--llm_backend", "openai", "--endpoint", server.url,
+                        "--formats", "parquet"])
+            texts = [r["text"] for r in server.requests]
+        assert texts and all("FIRST summary." in t and "SECOND" not in t for t in texts)

@@ -4,12 +4,13 @@ image embedding has cosine > 0.95 with any OVEN val/test image).
 Pieces:
   ReadCandidateImages  select_candidates Parquet (image column) or img2dataset webdataset
                        shards downloaded from its caption-only output -> Candidate
-  list_eval_images     a folder, a glob, or OVEN annotation JSON lines + an image root
-                       -> [(eval id, path)]
+  ListEvalImages       a folder, a glob, or OVEN annotation JSON lines + an image root
+                       -> (eval id, path), matched and read inside the pipeline
   DecodeImages         bytes -> (record, DecodedImage); bad images -> Reject with the reason
-  StackEval            eval vectors -> one EvalMatrix (ids + float32 matrix), a side input
-  DropNearDuplicates   batched exact cosine search (one matrix product per batch):
-                       kept -> Sample, dropped -> Reject naming the eval image and similarity
+  StackEval, WriteEvalSet  eval vectors -> one EvalMatrix -> eval_set/embeddings.npy + ids.json
+  EvalMatrixHandler    exact nearest eval image (one matrix product per batch), loaded once
+                       per machine when shared across SDK processes
+  DropNearDuplicates   kept -> Sample, dropped -> Reject naming the eval image and similarity
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE, UsageError, maybe_gunzip, open_read
+from transforms.common import METRICS_NAMESPACE, open_read
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.readers import (
     REJECTED,
@@ -165,77 +167,123 @@ class ReadCandidateImages(beam.DoFn):
 # --------------------------------------------------------------------------------------
 
 
-def _is_image_path(path: str) -> bool:
-    return path.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _list_images(pattern: str) -> list[str]:
-    paths = []
-    for p in pattern.split(","):
-        if not any(ch in p for ch in "*?[") and os.path.isdir(p):
-            # Flat or one level of sub-folders (OVEN's two-digit folders).
-            globs = [os.path.join(p, "*"), os.path.join(p, "*", "*")]
-        else:
-            globs = [p]
-        for g in globs:
-            try:
-                paths += [m.path for m in FileSystems.match([g])[0].metadata_list]
-            except Exception:  # noqa: BLE001 - an empty glob level
-                continue
-    return sorted({x for x in paths if _is_image_path(x)})
-
-
 def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def list_eval_images(eval_images: str, image_root: Optional[str]) -> tuple[list[tuple[str, str]], list[Reject]]:
-    """[(eval id, path)] and rejects for annotation lines whose image is missing.
+def is_annotation_file(eval_images: str) -> bool:
+    return eval_images.lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz"))
+
+
+def image_patterns(folder_or_glob: str) -> str:
+    """A folder -> its images flat and one level down (OVEN's two-digit folders); a glob
+    or a comma list as given."""
+    out = []
+    for p in folder_or_glob.split(","):
+        if p and not any(ch in p for ch in "*?[") and (p.endswith("/") or os.path.isdir(p)):
+            p = p.rstrip("/")
+            out += [f"{p}/*", f"{p}/*/*"]
+        elif p:
+            out.append(p)
+    return ",".join(out)
+
+
+class _ParseAnnotation(beam.DoFn):
+    """An OVEN annotation line -> its image id; a line without one is a reject."""
+
+    def process(self, element):
+        path, line = element
+        if not line.strip():
+            return
+        _counter("eval_annotation_lines").inc()
+        try:
+            obj = json.loads(line)
+            image_id = obj["image_id"]
+            if image_id is None or str(image_id) == "":
+                raise KeyError("image_id is empty")
+        except (ValueError, KeyError, TypeError) as e:
+            _counter("eval_annotation_lines_bad").inc()
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, _reject("eval_images", "bad_annotation", f"{type(e).__name__}: {e}"[:300], source=path, record=line[:500])
+            )
+            return
+        yield str(image_id), None
+
+
+def _match_annotation(element):
+    image_id, joined = element
+    if not list(joined["ann"]):
+        return  # an image no annotation asks about
+    _counter("eval_images_listed").inc()
+    paths = sorted(joined["path"])
+    if not paths:
+        yield beam.pvalue.TaggedOutput(
+            REJECTED, _reject("eval_images", "eval_image_missing", f"no {image_id}.<ext> under --eval_image_root", image_id)
+        )
+        return
+    yield image_id, paths[0]
+
+
+def _ids_by_stem(element):
+    """Files sharing a stem (a/x.jpg, b/x.jpg) would be one ambiguous id: use their paths."""
+    stem, paths = element
+    paths = sorted(paths)
+    for path in paths:
+        _counter("eval_images_listed").inc()
+        yield (stem if len(paths) == 1 else path), path
+
+
+class ListEvalImages(beam.PTransform):
+    """-> (eval id, path) of every evaluation image, with rejects on the REJECTED tag.
 
     `eval_images` is a folder or glob of images (id = file stem), or OVEN annotation JSON
-    lines (`image_id` per line, `.jsonl` / `.json` / `.gz`) with images found as
-    `IMAGE_ID.<ext>` under `image_root`, flat or in sub-folders.
+    lines (`image_id` per line) whose images are found as `IMAGE_ID.<ext>` under
+    `image_root`, flat or in sub-folders. Everything is read by the pipeline (Beam's file
+    matching and text reading): a 500k-image evaluation set is not put into the job graph.
+    `eval_images_listed` counts the images that must be checked.
     """
-    lower = eval_images.lower()
-    if lower.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        if not image_root:
-            raise UsageError("--eval_images is an annotation file: give --eval_image_root, the folder of its images")
-        if not FileSystems.exists(eval_images):
-            raise UsageError(f"--eval_images: no such file {eval_images!r}")
-        by_stem = {}
-        for path in _list_images(image_root):
-            by_stem.setdefault(_stem(path), path)
-        if not by_stem:
-            raise UsageError(f"--eval_image_root: no image under {image_root!r}")
-        ids, rejects, seen = [], [], set()
-        with open_read(eval_images) as raw:
-            for n, line in enumerate(io.BufferedReader(maybe_gunzip(raw))):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    image_id = str(obj["image_id"])
-                except (ValueError, KeyError, TypeError) as e:
-                    rejects.append(_reject("eval_images", "bad_annotation", f"line {n}: {e}", source=eval_images))
-                    continue
-                if image_id in seen:
-                    continue  # OVEN asks several questions about one image
-                seen.add(image_id)
-                path = by_stem.get(image_id)
-                if path is None:
-                    rejects.append(
-                        _reject("eval_images", "eval_image_missing", f"no {image_id}.<ext> under {image_root}", image_id, eval_images)
-                    )
-                    continue
-                ids.append((image_id, path))
-        return ids, rejects
-    paths = _list_images(eval_images)
-    if not paths:
-        raise UsageError(f"--eval_images: no image file matches {eval_images!r} (a folder, a glob, or OVEN JSON lines)")
-    stems = [_stem(p) for p in paths]
-    dup = len(stems) != len(set(stems))
-    # A stem shared by two files (a/x.jpg, b/x.jpg) would be ambiguous: use the path.
-    return [(p if dup else s, p) for s, p in zip(stems, paths)], []
+
+    def __init__(self, eval_images: str, image_root: Optional[str]):
+        super().__init__()
+        self.eval_images = eval_images
+        self.image_root = image_root
+
+    def expand(self, pbegin):
+        from transforms.accounting import MeasureShuffle
+        from transforms.readers import ListFiles
+
+        suffixes = IMAGE_SUFFIXES
+        if is_annotation_file(self.eval_images):
+            images = (
+                pbegin
+                | "EvalImageFiles" >> ListFiles(image_patterns(self.image_root), suffixes=suffixes)
+                | "ByStem" >> beam.Map(lambda path: (_stem(path), path))
+            )
+            lines = (
+                pbegin
+                | "AnnotationFiles" >> beam.Create([self.eval_images])
+                | "ReadAnnotations" >> beam.io.ReadAllFromText(with_filename=True)
+                | "ParseAnnotations" >> beam.ParDo(_ParseAnnotation()).with_outputs(REJECTED, main="ids")
+            )
+            matched = (
+                {
+                    "ann": lines.ids | "MeasureAnnIds" >> MeasureShuffle("join_eval_images"),
+                    "path": images | "MeasurePaths" >> MeasureShuffle("join_eval_images"),
+                }
+                | "JoinImages" >> beam.CoGroupByKey()
+                | "Match" >> beam.FlatMap(_match_annotation).with_outputs(REJECTED, main="items")
+            )
+            rejects = (lines[REJECTED], matched[REJECTED]) | "ListRejects" >> beam.Flatten()
+            return matched.items, rejects
+        items = (
+            pbegin
+            | "EvalImageFiles" >> ListFiles(image_patterns(self.eval_images), suffixes=suffixes)
+            | "ByStem" >> beam.Map(lambda path: (_stem(path), path))
+            | "MeasureStems" >> MeasureShuffle("eval_ids")
+            | "GroupStems" >> beam.GroupByKey()
+            | "Ids" >> beam.FlatMap(_ids_by_stem)
+        )
+        return items, pbegin | "NoListRejects" >> beam.Create([])
 
 
 class ReadEvalImage(beam.DoFn):
@@ -341,13 +389,88 @@ def to_sample(c: Candidate, decoded, similarity: Optional[float], nearest: Optio
     )
 
 
-class DropNearDuplicates(beam.DoFn):
-    """A batch of ((Candidate, DecodedImage), vector) -> Sample, or a Reject when its maximum
-    cosine with any evaluation image is strictly greater than `threshold`.
+EVAL_SET_DIR = "eval_set"
+EVAL_VECTORS_FILE = "embeddings.npy"
+EVAL_IDS_FILE = "ids.json"
 
-    Exact search: one float32 matrix product per batch against all evaluation vectors. The
-    comparison is done in float32, the precision of the embeddings: a similarity equal to
-    float32(threshold) is kept.
+
+class WriteEvalSet(beam.DoFn):
+    """The one EvalMatrix -> `<folder>/embeddings.npy` + `ids.json` (row i is ids[i])."""
+
+    def __init__(self, folder: str):
+        self.folder = folder.rstrip("/")
+
+    def process(self, matrix: EvalMatrix):
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(matrix.vectors, dtype=np.float32))
+        with FileSystems.create(f"{self.folder}/{EVAL_VECTORS_FILE}") as f:
+            f.write(buf.getvalue())
+        with FileSystems.create(f"{self.folder}/{EVAL_IDS_FILE}") as f:
+            f.write(json.dumps(list(matrix.ids)).encode("utf-8"))
+        yield len(matrix.ids)
+
+
+def read_eval_set(folder: str) -> EvalMatrix:
+    folder = folder.rstrip("/")
+    with open_read(f"{folder}/{EVAL_IDS_FILE}") as f:
+        ids = json.loads(f.read().decode("utf-8"))
+    with open_read(f"{folder}/{EVAL_VECTORS_FILE}") as f:
+        vectors = np.load(io.BytesIO(f.read()))
+    if len(ids) != len(vectors):
+        raise ValueError(f"{folder}: {len(ids)} ids but {len(vectors)} vectors")
+    return EvalMatrix(ids, vectors.astype(np.float32, copy=False))
+
+
+class EvalSearch:
+    """Exact nearest evaluation image by cosine: one float32 matrix product per batch.
+
+    Behind plain method calls, so Beam's cross-process proxy can serve one copy per
+    machine (a 500k x 768 ViT-L matrix is 1.5 GB)."""
+
+    def __init__(self, matrix: EvalMatrix):
+        self.ids = list(matrix.ids)
+        self.vectors = np.ascontiguousarray(matrix.vectors, dtype=np.float32)
+
+    def nearest(self, queries: np.ndarray) -> list[tuple[Optional[str], Optional[float]]]:
+        if not self.ids:
+            return [(None, None)] * len(queries)
+        sims = np.asarray(queries, dtype=np.float32) @ self.vectors.T
+        best = sims.argmax(axis=1)
+        return [(self.ids[j], float(sims[i, j])) for i, j in enumerate(best)]
+
+    def size(self) -> int:
+        return len(self.ids)
+
+
+class EvalMatrixHandler(ModelHandler):
+    """CLIP vector -> (nearest eval id, cosine), over the eval set written by the first
+    phase of decontaminate; with `share_across_processes` one copy per machine."""
+
+    def __init__(self, folder: str, *, batch_size: int = 256, share_across_processes: bool = False):
+        super().__init__(min_batch_size=1, max_batch_size=batch_size, large_model=share_across_processes)
+        self.folder = folder
+
+    def load_model(self) -> EvalSearch:
+        return EvalSearch(read_eval_set(self.folder))
+
+    def run_inference(self, batch, model, inference_args=None):
+        queries = np.ascontiguousarray(np.stack(batch).astype(np.float32, copy=False))
+        for q, found in zip(batch, model.nearest(queries)):
+            yield PredictionResult(q, found)
+
+    def get_num_bytes(self, batch) -> int:
+        return sum(v.nbytes for v in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "eval_search"
+
+
+class DropNearDuplicates(beam.DoFn):
+    """((Candidate, DecodedImage), PredictionResult(vector, (nearest eval id, cosine))) ->
+    Sample, or a Reject when the cosine is strictly greater than `threshold`.
+
+    The comparison is done in float32, the precision of the embeddings: a similarity equal
+    to float32(threshold) is kept.
     """
 
     STAGE = "decontaminate"
@@ -355,33 +478,25 @@ class DropNearDuplicates(beam.DoFn):
     def __init__(self, threshold: float):
         self.threshold = np.float32(threshold)
 
-    def process(self, batch, eval_matrix: EvalMatrix):
-        vectors = np.stack([v for _, v in batch]).astype(np.float32, copy=False)
-        if len(eval_matrix.ids):
-            sims = vectors @ eval_matrix.vectors.T
-            best = sims.argmax(axis=1)
-            best_sim = sims[np.arange(len(batch)), best]
-        else:
-            best = np.zeros(len(batch), dtype=np.int64)
-            best_sim = np.full(len(batch), -np.inf, dtype=np.float32)
-        for ((cand, decoded), _), j, s in zip(batch, best, best_sim):
-            nearest = eval_matrix.ids[j] if len(eval_matrix.ids) else None
-            sim = float(s) if np.isfinite(s) else None
-            if s > self.threshold:
-                _counter("decontaminate_dropped").inc()
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED,
-                    Reject(
-                        stage=self.STAGE,
-                        reason="near_duplicate_of_eval",
-                        detail=f"cosine {float(s):.6f} > {float(self.threshold)} with eval image {nearest}",
-                        key=cand.key,
-                        source=cand.source,
-                        record_json=truncate_json(
-                            {"eval_id": nearest, "similarity": float(s), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
-                        ),
+    def process(self, element):
+        (cand, decoded), result = element
+        nearest, sim = result.inference
+        s = np.float32(sim) if sim is not None else None
+        if s is not None and s > self.threshold:
+            _counter("decontaminate_dropped").inc()
+            yield beam.pvalue.TaggedOutput(
+                REJECTED,
+                Reject(
+                    stage=self.STAGE,
+                    reason="near_duplicate_of_eval",
+                    detail=f"cosine {float(s):.6f} > {float(self.threshold):.6g} with eval image {nearest}",
+                    key=cand.key,
+                    source=cand.source,
+                    record_json=truncate_json(
+                        {"eval_id": nearest, "similarity": float(s), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
                     ),
-                )
-            else:
-                _counter("decontaminate_kept").inc()
-                yield to_sample(cand, decoded, sim, nearest)
+                ),
+            )
+        else:
+            _counter("decontaminate_kept").inc()
+            yield to_sample(cand, decoded, None if s is None else float(s), nearest)

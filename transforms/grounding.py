@@ -15,6 +15,7 @@ else the first in catalog order; the others are recorded in `ambiguous`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -47,29 +48,118 @@ class Grounding:
     ambiguous: list[str] = field(default_factory=list)
 
 
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def _exact_key(title: str) -> str:
+    return title
+
+
+def _base_key(title: str) -> str:
+    return normalize_title(strip_disambiguation(title))
+
+
+_KEYS = {"exact": _exact_key, "norm": normalize_title, "base": _base_key}
+
+
+class _HashIndex:
+    """key -> catalog positions, as two sorted arrays (64-bit key hash, position): 12 bytes
+    an entity instead of a Python dict entry with its string (~150 bytes). A hash match is
+    confirmed by recomputing the key from the stored title, so collisions cost nothing."""
+
+    def __init__(self, keys: list[str]):
+        hashes = np.fromiter((_hash64(k) if k else 0 for k in keys), dtype=np.uint64, count=len(keys))
+        positions = np.arange(len(keys), dtype=np.int32)
+        present = np.fromiter((bool(k) for k in keys), dtype=bool, count=len(keys))
+        hashes, positions = hashes[present], positions[present]
+        order = np.lexsort((positions, hashes))
+        self.hashes = hashes[order]
+        self.positions = positions[order]
+
+    def candidates(self, key: str) -> np.ndarray:
+        h = np.uint64(_hash64(key))
+        lo = int(np.searchsorted(self.hashes, h, side="left"))
+        hi = int(np.searchsorted(self.hashes, h, side="right"))
+        return self.positions[lo:hi]
+
+    def nbytes(self) -> int:
+        return int(self.hashes.nbytes + self.positions.nbytes)
+
+
 class Grounder:
     """Title tables over a catalog, plus an optional embedding fallback.
 
     `entities` is a sequence of (int_id, qid, title) in catalog order. `encode` maps a list
     of strings to L2-normalised vectors and `index` is a faiss index over the titles' vectors
     (the entity index), both optional.
+
+    The tables are compact: titles and QIDs in two Arrow string arrays, int ids in a numpy
+    array, and one sorted hash index per kind of match (exact, normalised, without
+    disambiguation). At 6M entities that is ~0.5 GB, not the ~5 GB of dicts of Python
+    strings it replaces; one copy per machine when the handler shares it.
     """
 
     def __init__(self, entities: Sequence[tuple[int, str, str]], encode=None, index=None):
-        self.by_exact: dict[str, list] = {}
-        self.by_norm: dict[str, list] = {}
-        self.by_base: dict[str, list] = {}
-        self.by_id: dict[int, tuple[str, str]] = {}
-        for int_id, qid, title in sorted(entities):
-            entry = (int_id, qid, title)
-            self.by_id[int_id] = (qid, title)
-            self.by_exact.setdefault(title, []).append(entry)
-            self.by_norm.setdefault(normalize_title(title), []).append(entry)
-            base = normalize_title(strip_disambiguation(title))
-            if base:
-                self.by_base.setdefault(base, []).append(entry)
+        import pyarrow as pa
+
+        rows = sorted(entities)
+        self._set_tables(
+            np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+            pa.array([r[1] for r in rows], pa.string()),
+            pa.array([r[2] for r in rows], pa.string()),
+        )
         self.encode = encode
         self.index = index
+
+    @classmethod
+    def from_table(cls, table, encode=None, index=None) -> Grounder:
+        """From an Arrow table with int_id, qid, title (the entity index's entities.parquet),
+        without a Python object per entity."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = table.take(pc.sort_indices(table, [("int_id", "ascending")]))
+        self = cls.__new__(cls)
+        self._set_tables(
+            table["int_id"].to_numpy().astype(np.int64),
+            pa.concat_arrays(table["qid"].chunks) if table.num_rows else pa.array([], pa.string()),
+            pa.concat_arrays(table["title"].chunks) if table.num_rows else pa.array([], pa.string()),
+        )
+        self.encode = encode
+        self.index = index
+        return self
+
+    def _set_tables(self, int_ids, qids, titles) -> None:
+        self.int_ids = int_ids
+        self.qids = qids
+        self.titles = titles
+        self.tables = {}
+        for kind, fn in _KEYS.items():
+            # One kind at a time: the Python strings of one pass are freed before the next.
+            self.tables[kind] = _HashIndex([fn(t) for t in titles.to_pylist()])
+
+    def nbytes(self) -> int:
+        """Memory held by the title tables (the faiss index and encoder not included)."""
+        return int(self.int_ids.nbytes + self.qids.nbytes + self.titles.nbytes + sum(t.nbytes() for t in self.tables.values()))
+
+    def _entry(self, pos: int) -> tuple[int, str, str]:
+        return int(self.int_ids[pos]), self.qids[pos].as_py(), self.titles[pos].as_py()
+
+    def _lookup(self, kind: str, key: str) -> list[tuple[int, str, str]]:
+        fn = _KEYS[kind]
+        found = []
+        for pos in sorted(int(p) for p in self.tables[kind].candidates(key)):
+            entry = self._entry(pos)
+            if fn(entry[2]) == key:
+                found.append(entry)
+        return found
+
+    def _by_id(self, int_id: int) -> Optional[tuple[int, str, str]]:
+        pos = int(np.searchsorted(self.int_ids, int_id))
+        if pos < len(self.int_ids) and int(self.int_ids[pos]) == int_id:
+            return self._entry(pos)
+        return None
 
     @staticmethod
     def _pick(entries, candidate_qid: Optional[str], method: str, score: float = 1.0) -> Grounding:
@@ -82,15 +172,18 @@ class Grounder:
         text = (text or "").strip()
         if not text:
             return Grounding(None, None, "ungrounded", 0.0)
-        if text in self.by_exact:
-            return self._pick(self.by_exact[text], candidate_qid, "exact")
+        found = self._lookup("exact", text)
+        if found:
+            return self._pick(found, candidate_qid, "exact")
         norm = normalize_title(text)
-        if norm in self.by_norm:
-            return self._pick(self.by_norm[norm], candidate_qid, "normalized")
+        found = self._lookup("norm", norm) if norm else []
+        if found:
+            return self._pick(found, candidate_qid, "normalized")
         base = normalize_title(strip_disambiguation(text))
         for key in (base, norm):
-            if key and key in self.by_base:
-                return self._pick(self.by_base[key], candidate_qid, "disambiguation")
+            found = self._lookup("base", key) if key else []
+            if found:
+                return self._pick(found, candidate_qid, "disambiguation")
         return None
 
     def ground_many(
@@ -103,11 +196,14 @@ class Grounder:
             vectors = np.asarray(self.encode([items[i][0] for i in todo]), dtype=np.float32)
             scores, ids = self.index.search(vectors, 1)
             for i, s, e in zip(todo, scores[:, 0], ids[:, 0]):
-                if e >= 0 and float(s) >= min_score:
-                    qid, title = self.by_id[int(e)]
-                    # Titles equal up to case etc. share one vector: treat them as one match.
-                    twins = self.by_norm.get(normalize_title(title)) or [(int(e), qid, title)]
-                    if not any(t[1] == qid for t in twins):
-                        twins = [(int(e), qid, title)]
-                    out[i] = self._pick(twins, items[i][1], "embedding", float(s))
+                if e < 0 or float(s) < min_score:
+                    continue
+                hit = self._by_id(int(e))
+                if hit is None:
+                    continue
+                # Titles equal up to case etc. share one vector: treat them as one match.
+                twins = self._lookup("norm", normalize_title(hit[2])) or [hit]
+                if not any(t[1] == hit[1] for t in twins):
+                    twins = [hit]
+                out[i] = self._pick(twins, items[i][1], "embedding", float(s))
         return [g if g is not None else Grounding(None, None, "ungrounded", 0.0) for g in out]

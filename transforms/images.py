@@ -127,3 +127,41 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optio
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on hostile input
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}"[:300]) from e
     return DecodedImage(rgb, fmt, rgb.size[0], rgb.size[1], frames)
+
+
+# What current VLM endpoints accept as image parts without conversion.
+LLM_MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+DEFAULT_LLM_MAX_SIDE = 1024
+
+
+def image_for_llm(data: bytes, max_side: int = DEFAULT_LLM_MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
+    """(bytes, MIME type) of an image as it is sent to a multimodal LLM.
+
+    An image whose longer side is at most `max_side`, in a format endpoints accept (JPEG,
+    PNG, WebP), is sent as it is. A larger one is downscaled (aspect kept, its EXIF
+    orientation applied) and sent as JPEG quality 90; GIF/BMP/TIFF are converted to JPEG
+    too. Current VLMs see at most ~1-2 megapixels (Qwen2.5-VL's default budget, GPT-4o's
+    high-detail tiles, Gemini's 768 px tiles), so a larger image costs transfer and image
+    tokens for nothing. `max_side` 0 sends every image unchanged. The LLM cache key is
+    computed on the bytes this returns.
+    """
+    if max_side <= 0:
+        return data, _mime_of(data)
+    decoded = decode_image(data, max_pixels, draft=(max_side, max_side))
+    mime = LLM_MIME.get(decoded.format)
+    if mime is not None and max(decoded.width, decoded.height) <= max_side and decoded.frames == 1:
+        return data, mime
+    img = decoded.image
+    if max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue(), "image/jpeg"
+
+
+def _mime_of(data: bytes) -> str:
+    try:
+        return LLM_MIME.get(probe_size(data)[2], "image/jpeg")
+    except ImageError:
+        return "image/jpeg"

@@ -24,8 +24,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 from prompts import Prompt, render_rationale_qa, render_verify
 from transforms.common import METRICS_NAMESPACE, open_read
 from transforms.grounding import Grounder, Grounding
+from transforms.images import DEFAULT_LLM_MAX_SIDE, ImageError, image_for_llm
 from transforms.llm import LLMRequest, LLMResult
-from transforms.readers import REJECTED, iter_webdataset
+from transforms.readers import REJECTED, TarMemberRef, iter_webdataset, read_images_at
 from transforms.schema import Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,24 @@ def _reject(stage, reason, detail, sample: Optional[Sample] = None, extra: Optio
     )
 
 
+SHARD_IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tif", "img")
+
+
+@dataclasses.dataclass
+class Located:
+    """A sample and where its image lies in its shard (`file`, `ref` as in
+    `readers.read_images_at`), so the sample can cross a shuffle without its image and get
+    it back, one ranged read, where the image is needed."""
+
+    sample: Sample
+    file: str
+    ref: str
+
+
 class ReadSamples(beam.DoFn):
-    """Shards written by decontaminate -> Sample: Parquet row groups (path, rg) or webdataset
-    tars (KEY.<image>, KEY.json with every other field)."""
+    """Shards written by decontaminate -> Located (the Sample without its image bytes):
+    Parquet row groups (path, rg), every column but the image; webdataset tars (KEY.json
+    with every other field), image members skipped and located."""
 
     STAGE = "read_samples"
 
@@ -66,23 +82,27 @@ class ReadSamples(beam.DoFn):
             if isinstance(element, tuple):
                 path, rg = element
                 with open_read(path) as f:
-                    table = pq.ParquetFile(f).read_row_group(rg)
-                for row in table.to_pylist():
+                    pf = pq.ParquetFile(f)
+                    columns = [c for c in pf.schema_arrow.names if c != "image"]
+                    table = pf.read_row_group(rg, columns=columns)
+                for i, row in enumerate(table.to_pylist()):
                     _counter("samples_read").inc()
-                    yield from_row(Sample, row)
+                    yield Located(from_row(Sample, {**row, "image": b""}), path, f"p:{rg}:{i}")
             else:
-                for key, parts in iter_webdataset(open_read(element)):
+                with open_read(element) as f:
+                    members = list(iter_webdataset(f, path=element, read_ext=lambda ext: ext == "json"))
+                for key, parts in members:
                     _counter("samples_read").inc()
                     try:
                         meta = json.loads(parts["json"].decode("utf-8"))
                     except (KeyError, UnicodeDecodeError, ValueError) as e:
                         yield _reject(self.STAGE, "bad_json", f"{key}: {e}")
                         continue
-                    image = next((parts[e] for e in ("jpg", "png", "webp", "gif", "bmp", "tif", "img") if e in parts), None)
-                    if image is None:
+                    image = next((parts[e] for e in SHARD_IMAGE_EXTENSIONS if e in parts), None)
+                    if not isinstance(image, TarMemberRef):
                         yield _reject(self.STAGE, "image_missing", f"{key}: no image member")
                         continue
-                    yield from_row(Sample, {**meta, "image": image})
+                    yield Located(from_row(Sample, {**meta, "image": b""}), element, image.locator())
         except Exception as e:  # noqa: BLE001
             _counter("sample_files_unreadable").inc()
             src = element[0] if isinstance(element, tuple) else element
@@ -91,11 +111,59 @@ class ReadSamples(beam.DoFn):
             )
 
 
+class ReadShardImages(beam.DoFn):
+    """(file, [(Located, summary)]) -> (Located with its image bytes, summary): each shard
+    file is opened once and only the images asked for are read. A location without an
+    image is a reject; I/O errors are raised, so the runner retries."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def process(self, element):
+        path, items = element
+        items = sorted(items, key=lambda it: it[0].ref)
+        images, missing = read_images_at(path, sorted({loc.ref for loc, _ in items}), "image")
+        for located, summary in items:
+            data = images.get(located.ref)
+            if data is None:
+                yield _reject(self.stage, "image_missing", f"{path} {located.ref}: {missing.get(located.ref, 'no image')}", located.sample)
+                continue
+            yield dataclasses.replace(located, sample=dataclasses.replace(located.sample, image=data)), summary
+
+
+class WithImages(beam.PTransform):
+    """(Located, summary) without image bytes -> the same with them, read back by shard
+    file; only the small records cross the shuffle."""
+
+    def __init__(self, stage: str, step: str):
+        super().__init__()
+        self.stage = stage
+        self.step = step
+
+    def expand(self, pcoll):
+        from transforms.accounting import MeasureShuffle
+
+        return (
+            pcoll
+            | "ByShard" >> beam.Map(lambda it: (it[0].file, it))
+            | "MeasureByShard" >> MeasureShuffle(self.step)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "ReadImages" >> beam.ParDo(ReadShardImages(self.stage)).with_outputs(REJECTED, main="items")
+        )
+
+
+def catalog_summary(entity) -> tuple:
+    """Entity -> (qid, (position in the catalog, summary)): a repeated QID keeps its first
+    occurrence in file order, the rule build_entity_index applies, so prompts and cache keys
+    do not depend on the order a shuffle delivers them in."""
+    return entity.qid, ((entity.file_index, entity.row), entity.summary)
+
+
 def attach_summary(element):
-    """(qid, {"sample": [...], "summary": [...]}) -> (Sample, summary or None)."""
+    """(qid, {"sample": [...], "summary": [(position, summary)]}) -> (sample, summary or None)."""
     _qid, joined = element
-    summaries = [s for s in joined["summary"] if s]
-    summary = summaries[0] if summaries else None
+    entries = sorted(joined["summary"], key=lambda e: e[0])
+    summary = (entries[0][1] or None) if entries else None
     for sample in joined["sample"]:
         yield sample, summary
 
@@ -106,32 +174,46 @@ class RequestSettings:
     mode: str
     context: str
     sampling: dict
+    # Longer image side sent to the LLM (0 = as stored); see images.image_for_llm.
+    max_image_side: int = DEFAULT_LLM_MAX_SIDE
 
 
-def _request(sample: Sample, summary, text: str, prompt: Prompt, s: RequestSettings) -> LLMRequest:
+def _request(sample: Sample, tag, text: str, prompt: Prompt, s: RequestSettings) -> LLMRequest:
+    image, mime = sample.image, MIME.get(sample.image_format, "image/jpeg")
+    if image:
+        try:
+            image, mime = image_for_llm(image, s.max_image_side)
+        except ImageError:
+            pass  # sent as stored: the endpoint's answer (or refusal) is the record's outcome
     return LLMRequest(
         model=s.model,
         prompt_id=prompt.id,
         prompt_sha256=prompt.sha256,
         text=text,
-        image=sample.image,
-        image_mime=MIME.get(sample.image_format, "image/jpeg"),
+        image=image,
+        image_mime=mime,
         schema=prompt.schema,
         sampling=s.sampling,
-        tag=(sample, summary),
+        tag=tag,
     )
 
 
+def _unpack(element) -> tuple[Sample, Optional[str]]:
+    first, summary = element
+    return (first.sample if isinstance(first, Located) else first), summary
+
+
 def verify_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
-    sample, summary = element
+    """(Sample or Located, summary) -> the verify request (tag: the element)."""
+    sample, summary = _unpack(element)
     text = render_verify(prompt, caption=sample.caption, title=sample.title, summary=summary, mode=s.mode, context=s.context)
-    return _request(sample, summary, text, prompt, s)
+    return _request(sample, element, text, prompt, s)
 
 
 def rationale_request(element, prompt: Prompt, s: RequestSettings) -> LLMRequest:
-    sample, summary = element
+    sample, summary = _unpack(element)
     text = render_rationale_qa(prompt, entity=sample.title, summary=summary, caption=sample.caption, context=s.context)
-    return _request(sample, summary, text, prompt, s)
+    return _request(sample, element, text, prompt, s)
 
 
 def _count_usage(result: LLMResult):
@@ -150,14 +232,36 @@ class _InterpretAnswer(beam.DoFn):
     def __init__(self, prompt: Prompt):
         self.prompt_tag = f"{prompt.id}@{prompt.sha256[:12]}"
 
+    # Whether accepted samples go on without their image bytes (they cross a shuffle next).
+    STRIP_IMAGE = True
+
     def process(self, pr: PredictionResult):
         req, result = pr.example, pr.inference
-        sample, summary = req.tag
+        first, summary = req.tag
+        located = first if isinstance(first, Located) else None
+        sample = located.sample if located else first
         _count_usage(result)
         if result.error:
             yield _reject(self.STAGE, result.error, result.detail, sample, {"raw": result.raw})
             return
-        yield from self.accept(req, sample, summary, result.answer)
+        for out in self.accept(req, sample, summary, result.answer):
+            yield self._relocate(out, located)
+
+    def _relocate(self, out, located: Optional[Located]):
+        if located is None:
+            return out
+
+        def wrap(s: Sample):
+            if not self.STRIP_IMAGE:
+                return s
+            return dataclasses.replace(located, sample=dataclasses.replace(s, image=b""))
+
+        if isinstance(out, Sample):
+            return wrap(out)
+        if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == "ground":
+            base, name = out.value
+            return beam.pvalue.TaggedOutput("ground", (wrap(base), name))
+        return out
 
     def accept(self, req, sample, summary, answer):
         raise NotImplementedError
@@ -192,8 +296,9 @@ class InterpretVerify(_InterpretAnswer):
 
 
 def sample_name_item(element) -> tuple:
-    """(Sample, LLM name) -> (name, candidate qid)."""
-    sample, name = element
+    """(Sample or Located, LLM name) -> (name, candidate qid)."""
+    first, name = element
+    sample = first.sample if isinstance(first, Located) else first
     return name, sample.candidate_qid
 
 
@@ -206,8 +311,18 @@ class GroundingHandler(ModelHandler[object, Grounding, Grounder]):
     """element -> (element, Grounding) against the entity index (titles, then embeddings).
     `item_fn` picks (name, candidate qid) out of an element."""
 
-    def __init__(self, entity_index: str, text_model: str, min_score: float, threads: int = 0, item_fn=sample_name_item):
-        super().__init__(min_batch_size=1, max_batch_size=256)
+    def __init__(
+        self,
+        entity_index: str,
+        text_model: str,
+        min_score: float,
+        threads=0,
+        item_fn=sample_name_item,
+        share_across_processes: bool = False,
+    ):
+        # Shared: the title tables, the faiss index and the encoder are held once per
+        # machine and every SDK process calls into them.
+        super().__init__(min_batch_size=1, max_batch_size=256, large_model=share_across_processes)
         self.entity_index = entity_index.rstrip("/")
         self.text_model = text_model
         self.min_score = min_score
@@ -225,33 +340,34 @@ class GroundingHandler(ModelHandler[object, Grounding, Grounder]):
         return "grounding"
 
 
-def load_grounder(entity_index: str, text_model: Optional[str] = None, threads: int = 0) -> Grounder:
+def load_grounder(entity_index: str, text_model: Optional[str] = None, threads=0) -> Grounder:
     from transforms.embedding import load_faiss_index, load_sentence_transformer
     from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 
     manifest = read_manifest(entity_index)
     with open_read(f"{entity_index}/{ENTITIES_FILE}") as f:
         table = pq.read_table(f, columns=["int_id", "qid", "title"])
-    rows = zip(table["int_id"].to_pylist(), table["qid"].to_pylist(), table["title"].to_pylist())
     model = load_sentence_transformer(text_model or manifest["model"], threads=threads)
     index = load_faiss_index(f"{entity_index}/{INDEX_FILE}", threads)
 
     def encode(texts):
         return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
 
-    return Grounder(list(rows), encode, index)
+    return Grounder.from_table(table, encode, index)
 
 
 class ApplyGrounding(beam.DoFn):
     STAGE = "ground"
 
     def process(self, element):
-        (sample, name), g = element
+        (first, name), g = element
+        located = first if isinstance(first, Located) else None
+        sample = located.sample if located else first
         if g.qid is None:
             yield _reject(self.STAGE, "ungrounded", f"{name!r} matches no catalog entity", sample, {"llm_entity": name})
             return
         _counter(f"grounded_{g.method}").inc()
-        yield dataclasses.replace(
+        grounded = dataclasses.replace(
             sample,
             qid=g.qid,
             title=g.title,
@@ -261,10 +377,12 @@ class ApplyGrounding(beam.DoFn):
             grounding_score=float(g.score),
             ambiguous_qids=json.dumps(g.ambiguous) if g.ambiguous else None,
         )
+        yield dataclasses.replace(located, sample=grounded) if located else grounded
 
 
 class InterpretRationale(_InterpretAnswer):
     STAGE = "rationale_qa"
+    STRIP_IMAGE = False  # the refined sample, image and all, goes to the shard writers
 
     def accept(self, req, sample, summary, a):
         _counter("samples_refined").inc()
