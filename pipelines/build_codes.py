@@ -42,6 +42,7 @@ from transforms.common import (
 from transforms.entity_index import CollapseDuplicateQids
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile
+from transforms.schema import Entity
 from transforms.sinks import WriteRejects
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ class Tokenize(beam.DoFn):
         self.tokenizer.load()
 
     def process(self, entity):
-        yield entity, self.tokenizer.encode(entity.title)
+        # Only what the single-worker resolution uses crosses to it: no summary, no extra
+        # fields (at 6M entities the whole records are several GB, these ~0.5 GB).
+        slim = Entity(qid=entity.qid, title=entity.title, file_index=entity.file_index, row=entity.row)
+        yield slim, self.tokenizer.encode(entity.title)
 
 
 class ResolveAndWrite(beam.DoFn):
