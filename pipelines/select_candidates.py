@@ -89,7 +89,12 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=256, help="captions per encoder / search call")
     p.add_argument("--device", default="cpu", help="torch device of the text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
-    p.add_argument("--nprobe", type=int, default=0, help="IVF cells searched (IVF indexes only)")
+    p.add_argument(
+        "--nprobe",
+        type=int,
+        default=0,
+        help="IVF cells searched; 0 = the value build_entity_index calibrated for the index (its manifest's search.params)",
+    )
     p.add_argument(
         "--share_index",
         choices=("auto", "yes", "no"),
@@ -174,6 +179,7 @@ def build_pipeline(p, args, manifest, threads, share_index):
         batch_size=args.batch_size,
         threads=threads,
         nprobe=args.nprobe,
+        search_params=manifest.get("search", {}).get("params", {}),
         share_across_processes=share_index,
     )
     searched = captions | "EmbedAndSearch" >> EmbedAndSearch(text_handler, search_handler)

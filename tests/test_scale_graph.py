@@ -185,3 +185,55 @@ def test_thread_budget_is_decided_on_the_worker(monkeypatch):
     monkeypatch.setattr(common, "machine_cores", lambda: 2)
     assert common.resolve_threads(multi) == 1
     assert common.resolve_threads(common.threads_per_process(PipelineOptions([]), explicit=3)) == 3
+
+
+def test_ivf_nprobe_is_calibrated_from_a_recall_curve():
+    import faiss
+
+    from transforms.entity_index import build_faiss_index, calibrate_search, exact_top_k, train_sample_size
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 40, 6000)] + 0.4 * rng.standard_normal((6000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Exact top-k by streaming chunks equals one big product.
+    q = vectors[:50]
+    full = np.argsort(-(q @ vectors.T), axis=1, kind="stable")[:, :10]
+    assert (np.sort(exact_top_k(vectors, q, 10, chunk=700), axis=1) == np.sort(full, axis=1)).all()
+
+    index = build_faiss_index(vectors, "IVF64,Flat", 0, seed=0)
+    search = calibrate_search(index, vectors, k=10, n_queries=300, target_recall=0.9)
+    curve = search["recall_curve"]
+    recalls = [c["recall_at_10"] for c in curve]
+    assert [c["nprobe"] for c in curve][0] == 1 and curve[-1]["nprobe"] == 64
+    assert recalls[-1] == 1.0 and recalls[0] < 0.9  # nprobe = 1 loses recall on these data
+    assert all(b >= a - 1e-9 for a, b in zip(recalls, recalls[1:]))
+    chosen = search["params"]["nprobe"]
+    first_ok = next(c["nprobe"] for c in curve if c["recall_at_10"] >= 0.9)
+    assert chosen == first_ok and faiss.extract_index_ivf(index).nprobe == chosen
+    # The training sample follows faiss's advice, or says why not.
+    assert train_sample_size(index, 10_000_000, 0) == (50 * 64, None)
+    take, warning = train_sample_size(index, 10_000_000, 1000)
+    assert take == 1000 and "39 x nlist" in warning and "--train_sample" in warning
+    take, warning = train_sample_size(index, 2000, 0)
+    assert take == 2000 and "fewer lists" in warning
+    flat = build_faiss_index(vectors, "Flat", 0, seed=0)
+    assert calibrate_search(flat, vectors) is None
+
+
+def test_index_manifest_search_params_reach_the_searchers(tmp_path, catalog_path):
+    import faiss
+
+    from pipelines import build_entity_index
+    from transforms.embedding import FaissSearchHandler
+    from transforms.refine import load_grounder
+
+    out = tmp_path / "ivf"
+    manifest = build_entity_index.run(["--entities", catalog_path, "--output", str(out), "--index_factory", "IVF4,Flat"])
+    nprobe = manifest["search"]["params"]["nprobe"]
+    assert manifest["search"]["recall_curve"][-1]["nprobe"] == 4 and 1 <= nprobe <= 4
+    handler = FaissSearchHandler(str(out / "entities.faiss"), 3, search_params=manifest["search"]["params"])
+    assert faiss.extract_index_ivf(handler.load_model().index).nprobe == nprobe
+    override = FaissSearchHandler(str(out / "entities.faiss"), 3, nprobe=3, search_params=manifest["search"]["params"])
+    assert faiss.extract_index_ivf(override.load_model().index).nprobe == 3
+    assert faiss.extract_index_ivf(load_grounder(str(out)).index).nprobe == nprobe

@@ -122,8 +122,10 @@ def set_faiss_threads(threads) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def load_faiss_index(path: str, threads: int = 0, nprobe: int = 0):
-    """Read a faiss index from a local or remote (gs://) path."""
+def load_faiss_index(path: str, threads=0, nprobe: int = 0, params: Optional[dict] = None):
+    """Read a faiss index from a local or remote (gs://) path, with its search parameters:
+    `params` (the index manifest's calibrated ones, e.g. {"nprobe": 32}), overridden by an
+    explicit `nprobe` > 0."""
     import faiss
 
     set_faiss_threads(threads)
@@ -136,11 +138,14 @@ def load_faiss_index(path: str, threads: int = 0, nprobe: int = 0):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         index = faiss.read_index(path)
+    settings = dict(params or {})
     if nprobe > 0:
+        settings["nprobe"] = nprobe
+    for name, value in settings.items():
         try:
-            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
         except RuntimeError:
-            log.info("index %s has no nprobe parameter; ignoring --nprobe", path)
+            log.info("index %s has no %s parameter; ignoring it", path, name)
     return index
 
 
@@ -175,6 +180,7 @@ class FaissSearchHandler(ModelHandler[np.ndarray, tuple[np.ndarray, np.ndarray],
         batch_size: int = 256,
         threads: int = 0,
         nprobe: int = 0,
+        search_params: Optional[dict] = None,
         share_across_processes: bool = False,
     ):
         super().__init__(
@@ -186,9 +192,10 @@ class FaissSearchHandler(ModelHandler[np.ndarray, tuple[np.ndarray, np.ndarray],
         self.k = k
         self.threads = threads
         self.nprobe = nprobe
+        self.search_params = dict(search_params or {})
 
     def load_model(self):
-        return SearchableIndex(load_faiss_index(self.index_path, self.threads, self.nprobe))
+        return SearchableIndex(load_faiss_index(self.index_path, self.threads, self.nprobe, self.search_params))
 
     def run_inference(
         self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from typing import Optional
 
 import apache_beam as beam
 import numpy as np
@@ -141,12 +142,44 @@ def new_faiss_index(dim: int, factory: str):
         ) from e
 
 
+def ivf_lists(index) -> int:
+    """nlist of an IVF index (0 for any other)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 0
+
+
+# faiss's k-means warns below 39 training points per centroid; 50 leaves a margin.
+MIN_POINTS_PER_LIST = 39
+AUTO_POINTS_PER_LIST = 50
+AUTO_TRAIN_SAMPLE = 1_000_000
+
+
+def train_sample_size(index, n: int, requested: int) -> tuple[int, Optional[str]]:
+    """(vectors to train on, a warning or None). `requested` 0 = auto: 50 x nlist for IVF
+    (faiss advises at least 39 x nlist), 1M otherwise; never more than the catalog."""
+    nlist = ivf_lists(index)
+    take = requested if requested > 0 else (AUTO_POINTS_PER_LIST * nlist if nlist else AUTO_TRAIN_SAMPLE)
+    take = min(n, take)
+    warning = None
+    if nlist and take < MIN_POINTS_PER_LIST * nlist:
+        warning = (
+            f"training IVF{nlist} on {take:,} vectors, below faiss's advised {MIN_POINTS_PER_LIST} x nlist = "
+            f"{MIN_POINTS_PER_LIST * nlist:,}: the cells are poorly placed and recall drops; "
+            + ("use fewer lists for this catalog" if n < MIN_POINTS_PER_LIST * nlist else "raise --train_sample (0 = auto)")
+        )
+    return take, warning
+
+
 def build_faiss_index(vectors: np.ndarray, factory: str, train_sample: int, seed: int):
     n, dim = vectors.shape
     index = new_faiss_index(dim, factory)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
-        take = min(n, train_sample)
+        take, warning = train_sample_size(index, n, train_sample)
+        if warning:
+            log.warning(warning)
         sample = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
         train = np.ascontiguousarray(vectors[sample])
         try:
@@ -162,6 +195,93 @@ def build_faiss_index(vectors: np.ndarray, factory: str, train_sample: int, seed
     return index
 
 
+def search_parameter(index) -> Optional[str]:
+    """The faiss knob that trades recall for speed: nprobe (IVF), efSearch (HNSW)."""
+    import faiss
+
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "nprobe"
+    if "HNSW" in type(faiss.downcast_index(index)).__name__:
+        return "efSearch"
+    return None
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+    """Ids of the exact top-k by inner product, streaming over (memory-mapped) vectors."""
+    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(vectors), chunk):
+        block = np.asarray(vectors[start : start + chunk], dtype=np.float32)
+        s = queries @ block.T
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        best_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+        best_i = np.concatenate([best_i, part + start], axis=1)
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, keep, axis=1)
+        best_i = np.take_along_axis(best_i, keep, axis=1)
+    return best_i
+
+
+def calibration_queries(vectors: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Caption-like queries: catalog vectors moved to cosine ~0.7 of themselves by isotropic
+    noise (a caption that names an entity scores 0.5-0.8 against its title; an entity's own
+    vector would find itself in its own cell and say nothing about recall)."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(vectors), size=min(n, len(vectors)), replace=False))
+    base = np.asarray(vectors[rows], dtype=np.float32)
+    noise = rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(base.shape[1])
+    q = base + noise
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def calibrate_search(
+    index, vectors: np.ndarray, *, k: int = 10, n_queries: int = 1000, target_recall: float = 0.95, seed: int = 0
+) -> Optional[dict]:
+    """Recall@k against exact search for each value of the index's search knob (the whole
+    curve, written to the manifest), and the smallest value that reaches `target_recall`
+    (faiss's default nprobe = 1 silently loses recall). None for an exact index."""
+    import time
+
+    import faiss
+
+    param = search_parameter(index)
+    if param is None:
+        return None
+    queries = calibration_queries(vectors, n_queries, seed)
+    k = min(k, index.ntotal)
+    truth = exact_top_k(vectors, queries, k)
+    space = faiss.ParameterSpace()
+    if param == "nprobe":
+        top = ivf_lists(index)
+        values = [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if v < top] + [top]
+    else:
+        values = [16, 32, 64, 128, 256, 512]
+    curve = []
+    chosen = None
+    for v in values:
+        space.set_index_parameter(index, param, v)
+        started = time.perf_counter()
+        _, got = index.search(queries, k)
+        seconds = time.perf_counter() - started
+        recall = float(np.mean([len(set(g) & set(t)) / k for g, t in zip(got.tolist(), truth.tolist())]))
+        curve.append({param: v, f"recall_at_{k}": round(recall, 4), "ms_per_query": round(1000 * seconds / len(queries), 4)})
+        if chosen is None and recall >= target_recall:
+            chosen = v
+    if chosen is None:
+        chosen = values[-1]
+        log.warning("no %s reaches recall@%d >= %.2f (best %.3f at %s=%d)", param, k, target_recall, curve[-1][f"recall_at_{k}"], param, chosen)
+    space.set_index_parameter(index, param, chosen)
+    return {
+        "params": {param: chosen},
+        "target_recall": target_recall,
+        "k": k,
+        "queries": len(queries),
+        "queries_are": "catalog vectors moved to cosine ~0.7 by isotropic noise",
+        "recall_curve": curve,
+    }
+
+
 def finalize_entity_index(
     part_paths: list[str],
     output_dir: str,
@@ -171,7 +291,8 @@ def finalize_entity_index(
     seed: int,
     model_name: str,
     inputs: list[str],
-    threads: int = 0,
+    threads=0,
+    target_recall: float = 0.95,
 ) -> dict:
     """Dense int ids in catalog order, entities.parquet, embeddings.npy, the faiss index and
     manifest.json from the vector parts. Holds in its heap one part, the id arrays (16
@@ -241,6 +362,7 @@ def finalize_entity_index(
                         out.write_table(on_disk.take(pa.array(order[start : start + ENTITY_ROWS_PER_GROUP])))
             del on_disk
         index = build_faiss_index(vectors, factory, train_sample, seed)
+        search = calibrate_search(index, vectors, target_recall=target_recall, seed=seed)
         with _local_output(output_dir, INDEX_FILE) as path:
             faiss.write_index(index, path)
         del vectors
@@ -258,6 +380,8 @@ def finalize_entity_index(
         "num_entities": int(n),
         "index_factory": factory,
         "index_ntotal": int(index.ntotal),
+        # What select_candidates and grounding set on the index unless told otherwise.
+        "search": search or {"params": {}, "exact": True},
         "files": {
             "entities": ENTITIES_FILE,
             "embeddings": EMBEDDINGS_FILE,

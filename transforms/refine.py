@@ -348,7 +348,7 @@ def load_grounder(entity_index: str, text_model: Optional[str] = None, threads=0
     with open_read(f"{entity_index}/{ENTITIES_FILE}") as f:
         table = pq.read_table(f, columns=["int_id", "qid", "title"])
     model = load_sentence_transformer(text_model or manifest["model"], threads=threads)
-    index = load_faiss_index(f"{entity_index}/{INDEX_FILE}", threads)
+    index = load_faiss_index(f"{entity_index}/{INDEX_FILE}", threads, params=manifest.get("search", {}).get("params", {}))
 
     def encode(texts):
         return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
