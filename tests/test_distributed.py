@@ -222,3 +222,35 @@ def test_dataflow_graphs_are_small_and_do_not_grow_with_inputs(tmp_path, corpus,
         grow = built[(name, 300)]["pipeline_proto_bytes"] - built[(name, 1)]["pipeline_proto_bytes"]
         # 300 input files instead of one: the job graph is the same up to a few path bytes.
         assert abs(grow) < 2_000, (name, grow)
+
+
+def test_worker_images_and_accelerator_flags_reach_the_job(tmp_path, catalog_path, entity_index, candidates):
+    """The Dockerfiles copy files that exist and name the interpreter the handler reads; a
+    Dataflow job built with the README's GPU flags runs on that image with the accelerator."""
+    import re
+
+    from transforms import llm_vllm
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for name in ("gpu.Dockerfile", "vllm.Dockerfile"):
+        text = open(os.path.join(root, "docker", name), encoding="utf-8").read()
+        assert text.count("FROM apache/beam_python3.11_sdk:2.77.0") == 1
+        assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+        for line in re.findall(r"^COPY (.+) \S+$", text, flags=re.M):
+            for path in line.split():
+                assert os.path.exists(os.path.join(root, path)), (name, path)
+    vllm_text = open(os.path.join(root, "docker", "vllm.Dockerfile"), encoding="utf-8").read()
+    assert f"ENV {llm_vllm.VLLM_PYTHON_ENV}=/opt/vllm/bin/python" in vllm_text
+    image = "us-central1-docker.pkg.dev/entityforge-test/images/entityforge-gpu:test"
+    accelerator = "worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver"
+    summary = decontaminate.run(
+        ["--input", str(candidates / "candidates-*.parquet"), "--eval_images", str(candidates), "--clip_model", "ViT-S-32",
+         "--clip_pretrained", "none", "--device", "cuda", "--output", "gs://entityforge-test-bucket/shards",
+         *DATAFLOW, "--sdk_container_image", image, "--dataflow_service_options", accelerator,
+         "--machine_type", "g2-standard-8"])
+    job = summary["job"]
+    images = {env.payload.decode("latin-1") for env in job.proto_pipeline.components.environments.values()}
+    assert any(image in p for p in images), images
+    options = job.options.get_all_options()
+    assert accelerator in (options.get("dataflow_service_options") or [])
+    assert options.get("machine_type") == "g2-standard-8"

@@ -151,3 +151,33 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
     assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0, summary["tokens"]
     # Beam leaves its server running; refine stopped it.
     assert _vllm_server_pids(model_dir) == []
+
+
+def test_vllm_server_runs_on_the_interpreter_the_image_names(tmp_path, monkeypatch):
+    """docker/vllm.Dockerfile keeps vLLM in a venv of its own (its torch and pillow>=13 do
+    not fit Beam's environment) and names its python in ENTITYFORGE_VLLM_PYTHON: Beam's own
+    start_server must launch the server with it, and sys.executable must be left as it was."""
+    from apache_beam.ml.inference import vllm_inference
+
+    monkeypatch.setattr(llm_vllm, "REGISTRY_ROOT", str(tmp_path / "registry"))
+    monkeypatch.setenv(llm_vllm.RUN_ENV, "test-run")
+    monkeypatch.setenv(llm_vllm.VLLM_PYTHON_ENV, "/opt/vllm/bin/python")
+    launched = []
+    real_python = sys.executable
+
+    def fake_start_process(cmd):
+        launched.append(list(cmd))
+        proc = subprocess.Popen([real_python, "-c", "import time; time.sleep(600)"])
+        return proc, 8000
+
+    monkeypatch.setattr(vllm_inference, "start_process", fake_start_process)
+    monkeypatch.setattr(vllm_inference._VLLMModelServer, "check_connectivity", lambda self, retries=3: None)
+    before = sys.executable
+    server = llm_vllm.make_vllm_handler("tiny-vlm", vllm_server_kwargs={"max-model-len": "1024"}).load_model()
+    server.start_server()
+    try:
+        assert launched and launched[0][:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+        assert "tiny-vlm" in launched[0] and "--max-model-len" in launched[0]
+        assert sys.executable == before
+    finally:
+        llm_vllm.shutdown_vllm_servers()

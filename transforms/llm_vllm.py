@@ -21,6 +21,7 @@ import atexit
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 # Beam's shared-model server process in the environment, so only this run's servers stop.
 REGISTRY_ROOT = os.environ.get("ENTITYFORGE_VLLM_REGISTRY", "/tmp/entityforge-vllm")
 RUN_ENV = "ENTITYFORGE_VLLM_RUN"
+
+
+VLLM_PYTHON_ENV = "ENTITYFORGE_VLLM_PYTHON"
 
 
 def _registry() -> str:
@@ -141,7 +145,18 @@ def make_vllm_handler(
 
     class _RegisteredServer(_VLLMModelServer):
         def start_server(self, retries=3):
-            super().start_server(retries)
+            # Beam starts `sys.executable -m vllm.entrypoints.openai.api_server`. vLLM pins its
+            # own torch and pillow>=13, which Beam's pillow<13 excludes from one environment;
+            # a worker image (docker/vllm.Dockerfile) can keep vLLM in a venv of its own and
+            # name its interpreter here.
+            python = os.environ.get(VLLM_PYTHON_ENV)
+            saved = sys.executable
+            if python:
+                sys.executable = python
+            try:
+                super().start_server(retries)
+            finally:
+                sys.executable = saved
             if self._server_process is not None:
                 _register(self._server_process.pid)
 
