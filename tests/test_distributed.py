@@ -254,3 +254,23 @@ def test_worker_images_and_accelerator_flags_reach_the_job(tmp_path, catalog_pat
     options = job.options.get_all_options()
     assert accelerator in (options.get("dataflow_service_options") or [])
     assert options.get("machine_type") == "g2-standard-8"
+
+
+def test_demo_chain_multi_process_equals_in_process(tmp_path):
+    """The demo's chain (index, selection, decontamination, REW) on two SDK worker
+    processes writes the rows the in-process run writes."""
+    from pipelines import demo
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    a = demo.main(["--output", str(single), "--k", "5", "--train_steps", "0"])
+    b = demo.main(["--output", str(multi), "--k", "5", "--train_steps", "0", *MULTI])
+    assert a["count_check"] == b["count_check"] == "ok"
+    assert a["decontaminate"]["count_check"] == b["decontaminate"]["count_check"] == "ok"
+    assert a["refine"]["count_check"] == b["refine"]["count_check"] == "ok"
+    assert pq.read_table(single / "entity_index" / "entities.parquet").to_pylist() == pq.read_table(
+        multi / "entity_index" / "entities.parquet"
+    ).to_pylist()
+    for folder, pattern in (("candidates", "candidates-*.parquet"), ("shards", "samples-*.parquet"), ("rew", "samples-*.parquet")):
+        left = rows_of(single / folder, pattern)
+        assert left and left == rows_of(multi / folder, pattern), folder
+        assert rejects_of(single / folder) == rejects_of(multi / folder), folder
