@@ -127,6 +127,13 @@ def build_parser():
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
     p.add_argument(
+        "--share_clip",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="hold the CLIP model once per machine and send it every SDK process's batches (the images travel "
+        "to the holder process). auto: yes on a GPU (--device cuda) with several SDK processes, else no",
+    )
+    p.add_argument(
         "--share_eval",
         choices=("auto", "yes", "no"),
         default="auto",
@@ -153,11 +160,14 @@ def _count_written(sample):
     return sample
 
 
-def clip_handler(args, threads):
-    return OpenClipImageHandler(args.clip_model, args.clip_pretrained, batch_size=args.batch_size, device=args.device, threads=threads)
+def clip_handler(args, threads, share: bool = False):
+    return OpenClipImageHandler(
+        args.clip_model, args.clip_pretrained, batch_size=args.batch_size, device=args.device, threads=threads,
+        share_across_processes=share,
+    )
 
 
-def build_eval_pipeline(p, args, eval_dir: str, threads):
+def build_eval_pipeline(p, args, eval_dir: str, threads, share_clip: bool = False):
     """Phase 1: list, read, decode and embed every evaluation image -> eval_set/."""
     items, list_rejects = p | "ListEval" >> ListEvalImages(args.eval_images, args.eval_image_root)
     read = (
@@ -172,7 +182,7 @@ def build_eval_pipeline(p, args, eval_dir: str, threads):
     embedded, dlq = (
         decoded.images
         | "EvalPixels" >> beam.Map(_with_image)
-        | "EmbedEval" >> RunInference(KeyedModelHandler(clip_handler(args, threads))).with_exception_handling()
+        | "EmbedEval" >> RunInference(KeyedModelHandler(clip_handler(args, threads, share_clip))).with_exception_handling()
     )
     _ = (
         embedded
@@ -229,7 +239,7 @@ def eval_coverage(eval_dir: str, manifest: dict, allow_partial: bool, flag_hint:
     )
 
 
-def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, share_eval: bool):
+def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, share_eval: bool, share_clip: bool = False):
     """Phase 2: read, decode, embed and filter the candidates against eval_set/, write shards."""
     units = []
     rejects = []
@@ -258,7 +268,7 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
     embedded, cand_dlq = (
         decoded.images
         | "Pixels" >> beam.Map(_with_image)
-        | "EmbedCandidates" >> RunInference(KeyedModelHandler(clip_handler(args, threads))).with_exception_handling()
+        | "EmbedCandidates" >> RunInference(KeyedModelHandler(clip_handler(args, threads, share_clip))).with_exception_handling()
     )
     filtered = (
         embedded
@@ -341,6 +351,10 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     inputs = match_files(args.input, "--input")
     threads = threads_per_process(options, args.threads)
     share_eval = {"yes": True, "no": False}.get(args.share_eval, worker_processes(options) != 1)
+    # auto: on a GPU, one model per machine (several SDK processes must not each load it onto
+    # the device); on CPU, a copy per process (shipping decoded images to one holder costs
+    # more than the copy saves).
+    share_clip = {"yes": True, "no": False}.get(args.share_clip, args.device != "cpu" and worker_processes(options) != 1)
     out = args.output.rstrip("/")
     dry = is_dry_run(options)
     if args.eval_embeddings:
@@ -348,7 +362,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     else:
         eval_dir = f"{out}/{EVAL_SET_DIR}"
         ep = beam.Pipeline(options=options)
-        build_eval_pipeline(ep, args, eval_dir, threads)
+        build_eval_pipeline(ep, args, eval_dir, threads, share_clip)
         if dry:
             eval_manifest = build_only(ep, "decontaminate (phase 1: evaluation set)")
         else:
@@ -371,13 +385,13 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             )
     if dry:
         p = test_pipeline or beam.Pipeline(options=options)
-        build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval)
+        build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
         return build_only(p, "decontaminate")
     coverage = eval_coverage(
         eval_dir, eval_manifest, args.allow_partial_eval, "--eval_embeddings" if args.eval_embeddings else "--eval_images"
     )
     p = test_pipeline or beam.Pipeline(options=options)
-    build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval)
+    build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     lines = []

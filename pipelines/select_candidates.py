@@ -42,6 +42,7 @@ from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
     CAPTION_FORMATS,
     REJECTED,
+    TAR_SUFFIXES,
     CaptionColumns,
     ListFiles,
     ReadParquetCaptions,
@@ -138,7 +139,8 @@ def read_captions(p, args, columns: CaptionColumns):
     if args.caption_format == "webdataset":
         units = (
             p
-            | "CaptionFiles" >> ListFiles(args.captions)
+            # img2dataset writes a .parquet and a _stats.json beside each tar: tars only.
+            | "CaptionFiles" >> ListFiles(args.captions, suffixes=TAR_SUFFIXES)
             | "MeasureSpread" >> MeasureShuffle("spread_units")
             | "SpreadTars" >> beam.Reshuffle()
         )

@@ -95,9 +95,12 @@ class OpenClipImageHandler(ModelHandler[Any, np.ndarray, Any]):
         *,
         batch_size: int = 32,
         device: str = "cpu",
-        threads: int = 0,
+        threads=0,
+        share_across_processes: bool = False,
     ):
-        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        # Shared: one copy of the model per machine (ViT-L-14 is 1.7 GB in float32), which
+        # every SDK process sends its batches to.
+        super().__init__(min_batch_size=1, max_batch_size=batch_size, large_model=share_across_processes)
         self.model_name = model_name
         self.pretrained = pretrained
         self.device = device

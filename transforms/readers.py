@@ -256,6 +256,7 @@ def _jsonable(v):
 # --------------------------------------------------------------------------------------
 
 _GLOB_CHARS = "*?["
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _SOURCE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
 
 
