@@ -32,6 +32,7 @@ from transforms.common import (
 )
 from transforms.entity_index import read_manifest
 from transforms.options import cli_main, new_parser, parse
+from transforms.readers import ListFiles
 from transforms.refine import GroundingHandler, json_item
 from transforms.schema import Reject
 
@@ -78,12 +79,12 @@ def to_line(element) -> str:
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     args, options = parse(build_parser(), argv)
     manifest = read_manifest(args.entity_index)
-    inputs = match_files(args.input, "--input")
+    match_files(args.input, "--input")  # a typo fails here, before any work
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
     parsed = (
         p
-        | "Files" >> beam.Create(inputs)
+        | "Files" >> ListFiles(args.input)
         | "Read" >> beam.io.ReadAllFromText()
         | "Parse" >> beam.FlatMap(parse_line).with_outputs("rejected", main="names")
     )

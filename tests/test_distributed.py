@@ -287,3 +287,24 @@ def test_demo_chain_multi_process_equals_in_process(tmp_path):
         assert sims[0].keys() == sims[1].keys()
         for key, s in sims[0].items():
             assert (s is None) == (sims[1][key] is None) and (s is None or abs(s - sims[1][key]) < 1e-4), (folder, key)
+
+
+def test_ground_multi_process_shares_one_grounder(tmp_path, entity_index):
+    """Two SDK processes: grounding is served by one shared Grounder (title tables, index,
+    encoder; --share_grounding auto) and answers what the in-process run answers; the job
+    also builds for Dataflow."""
+    from pipelines import ground
+
+    names = [{"text": t, "id": i} for i, t in enumerate(
+        ["eiffel tower", "The Eiffel Tower in Paris", "Jaguar Cars", "Zorblax Quantum Teapot 9000", "Mercury", "mona lisa"] * 4
+    )]
+    src = write_jsonl(tmp_path / "names.jsonl", names)
+    outputs = {}
+    for mode, extra in (("single", []), ("multi", MULTI)):
+        out = tmp_path / f"{mode}.jsonl"
+        counters = ground.run(["--entity_index", entity_index, "--input", src, "--output", str(out), "--min_ground_score", "0.6", *extra])
+        assert counters["names_read"] == len(names)
+        outputs[mode] = sorted(out.read_text().splitlines())
+    assert outputs["single"] == outputs["multi"] and len(outputs["single"]) == len(names)
+    built = ground.run(["--entity_index", entity_index, "--input", src, "--output", "gs://entityforge-test-bucket/g.jsonl", *DATAFLOW])
+    assert built["dry_run"] and 0 < built["pipeline_proto_bytes"] < GRAPH_LIMIT
