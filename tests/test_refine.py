@@ -231,7 +231,7 @@ def test_repeated_qid_summary_is_the_first_in_file_order(tmp_path, entity_index)
         {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower", "wikipedia_summary": "SECOND summary."},
     ])
     inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", {"ok": ("Q243", "Eiffel Tower at night")})
-    for run_no in range(3):
+    for run_no in range(2):
         with FakeLLMServer() as server:
             refine.run(["--input", inputs, "--entities", catalog, "--entity_index", entity_index, "--output",
                         str(tmp_path / f"o{run_no}"), "--model", "m", "--llm_backend", "openai", "--endpoint", server.url,
