@@ -67,7 +67,7 @@ def build_parser():
         "--train_sample",
         type=int,
         default=0,
-        help="vectors to train IVF/PQ on; 0 = auto (50 x nlist for IVF, faiss advises at least 39 x nlist; 1M otherwise)",
+        help="vectors to train IVF/PQ on; 0 = auto: max(50 x nlist, 1M) (faiss advises at least 39 x nlist)",
     )
     p.add_argument(
         "--target_recall",

@@ -219,6 +219,12 @@ def eval_coverage(eval_dir: str, manifest: dict, allow_partial: bool, flag_hint:
                 "complete": failed == 0 and bad_lines == 0 and listed > 0}
     if listed == 0:
         raise EvalCoverageError(f"{flag_hint}: no evaluation image was found; check the path (and --eval_image_root)")
+    if embedded == 0:
+        # Even --allow_partial_eval: an empty matrix would keep every candidate unchecked.
+        raise EvalCoverageError(
+            f"none of the {listed} evaluation images could be embedded (see {eval_dir}/rejected/eval_images/); "
+            "nothing to check candidates against"
+        )
     if coverage["complete"] or allow_partial:
         return coverage
     examples = []

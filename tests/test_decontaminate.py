@@ -280,3 +280,21 @@ def test_misuse(tmp_path):
         (tmp_path / "c.parquet").write_bytes(b"")
         decontaminate.run(["--input", str(tmp_path / "c.parquet"), "--eval_images", str(tmp_path / "a.jsonl"),
                            "--output", "o", "--clip_model", ARCH, "--clip_pretrained", "none"])
+
+
+def test_clip_shared_per_machine_embeds_like_the_local_model(checkpoint):
+    """--share_clip: the model sits behind Beam's cross-process proxy, which forwards method
+    calls only; the vectors must equal the in-process model's."""
+    from apache_beam.ml.inference.base import RunInference
+
+    images = [photo(i) for i in range(4)]
+    local = OpenClipImageHandler(ARCH, checkpoint, batch_size=4)
+    expected = np.stack([r.inference for r in local.run_inference(images, local.load_model())])
+    shared = OpenClipImageHandler(ARCH, checkpoint, batch_size=4, share_across_processes=True)
+    assert shared.share_model_across_processes()
+    with direct_pipeline() as p:
+        got = p | beam.Create(images) | RunInference(shared) | beam.Map(lambda r: r.inference.tolist())
+        assert_that(
+            got | beam.combiners.ToList(),
+            lambda out: np.testing.assert_allclose(np.array(sorted(out[0])), np.array(sorted(expected.tolist())), atol=1e-5),
+        )

@@ -44,6 +44,10 @@ def test_identity_rules():
     assert image_identity("", "http://u", "t") == image_identity(None, "http://u", "t") != image_identity(None, "http://v", "t")
     assert image_identity(None, "http://u", "t", qualify_url=False) == image_identity(None, "http://u", None)
     assert image_identity("", "", "t") is None
+    # Folders with nothing in common still give distinct tags, never bare basenames.
+    assert input_root("run1/*.tar,run2/*.tar") == "" and source_tag("run1/00000.tar", "") == "run1/00000"
+    assert input_root("/d1/run/*.tar,/d2/run/*.tar") == "/"
+    assert source_tag("/d1/run/00000.tar", "/") != source_tag("/d2/run/00000.tar", "/")
 
 
 def test_caption_pass_reads_no_image_bytes(tmp_path):
@@ -212,7 +216,9 @@ def test_ivf_nprobe_is_calibrated_from_a_recall_curve():
     first_ok = next(c["nprobe"] for c in curve if c["recall_at_10"] >= 0.9)
     assert chosen == first_ok and faiss.extract_index_ivf(index).nprobe == chosen
     # The training sample follows faiss's advice, or says why not.
-    assert train_sample_size(index, 10_000_000, 0) == (50 * 64, None)
+    assert train_sample_size(index, 10_000_000, 0) == (1_000_000, None)  # PQ/IVF floor
+    big = faiss.index_factory(32, "IVF65536,Flat", faiss.METRIC_INNER_PRODUCT)
+    assert train_sample_size(big, 10_000_000, 0) == (50 * 65536, None)
     take, warning = train_sample_size(index, 10_000_000, 1000)
     assert take == 1000 and "39 x nlist" in warning and "--train_sample" in warning
     take, warning = train_sample_size(index, 2000, 0)
@@ -237,3 +243,45 @@ def test_index_manifest_search_params_reach_the_searchers(tmp_path, catalog_path
     override = FaissSearchHandler(str(out / "entities.faiss"), 3, nprobe=3, search_params=manifest["search"]["params"])
     assert faiss.extract_index_ivf(override.load_model().index).nprobe == 3
     assert faiss.extract_index_ivf(load_grounder(str(out)).index).nprobe == nprobe
+
+
+def test_gzipped_tars_are_read_and_their_images_found(tmp_path, entity_index):
+    import gzip
+
+    samples = [{"key": "k1", "jpg": noise_jpeg(1, 64), "txt": "Eiffel Tower at night"},
+               {"key": "k2", "jpg": noise_jpeg(2, 64), "txt": "Mona Lisa in the Louvre"}]
+    plain = write_webdataset(tmp_path / "plain.tmp", samples)
+    os.makedirs(tmp_path / "c")
+    with open(plain, "rb") as src, gzip.open(tmp_path / "c" / "00000.tar.gz", "wb") as dst:
+        dst.write(src.read())
+    summary = _select(entity_index, tmp_path / "c", tmp_path / "out")
+    rows = {r["caption"]: r for r in read_candidates(tmp_path / "out")}
+    assert summary["count_check"] == "ok" and set(rows) == {s["txt"] for s in samples}
+    assert all(rows[s["txt"]]["image"] == s["jpg"] for s in samples)
+
+
+def test_dry_run_without_dataflow_is_refused(tmp_path, entity_index):
+    from transforms.common import UsageError
+
+    write_webdataset(tmp_path / "a.tar", [{"key": "k", "jpg": draw_image(1), "txt": "Eiffel Tower"}])
+    try:
+        select_candidates.run(["--entity_index", entity_index, "--captions", str(tmp_path / "a.tar"), "--caption_format",
+                               "webdataset", "--output", str(tmp_path / "out"), "--dry_run=True"])
+        raise AssertionError("a DirectRunner dry run must not run")
+    except UsageError as e:
+        assert "--runner DataflowRunner" in str(e)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+
+
+def test_large_images_are_downscaled_for_the_llm_whatever_their_shape():
+    from transforms.images import image_for_llm, probe_size
+
+    for size in ((2048, 2048), (4096, 1024), (800, 600)):
+        data = noise_jpeg(3, 8)  # replaced below by an image of `size`
+        buf = io.BytesIO()
+        Image.new("RGB", size, (120, 30, 200)).save(buf, format="JPEG")
+        data = buf.getvalue()
+        sent, mime = image_for_llm(data, 1024)
+        w, h, _ = probe_size(sent)
+        assert mime == "image/jpeg" and max(w, h) == min(1024, max(size))
+        assert (sent == data) == (max(size) <= 1024)

@@ -77,12 +77,23 @@ def validate_clip_args(model_name: str, pretrained: Optional[str]) -> None:
 
 
 class LoadedClip:
-    """The model and its preprocess transform (Beam's shared cache needs a weak-referenceable
-    object, not a tuple)."""
+    """The model and its preprocess transform behind a method call: Beam's cross-process
+    proxy (a model shared per machine) forwards method calls, not attribute reads."""
 
-    def __init__(self, model, preprocess):
+    def __init__(self, model, preprocess, device: str = "cpu"):
         self.model = model
         self.preprocess = preprocess
+        self.device = device
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """RGB PIL images -> L2-normalised float32 embeddings [n, dim]."""
+        import torch
+
+        pixels = torch.stack([self.preprocess(img) for img in images]).to(self.device)
+        with torch.no_grad():
+            features = self.model.encode_image(pixels)
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
 
 
 class OpenClipImageHandler(ModelHandler[Any, np.ndarray, Any]):
@@ -107,19 +118,12 @@ class OpenClipImageHandler(ModelHandler[Any, np.ndarray, Any]):
         self.threads = threads
 
     def load_model(self) -> LoadedClip:
-        return LoadedClip(*load_open_clip(self.model_name, self.pretrained, self.device, self.threads))
+        return LoadedClip(*load_open_clip(self.model_name, self.pretrained, self.device, self.threads), device=self.device)
 
     def run_inference(
         self, batch: Sequence[Any], model, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
-        import torch
-
-        clip, preprocess = model.model, model.preprocess
-        pixels = torch.stack([preprocess(img) for img in batch]).to(self.device)
-        with torch.no_grad():
-            features = clip.encode_image(pixels)
-            features = torch.nn.functional.normalize(features.float(), dim=-1)
-        vectors = features.cpu().numpy().astype(np.float32, copy=False)
+        vectors = model.embed(list(batch))
         for vec in vectors:
             # The example (a PIL image) is not echoed back: it would keep pixels alive.
             yield PredictionResult(None, vec, self.model_id)

@@ -258,6 +258,13 @@ def build_only(pipeline, name: str) -> dict:
     Dataflow's ~10 MB request limit applies to (data given to `beam.Create` is pickled
     into it, which is why the pipelines list their input files inside the job).
     """
+    runner = type(pipeline.runner).__name__
+    if "Dataflow" not in runner:
+        # Only the DataflowRunner honours --dry_run; any other runner would run the job.
+        raise UsageError(
+            f"--dry_run builds a Dataflow job without submitting it; with {runner} it would run the "
+            "pipeline. Add --runner DataflowRunner (and --no_auth --sdk_location container to build offline)"
+        )
     result = pipeline.run()
     job = getattr(result, "job", None)
     summary: dict = {"dry_run": True, "pipeline": name, "runner": type(pipeline.runner).__name__}

@@ -157,10 +157,12 @@ AUTO_TRAIN_SAMPLE = 1_000_000
 
 
 def train_sample_size(index, n: int, requested: int) -> tuple[int, Optional[str]]:
-    """(vectors to train on, a warning or None). `requested` 0 = auto: 50 x nlist for IVF
-    (faiss advises at least 39 x nlist), 1M otherwise; never more than the catalog."""
+    """(vectors to train on, a warning or None). `requested` 0 = auto: max(50 x nlist, 1M)
+    (faiss advises at least 39 x nlist; PQ codebooks want ~10k points each); never more
+    than the catalog."""
     nlist = ivf_lists(index)
-    take = requested if requested > 0 else (AUTO_POINTS_PER_LIST * nlist if nlist else AUTO_TRAIN_SAMPLE)
+    # PQ codebooks want ~10k points each and IVF cells 39+, so auto never goes below 1M.
+    take = requested if requested > 0 else max(AUTO_POINTS_PER_LIST * nlist, AUTO_TRAIN_SAMPLE)
     take = min(n, take)
     warning = None
     if nlist and take < MIN_POINTS_PER_LIST * nlist:
@@ -206,8 +208,9 @@ def search_parameter(index) -> Optional[str]:
     return None
 
 
-def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
-    """Ids of the exact top-k by inner product, streaming over (memory-mapped) vectors."""
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 16_384) -> np.ndarray:
+    """Ids of the exact top-k by inner product, streaming over (memory-mapped) vectors in
+    chunks small enough that the score block stays ~64 MB for 1,000 queries."""
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(vectors), chunk):
@@ -354,13 +357,29 @@ def finalize_entity_index(
         # Pass 2: entities.parquet in int id order, from the memory-mapped Arrow file in
         # slices, so titles, summaries and extra fields are never all in this process's heap.
         with pa.memory_map(rows_local) as source:
-            on_disk = pa.ipc.open_file(source).read_all()
-            order = np.argsort(on_disk["int_id"].to_numpy(), kind="stable")
+            reader = pa.ipc.open_file(source)
+            # One record batch per part. Table.take on a many-chunk table would first
+            # concatenate whole columns into the heap; taking from each batch (zero-copy on
+            # the map) and reordering the small result keeps a slice in memory, not the table.
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+            starts = np.cumsum([0] + [b.num_rows for b in batches])
+            all_ids = np.concatenate([b.column("int_id").to_numpy() for b in batches]) if batches else np.zeros(0, np.int64)
+            order = np.argsort(all_ids, kind="stable")
             with _local_output(output_dir, ENTITIES_FILE) as path:
-                with pq.ParquetWriter(path, on_disk.schema) as out:
+                with pq.ParquetWriter(path, reader.schema) as out:
                     for start in range(0, n, ENTITY_ROWS_PER_GROUP):
-                        out.write_table(on_disk.take(pa.array(order[start : start + ENTITY_ROWS_PER_GROUP])))
-            del on_disk
+                        rows = order[start : start + ENTITY_ROWS_PER_GROUP]
+                        which = np.searchsorted(starts, rows, side="right") - 1
+                        pieces, positions = [], []
+                        for b in np.unique(which):
+                            mine = np.nonzero(which == b)[0]
+                            pieces.append(batches[b].take(pa.array(rows[mine] - starts[b])))
+                            positions.append(mine)
+                        chunk = pa.Table.from_batches(pieces).combine_chunks()
+                        back = np.empty(len(rows), dtype=np.int64)
+                        back[np.concatenate(positions)] = np.arange(len(rows))
+                        out.write_table(chunk.take(pa.array(back)))
+            del batches, reader
         index = build_faiss_index(vectors, factory, train_sample, seed)
         search = calibrate_search(index, vectors, target_recall=target_recall, seed=seed)
         with _local_output(output_dir, INDEX_FILE) as path:

@@ -147,9 +147,10 @@ def image_for_llm(data: bytes, max_side: int = DEFAULT_LLM_MAX_SIDE, max_pixels:
     """
     if max_side <= 0:
         return data, _mime_of(data)
+    width, height, fmt = probe_size(data)  # the stored size: a draft decode may be smaller
+    mime = LLM_MIME.get(fmt)
     decoded = decode_image(data, max_pixels, draft=(max_side, max_side))
-    mime = LLM_MIME.get(decoded.format)
-    if mime is not None and max(decoded.width, decoded.height) <= max_side and decoded.frames == 1:
+    if mime is not None and max(width, height) <= max_side and decoded.frames == 1:
         return data, mime
     img = decoded.image
     if max(img.size) > max_side:

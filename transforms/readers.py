@@ -256,7 +256,9 @@ def _jsonable(v):
 # --------------------------------------------------------------------------------------
 
 _GLOB_CHARS = "*?["
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Compressed tars (.tar.gz) are read by streaming; their images are located in the
+# decompressed stream and read back through the same decompression.
+TAR_SUFFIXES = (".tar", ".tar.gz")
 _SOURCE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
 
 
@@ -290,13 +292,16 @@ def input_root(pattern: str) -> str:
             break
         common.append(level[0])
     root = "/".join(common)
-    return root + "/" if root else ""
+    if root:
+        return root + "/"
+    # Absolute paths with nothing in common but "/" keep the whole path as their tag.
+    return "/" if all(d.startswith("/") for d in dirs) else ""
 
 
 def source_tag(path: str, root: str) -> str:
     """A file's path below `root` without its format suffix: `run1/00000` for
     `<root>run1/00000.tar`."""
-    rel = path[len(root) :] if root and path.startswith(root) else os.path.basename(path)
+    rel = path[len(root) :] if path.startswith(root) else path
     rel = rel.lstrip("/")
     lower = rel.lower()
     for suffix in _SOURCE_SUFFIXES:
@@ -400,7 +405,9 @@ class TarMemberRef:
 def _tar_mode(path: Optional[str], fileobj) -> str:
     """Random access ('r:', members skipped by seeking) for plain tars; streaming for the rest."""
     plain = path is None or path.lower().endswith(".tar")
-    seekable = getattr(fileobj, "seekable", lambda: False)()
+    # io objects have seekable(); Beam's CompressedFile has a `seekable` property.
+    attr = getattr(fileobj, "seekable", None)
+    seekable = attr() if callable(attr) else bool(attr)
     return "r:" if plain and seekable else "r|*"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tarfile
 from typing import Optional
 
 import apache_beam as beam
@@ -89,8 +90,22 @@ class ReadSamples(beam.DoFn):
                     _counter("samples_read").inc()
                     yield Located(from_row(Sample, {**row, "image": b""}), path, f"p:{rg}:{i}")
             else:
-                with open_read(element) as f:
-                    members = list(iter_webdataset(f, path=element, read_ext=lambda ext: ext == "json"))
+                members, broken = [], None
+                try:
+                    with open_read(element) as f:
+                        for member in iter_webdataset(f, path=element, read_ext=lambda ext: ext == "json"):
+                            members.append(member)
+                except (tarfile.TarError, EOFError) as e:
+                    # A damaged tar: the samples before the damage go on, the rest is one reject.
+                    broken = e
+                if broken is not None:
+                    _counter("sample_files_broken").inc()
+                    yield beam.pvalue.TaggedOutput(
+                        REJECTED,
+                        Reject(stage=self.STAGE, reason="broken_archive",
+                               detail=f"after {len(members)} samples: {type(broken).__name__}: {broken}"[:500],
+                               source=element, count=0),
+                    )
                 for key, parts in members:
                     _counter("samples_read").inc()
                     try:
