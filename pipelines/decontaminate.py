@@ -79,7 +79,7 @@ from transforms.decontam import (
 )
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ListFiles, SplitParquet, input_root
+from transforms.readers import REJECTED, ShardUnits, input_root
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import DeadLetters, WriteRejects
 
@@ -247,23 +247,13 @@ def eval_coverage(eval_dir: str, manifest: dict, allow_partial: bool, flag_hint:
 
 def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, share_eval: bool, share_clip: bool = False):
     """Phase 2: read, decode, embed and filter the candidates against eval_set/, write shards."""
-    units = []
-    rejects = []
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
-    files = p | "InputFiles" >> ListFiles(args.input)
-    if any(not f.lower().endswith(".tar") for f in inputs):
-        split = (
-            files
-            | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
-            | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
-        )
-        units.append(split.units)
-        rejects.append(split[REJECTED])
-    if any(f.lower().endswith(".tar") for f in inputs):
-        units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
+    units, unit_rejects = p | "Units" >> ShardUnits(
+        args.input, any(not f.lower().endswith(".tar") for f in inputs), any(f.lower().endswith(".tar") for f in inputs)
+    )
+    rejects = [unit_rejects]
     read = (
-        tuple(units)
-        | "AllUnits" >> beam.Flatten()
+        units
         | "MeasureSpread" >> MeasureShuffle("spread_units")
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadCandidates" >> beam.ParDo(ReadCandidateImages(input_root(args.input))).with_outputs(REJECTED, main="candidates")

@@ -43,7 +43,7 @@ from transforms.entity_index import read_manifest
 from transforms.images import DEFAULT_LLM_MAX_SIDE
 from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ListFiles, ReadCatalogFile, SplitParquet
+from transforms.readers import REJECTED, ReadCatalogFile, ShardUnits
 from transforms.refine import (
     ApplyGrounding,
     GroundingHandler,
@@ -170,22 +170,13 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed},
         max_image_side=args.max_image_side,
     )
-    units, rejects = [], []
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
-    files = p | "InputFiles" >> ListFiles(args.input)
-    if any(not f.lower().endswith(".tar") for f in inputs):
-        split = (
-            files
-            | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
-            | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="u")
-        )
-        units.append(split.u)
-        rejects.append(split[REJECTED])
-    if any(f.lower().endswith(".tar") for f in inputs):
-        units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
+    units, unit_rejects = p | "Units" >> ShardUnits(
+        args.input, any(not f.lower().endswith(".tar") for f in inputs), any(f.lower().endswith(".tar") for f in inputs)
+    )
+    rejects = [unit_rejects]
     read = (
-        tuple(units)
-        | "Units" >> beam.Flatten()
+        units
         | "MeasureSpread" >> MeasureShuffle("spread_units")
         | "Spread" >> beam.Reshuffle()
         | "ReadSamples" >> beam.ParDo(ReadSamples()).with_outputs(REJECTED, main="samples")

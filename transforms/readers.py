@@ -772,3 +772,33 @@ def read_images_at(path: str, locators: list[str], image_col: Optional[str]) -> 
                     else:
                         images[f"p:{rg}:{row}"] = bytes(value)
     return images, missing
+
+
+class ShardUnits(beam.PTransform):
+    """Shards (Parquet and/or webdataset tars, matched in the job) -> read units: (path,
+    row group) for Parquet, the path for a tar; plus rejects for unreadable Parquet files.
+    `has_parquet` / `has_tars` (from the launcher's listing) leave out branches with no
+    input, so the graph stays what the inputs need."""
+
+    def __init__(self, pattern: str, has_parquet: bool, has_tars: bool):
+        super().__init__()
+        self.pattern = pattern
+        self.has_parquet = has_parquet
+        self.has_tars = has_tars
+
+    def expand(self, pbegin):
+        files = pbegin | "InputFiles" >> ListFiles(self.pattern)
+        units, rejects = [], []
+        if self.has_parquet:
+            split = (
+                files
+                | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
+                | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
+            )
+            units.append(split.units)
+            rejects.append(split[REJECTED])
+        if self.has_tars:
+            units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
+        all_units = tuple(units) | "AllUnits" >> beam.Flatten()
+        all_rejects = tuple(rejects) | "UnitRejects" >> beam.Flatten() if rejects else pbegin | "NoRejects" >> beam.Create([])
+        return all_units, all_rejects
