@@ -77,9 +77,11 @@ from transforms.decontam import (
     WriteEvalSet,
     is_annotation_file,
 )
+from transforms.formats.keys import input_root
+from transforms.formats.webdataset import is_tar
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ShardUnits, input_root
+from transforms.readers import REJECTED, ShardUnits
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import DeadLetters, WriteRejects
 
@@ -249,7 +251,7 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
     """Phase 2: read, decode, embed and filter the candidates against eval_set/, write shards."""
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
     units, unit_rejects = p | "Units" >> ShardUnits(
-        args.input, any(not f.lower().endswith(".tar") for f in inputs), any(f.lower().endswith(".tar") for f in inputs)
+        args.input, any(not is_tar(f) for f in inputs), any(is_tar(f) for f in inputs)
     )
     rejects = [unit_rejects]
     read = (

@@ -38,7 +38,7 @@ from transforms.common import (
     open_read,
     run_and_count,
 )
-from transforms.decontam import IMAGE_SUFFIXES
+from transforms.formats.media import IMAGE_SUFFIXES
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.options import cli_main, new_parser, parse
 from transforms.readers import REJECTED, ReadCatalogFile

@@ -40,6 +40,7 @@ from transforms.common import (
     worker_processes,
 )
 from transforms.entity_index import read_manifest
+from transforms.formats.webdataset import is_tar
 from transforms.images import DEFAULT_LLM_MAX_SIDE
 from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
 from transforms.options import cli_main, new_parser, parse, positive
@@ -172,7 +173,7 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
     )
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
     units, unit_rejects = p | "Units" >> ShardUnits(
-        args.input, any(not f.lower().endswith(".tar") for f in inputs), any(f.lower().endswith(".tar") for f in inputs)
+        args.input, any(not is_tar(f) for f in inputs), any(is_tar(f) for f in inputs)
     )
     rejects = [unit_rejects]
     read = (

@@ -38,17 +38,17 @@ from transforms.common import (
 )
 from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
+from transforms.formats.keys import input_root
+from transforms.formats.webdataset import TAR_SUFFIXES
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
     CAPTION_FORMATS,
     REJECTED,
-    TAR_SUFFIXES,
     CaptionColumns,
     ListFiles,
     ReadParquetCaptions,
     ReadWebDatasetCaptions,
     SplitParquet,
-    input_root,
 )
 from transforms.schema import Candidate
 from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults

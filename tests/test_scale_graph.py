@@ -11,14 +11,8 @@ from PIL import Image
 
 from pipelines import select_candidates
 from tests.helpers import draw_image, read_candidates, read_rejects, write_webdataset
-from transforms.readers import (
-    TarMemberRef,
-    image_identity,
-    input_root,
-    iter_webdataset,
-    read_tar_member,
-    source_tag,
-)
+from transforms.formats.keys import image_identity, input_root, source_tag
+from transforms.formats.webdataset import TarMemberRef, iter_webdataset, read_tar_member
 
 
 def noise_jpeg(seed: int, side: int = 256) -> bytes:

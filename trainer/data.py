@@ -24,14 +24,11 @@ mixed per sample by `--task_weights` among the tasks the sample has targets for.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 import math
 import os
 import random
-import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +36,14 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.common import UsageError, match_files, open_read
+from transforms.common import UsageError, match_files
+from transforms.formats.files import Skip
+from transforms.formats.shards import iter_shard_records, shard_kind
+from transforms.formats.shards import units as shard_units
+from transforms.formats.tfrecord import iter_tfrecord, masked_crc  # noqa: F401 - part of this module's API
 from transforms.images import ImageError, decode_image
+
+_masked_crc = masked_crc
 
 log = logging.getLogger("trainer.data")
 
@@ -71,21 +74,8 @@ COLUMNS = ("key", "image", "qid", "title", "rationale", "qa_json", "question", "
 # --------------------------------------------------------------------------------------
 
 
-def shard_kind(path: str) -> str:
-    p = path.lower()
-    if p.endswith(".parquet"):
-        return "parquet"
-    if p.endswith((".tfrecord", ".tfrecord.gz", ".tfrecords", ".tfrecords.gz")) or ".tfrecord-" in p:
-        return "tfrecord"
-    if p.endswith(".tar"):
-        return "webdataset"
-    return ""
-
-
 def list_units(pattern: str, flag: str = "--train") -> list[tuple[str, int]]:
     """(path, row group) for Parquet, (path, -1) for TFRecord and tar shards."""
-    import pyarrow.parquet as pq
-
     files = match_files(pattern, flag)
     kinds = {p: shard_kind(p) for p in files}
     unknown = [p for p, k in kinds.items() if not k]
@@ -97,112 +87,22 @@ def list_units(pattern: str, flag: str = "--train") -> list[tuple[str, int]]:
         )
     units = []
     for p in files:
-        if kinds[p] == "parquet":
-            try:
-                with open_read(p) as f:
-                    n = pq.ParquetFile(f).metadata.num_row_groups  # 0: an empty shard, nothing to read
-            except Exception:  # noqa: BLE001 - a broken file: the worker reads it again and counts it
-                n = 1
-            units += [(p, rg) for rg in range(n)]
-        else:
-            units.append((p, -1))
+        try:
+            units += shard_units(p)
+        except Exception:  # noqa: BLE001 - a broken file: the worker reads it again and counts it
+            units.append((p, 0))
     return units
-
-
-class Skip(Exception):
-    """A record that cannot be used; `reason` is its counter name."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def _masked_crc(data: bytes) -> int:
-    import google_crc32c
-
-    crc = google_crc32c.value(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def iter_tfrecord(stream) -> Iterator[bytes | Skip]:
-    """Payloads of a TFRecord stream; a bad data CRC skips one record, a bad length CRC or a
-    cut-off file ends the file (the framing is lost), each reported as a Skip."""
-    while True:
-        head = stream.read(12)
-        if not head:
-            return
-        if len(head) < 12:
-            yield Skip("tfrecord_truncated", "file ends inside a record header")
-            return
-        (length,) = struct.unpack("<Q", head[:8])
-        (length_crc,) = struct.unpack("<I", head[8:])
-        if _masked_crc(head[:8]) != length_crc:
-            yield Skip("tfrecord_bad_length_crc", "record framing lost; rest of the file skipped")
-            return
-        data = stream.read(length)
-        tail = stream.read(4)
-        if len(data) < length or len(tail) < 4:
-            yield Skip("tfrecord_truncated", "file ends inside a record")
-            return
-        if _masked_crc(data) != struct.unpack("<I", tail)[0]:
-            yield Skip("tfrecord_bad_crc", "record payload does not match its CRC")
-            continue
-        yield data
-
-
-def _row_from_sample(sample) -> dict:
-    return {c: getattr(sample, c, None) for c in COLUMNS}
 
 
 def iter_unit(unit: tuple[str, int]) -> Iterator[dict | Skip]:
     """Rows (dicts with COLUMNS) of one unit, or Skip markers; never raises."""
-    path, rg = unit
-    kind = shard_kind(path)
+    path = unit[0]
     try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            with open_read(path) as f:
-                pf = pq.ParquetFile(f)
-                names = set(pf.schema_arrow.names)
-                cols = [c for c in COLUMNS if c in names]
-                if "image" not in names or "qid" not in names:
-                    yield Skip("shard_missing_columns", f"{path}: needs image and qid columns")
-                    return
-                table = pf.read_row_group(rg, columns=cols)
-            for row in table.to_pylist():
-                yield row
-        elif kind == "tfrecord":
-            from transforms.example_proto import decode_example
-            from transforms.schema import Sample
-
-            with open_read(path) as raw:
-                stream = gzip.GzipFile(fileobj=raw) if path.lower().endswith(".gz") else io.BufferedReader(raw)
-                for item in iter_tfrecord(stream):
-                    if isinstance(item, Skip):
-                        yield item
-                        continue
-                    try:
-                        yield _row_from_sample(decode_example(item, Sample))
-                    except (ValueError, TypeError) as e:
-                        yield Skip("bad_record", str(e)[:200])
-        elif kind == "webdataset":
-            from transforms.readers import IMAGE_EXTENSIONS, iter_webdataset
-
-            with open_read(path) as raw:
-                for key, parts in iter_webdataset(raw):
-                    try:
-                        meta = json.loads(parts["json"].decode("utf-8"))
-                    except (KeyError, UnicodeDecodeError, ValueError) as e:
-                        yield Skip("bad_record", f"{key}: metadata {e}"[:200])
-                        continue
-                    image = next((parts[e] for e in (*IMAGE_EXTENSIONS, "img") if e in parts), None)
-                    row = {c: meta.get(c) for c in COLUMNS}
-                    row["image"] = image
-                    row["key"] = row["key"] or key
-                    yield row
-        else:
-            yield Skip("unknown_shard_kind", path)
+        for item in iter_shard_records(unit, required=("image", "qid")):
+            if isinstance(item, Skip):
+                yield item
+                continue
+            yield {c: item.row.get(c) for c in COLUMNS}
     except Exception as e:  # noqa: BLE001 - a broken file is skipped, the stream goes on
         yield Skip("unreadable_file", f"{path}: {type(e).__name__}: {e}"[:300])
 

@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.common import UsageError
-from transforms.decontam import IMAGE_SUFFIXES
+from transforms.formats.media import IMAGE_SUFFIXES
 
 log = logging.getLogger("trainer.predict")
 

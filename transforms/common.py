@@ -10,10 +10,10 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterable
-from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
+
+from transforms.formats.parquet import first_present  # noqa: F401 - the column rule lives with the format
 
 __version__ = "0.1.0"
 
@@ -212,20 +212,6 @@ def format_counters(counters: dict[str, int], title: str = "counters") -> str:
     lines = [title, "-" * (width + 14)]
     lines += [f"{k:<{width}}  {v:>12,}" for k, v in counters.items()]
     return "\n".join(lines)
-
-
-def first_present(names: Iterable[str], candidates: Iterable[Optional[str]]) -> Optional[str]:
-    """The first candidate column that exists in `names` (exact, then case-insensitive)."""
-    names = list(names)
-    lower = {n.lower(): n for n in names}
-    for c in candidates:
-        if c is None:
-            continue
-        if c in names:
-            return c
-        if c.lower() in lower:
-            return lower[c.lower()]
-    return None
 
 
 def sum_counters(counters: dict[str, int], prefix: str) -> int:

@@ -25,27 +25,20 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.common import METRICS_NAMESPACE, open_read
+from transforms.formats import parquet
+from transforms.formats.keys import image_identity, row_group_source, source_tag
+from transforms.formats.media import IMAGE_SUFFIXES
+from transforms.formats.webdataset import read_samples, webdataset_corpus_key
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from transforms.readers import (
-    REJECTED,
-    _image_part,
-    image_identity,
-    iter_webdataset,
-    source_tag,
-    webdataset_corpus_key,
-)
+from transforms.readers import REJECTED
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif")
-
 
 def _counter(name: str):
     return Metrics.counter(METRICS_NAMESPACE, name)
@@ -67,7 +60,7 @@ class ReadCandidateImages(beam.DoFn):
     shards whose KEY.json carries qid / title / score / rank / entity_id
     (`--save_additional_columns`).
 
-    Keys follow the corpus identity rule (`readers.image_identity`): img2dataset's own keys
+    Keys follow the corpus identity rule (`formats.keys.image_identity`): img2dataset's own keys
     (tars, its parquet output) are qualified by their file below `root`; select_candidates
     output already carries qualified keys and keeps them.
     """
@@ -125,40 +118,32 @@ class ReadCandidateImages(beam.DoFn):
 
     def _parquet(self, path: str, rg: int):
         with open_read(path) as f:
-            pf = pq.ParquetFile(f)
-            table = pf.read_row_group(rg)
-        img2dataset = "image" not in table.column_names
+            rows = parquet.read_rows(f, rg)
+        img2dataset = bool(rows) and "image" not in rows[0]
         tag = source_tag(path, self.root)
-        for row in table.to_pylist():
+        for row in rows:
             if img2dataset:
                 row["key"] = image_identity(row.get("key"), row.get("url"), tag)
-            yield self._emit(row, f"{path}#rg{rg}")
+            yield self._emit(row, row_group_source(path, rg))
 
     def _tar(self, path: str):
-        n = 0
-        try:
-            with open_read(path) as f:
-                for key, parts in iter_webdataset(f):
-                    n += 1
-                    meta = {}
-                    if "json" in parts:
-                        try:
-                            meta = json.loads(parts["json"].decode("utf-8"))
-                        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                            yield beam.pvalue.TaggedOutput(
-                                REJECTED, _reject(self.STAGE, "bad_json", str(e), key, path)
-                            )
-                            _counter("candidates_read").inc()
-                            continue
-                    if "txt" in parts and "caption" not in meta:
-                        meta["caption"] = parts["txt"].decode("utf-8", "replace")
-                    ident = image_identity(webdataset_corpus_key(key, meta), None, source_tag(path, self.root))
-                    row = {**meta, "key": ident, "image": _image_part(parts)}
-                    yield self._emit(row, path)
-        except Exception as e:  # noqa: BLE001
+        with open_read(path) as f:
+            samples, damage = read_samples(f, path=path)
+        tag = source_tag(path, self.root)
+        for s in samples:
+            if s.bad_json:
+                _counter("candidates_read").inc()
+                yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, "bad_json", s.bad_json, s.key, path))
+                continue
+            ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
+            yield self._emit({**s.meta, "key": ident, "image": s.image}, path)
+        if damage is not None:
+            # The samples before the damage go on; the rest of the file is one reject.
             _counter("candidate_files_broken").inc()
             yield beam.pvalue.TaggedOutput(
-                REJECTED, _reject(self.STAGE, "broken_archive", f"after {n} samples: {type(e).__name__}: {e}", source=path, count=0)
+                REJECTED,
+                _reject(self.STAGE, "broken_archive", f"after {len(samples)} samples: {type(damage).__name__}: {damage}",
+                        source=path, count=0),
             )
 
 

@@ -13,13 +13,9 @@ Parquet files are split by row group so that big LAION files are read in paralle
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,21 +24,32 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from transforms.common import METRICS_NAMESPACE, first_present, maybe_gunzip, open_read
+from transforms.formats.keys import (
+    REF_SEP,
+    expand_patterns,
+    image_identity,
+    is_hidden_file,
+    row_group_source,
+    source_tag,
+)
+from transforms.formats.parquet import is_parquet, row_group_units
+from transforms.formats.shards import read_images_at  # noqa: F401 - the image pass of select_candidates
+from transforms.formats.webdataset import (
+    TarMemberRef,
+    is_tar,
+    read_samples,
+    webdataset_corpus_key,
+)
 from transforms.schema import Caption, Entity, Reject, truncate_json
 
 log = logging.getLogger(__name__)
 
 REJECTED = "rejected"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_FORMATS = ("laion_parquet", "webdataset", "parquet")
 
 
 def _counter(name: str):
     return Metrics.counter(METRICS_NAMESPACE, name)
-
-
-def _is_parquet(path: str) -> bool:
-    return path.lower().endswith((".parquet", ".pq"))
 
 
 # --------------------------------------------------------------------------------------
@@ -115,7 +122,7 @@ class ReadCatalogFile(beam.DoFn):
     def process(self, element):
         file_index, path = element
         try:
-            if _is_parquet(path):
+            if is_parquet(path):
                 yield from self._parquet(file_index, path)
             else:
                 yield from self._jsonl(file_index, path)
@@ -209,11 +216,6 @@ class CaptionColumns:
         )
 
 
-def url_key(url: str) -> str:
-    """Image identity for corpora without keys: the same URL is the same image."""
-    return hashlib.sha1(url.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-
-
 def _clean_caption(value, max_chars: int):
     """(caption, None) or (None, (reason, detail))."""
     if value is None:
@@ -252,100 +254,8 @@ def _jsonable(v):
 
 
 # --------------------------------------------------------------------------------------
-# Input files and image identity
+# Input files
 # --------------------------------------------------------------------------------------
-
-_GLOB_CHARS = "*?["
-# Compressed tars (.tar.gz) are read by streaming; their images are located in the
-# decompressed stream and read back through the same decompression.
-TAR_SUFFIXES = (".tar", ".tar.gz")
-_SOURCE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".parquet", ".pq")
-
-
-def split_patterns(pattern: str) -> list[str]:
-    return [p for p in pattern.split(",") if p]
-
-
-def _literal_dir(pattern: str) -> str:
-    """The folder part of a pattern before its first glob character ('' for none)."""
-    cut = min((pattern.find(c) for c in _GLOB_CHARS if c in pattern), default=-1)
-    head = pattern if cut < 0 else pattern[:cut]
-    if cut < 0 and (head.endswith("/") or ("://" not in head and os.path.isdir(head))):
-        return head.rstrip("/") + "/"
-    return head[: head.rfind("/") + 1] if "/" in head else ""
-
-
-def input_root(pattern: str) -> str:
-    """The deepest folder above every file the comma-separated `pattern` can match.
-
-    Image identities are qualified by a file's path below this folder, so two
-    img2dataset runs (both numbering their keys from 000000000) in run1/ and run2/ give
-    run1/00000/000000000 and run2/00000/000000000, not one key twice.
-    """
-    dirs = [_literal_dir(p) for p in split_patterns(pattern)]
-    if not dirs:
-        return ""
-    parts = [d.rstrip("/").split("/") for d in dirs]
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    root = "/".join(common)
-    if root:
-        return root + "/"
-    # Absolute paths with nothing in common but "/" keep the whole path as their tag.
-    return "/" if all(d.startswith("/") for d in dirs) else ""
-
-
-def source_tag(path: str, root: str) -> str:
-    """A file's path below `root` without its format suffix: `run1/00000` for
-    `<root>run1/00000.tar`."""
-    rel = path[len(root) :] if path.startswith(root) else path
-    rel = rel.lstrip("/")
-    lower = rel.lower()
-    for suffix in _SOURCE_SUFFIXES:
-        if lower.endswith(suffix):
-            return rel[: -len(suffix)]
-    return rel
-
-
-def image_identity(corpus_key, url, tag: Optional[str], qualify_url: bool = True) -> Optional[str]:
-    """The one rule for an image's key, in every pass over a corpus.
-
-    A corpus key (img2dataset's `key`, a key column) is only unique within its file, so it
-    is qualified by the file's tag: `<tag>/<key>`. Without a key, the URL names the image:
-    a hash of it, qualified by the tag too for image corpora (`qualify_url`), where two
-    files may hold different downloads of one URL; in a caption-only corpus the URL alone
-    is the identity (img2dataset downloads it once). None when the row has neither.
-    An empty string is no key.
-    """
-    if corpus_key is not None and str(corpus_key) != "":
-        return f"{tag}/{corpus_key}" if tag else str(corpus_key)
-    if url is not None and str(url) != "":
-        h = url_key(str(url))
-        return f"{tag}/{h}" if tag and qualify_url else h
-    return None
-
-
-def is_hidden_file(path: str) -> bool:
-    """img2dataset's `_stats.json`, editors' dot files: never corpus data."""
-    return os.path.basename(path.rstrip("/")).startswith((".", "_"))
-
-
-def expand_patterns(pattern: str) -> list[str]:
-    """Globs to match for a comma list of paths, folders and globs (a folder: its files)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    out = []
-    for p in split_patterns(pattern):
-        if not any(ch in p for ch in _GLOB_CHARS) and FileSystems.exists(p):
-            is_dir = p.endswith("/") if "://" in p else os.path.isdir(p)
-            if is_dir:
-                p = p.rstrip("/") + "/*"
-        out.append(p)
-    return out
-
 
 class ListFiles(beam.PTransform):
     """A comma list of paths, folders and globs -> the distinct file paths they match.
@@ -384,132 +294,8 @@ class ListFiles(beam.PTransform):
 
 
 # --------------------------------------------------------------------------------------
-# Webdataset tars
-# --------------------------------------------------------------------------------------
-
-TAR_BLOCK = 512
-
-
-@dataclass(frozen=True)
-class TarMemberRef:
-    """Where a member's bytes lie in an uncompressed tar: read them back with one ranged
-    read, and check the member header just before them."""
-
-    data_offset: int
-    size: int
-
-    def locator(self) -> str:
-        return f"t:{self.data_offset}:{self.size}"
-
-
-def _tar_mode(path: Optional[str], fileobj) -> str:
-    """Random access ('r:', members skipped by seeking) for plain tars; streaming for the rest."""
-    plain = path is None or path.lower().endswith(".tar")
-    # io objects have seekable(); Beam's CompressedFile has a `seekable` property.
-    attr = getattr(fileobj, "seekable", None)
-    seekable = attr() if callable(attr) else bool(attr)
-    return "r:" if plain and seekable else "r|*"
-
-
-def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> Iterator[tuple[str, dict]]:
-    """(key, {extension: bytes | TarMemberRef}) per sample of a webdataset tar, in order.
-
-    Files of one sample are adjacent in a webdataset tar; a sample ends when the key
-    changes. The key is the member's basename up to the first dot (with its folder, if
-    any). `read_ext(ext) -> bool` says which members to read; the others are given as
-    `TarMemberRef`s (their bytes are skipped, by seeking when the tar is plain and
-    seekable). By default every member is read.
-    """
-    current_key = None
-    parts: dict = {}
-    mode = _tar_mode(path, fileobj)
-    with tarfile.open(fileobj=fileobj, mode=mode) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            base = os.path.basename(name)
-            if base.startswith("."):
-                continue
-            dirname = os.path.dirname(name)
-            stem, _, ext = base.partition(".")
-            key = f"{dirname}/{stem}" if dirname else stem
-            if key != current_key and current_key is not None:
-                yield current_key, parts
-                parts = {}
-            current_key = key
-            ext = ext.lower()
-            if read_ext is None or read_ext(ext):
-                f = tar.extractfile(member)
-                parts[ext] = f.read() if f is not None else b""
-            else:
-                parts[ext] = TarMemberRef(member.offset_data, member.size)
-    if current_key is not None:
-        yield current_key, parts
-
-
-def image_part(parts: dict):
-    """The sample's image member (bytes or a TarMemberRef), by extension preference."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in parts:
-            return parts[ext]
-    return None
-
-
-_image_part = image_part  # older name, still used by the decontamination reader
-
-
-def read_tar_member(fileobj, ref: TarMemberRef) -> bytes:
-    """A member's bytes by its offset, after checking that the header block in front of
-    them is a valid tar header of that size (so a tar rewritten since it was indexed is an
-    error, not wrong bytes)."""
-    fileobj.seek(ref.data_offset - TAR_BLOCK)
-    block = fileobj.read(TAR_BLOCK + ref.size)
-    if len(block) < TAR_BLOCK + ref.size:
-        raise tarfile.ReadError(f"tar ends before the member at offset {ref.data_offset}")
-    info = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], tarfile.ENCODING, "surrogateescape")
-    if info.size != ref.size:
-        raise tarfile.ReadError(
-            f"member header at offset {ref.data_offset - TAR_BLOCK} says {info.size} bytes, "
-            f"expected {ref.size}: the tar changed since it was read"
-        )
-    return block[TAR_BLOCK:]
-
-
-def _sample_meta(parts: dict) -> dict:
-    raw = parts.get("json")
-    if not isinstance(raw, (bytes, bytearray)):
-        return {}
-    try:
-        meta = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def webdataset_corpus_key(member_key: str, meta: dict, key_field: str = "key"):
-    """A sample's corpus key: its metadata's key field, else the member name's stem."""
-    value = meta.get(key_field)
-    if value is not None and str(value) != "":
-        return str(value)
-    return member_key.rsplit("/", 1)[-1]
-
-
-# --------------------------------------------------------------------------------------
 # Caption readers
 # --------------------------------------------------------------------------------------
-
-REF_SEP = ","
-
-
-def merge_refs(a: Optional[str], b: Optional[str]) -> Optional[str]:
-    """The union of two image-location lists, in a stable order."""
-    if not a or a == b:
-        return a or b
-    if not b:
-        return a
-    return REF_SEP.join(sorted(set(a.split(REF_SEP)) | set(b.split(REF_SEP))))
-
 
 class _CaptionReaderBase(beam.DoFn):
     STAGE = "read_captions"
@@ -551,23 +337,13 @@ class _CaptionReaderBase(beam.DoFn):
         )
 
 
-def row_group_source(path: str, rg: int) -> str:
-    return f"{path}#rg{rg}"
-
-
-def source_file(source: str) -> str:
-    """The file of a `source` (a path, or `path#rgN` for a Parquet row group)."""
-    head, sep, tail = source.rpartition("#rg")
-    return head if sep and tail.isdigit() else source
-
-
 class SplitParquet(beam.DoFn):
     """path -> (path, row_group) work items, so one big file is read by many workers."""
 
     def process(self, path):
         try:
             with open_read(path) as f:
-                n = pq.ParquetFile(f).metadata.num_row_groups
+                units = row_group_units(path, f)
         except Exception as e:  # noqa: BLE001
             _counter("captions_files_unreadable").inc()
             yield beam.pvalue.TaggedOutput(
@@ -581,8 +357,7 @@ class SplitParquet(beam.DoFn):
                 ),
             )
             return
-        for rg in range(max(n, 1)):
-            yield (path, rg)
+        yield from units
 
 
 class ReadParquetCaptions(_CaptionReaderBase):
@@ -675,39 +450,30 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
         super().__init__(columns.defaults("webdataset"), max_caption_chars, root)
 
     def process(self, path):
-        samples = []
-        try:
-            with open_read(path) as f:
-                for member_key, parts in iter_webdataset(
-                    f, path=path, read_ext=lambda ext: ext not in IMAGE_EXTENSIONS
-                ):
-                    samples.append((member_key, parts))
-        except Exception as e:  # noqa: BLE001 - truncated / corrupt archive
+        # A damaged tar still yields the samples before the damage, then one reject.
+        with open_read(path) as f:
+            samples, damage = read_samples(f, path=path, locate_images=True)
+        if damage is not None:
             _counter("captions_files_broken").inc()
             yield self._reject(
                 "broken_archive",
-                f"after {len(samples)} samples: {type(e).__name__}: {e}",
+                f"after {len(samples)} samples: {type(damage).__name__}: {damage}",
                 path,
                 count=0,
             )
-        # A truncated tar still yields the samples before the damage.
         tag = self._tag(path)
         prepared = []
         locations: dict[str, list[str]] = {}
-        for member_key, parts in samples:
-            meta = _sample_meta(parts)
-            key = image_identity(webdataset_corpus_key(member_key, meta, self.columns.key), None, tag)
-            image = image_part(parts)
-            if isinstance(image, TarMemberRef):
-                locations.setdefault(key, []).append(image.locator())
-            prepared.append((key, parts, meta, image))
-        for key, parts, meta, image in prepared:
-            yield from self._sample(path, key, parts, meta, image, REF_SEP.join(locations.get(key, ())) or None)
+        for s in samples:
+            key = image_identity(webdataset_corpus_key(s.key, s.meta, self.columns.key), None, tag)
+            if isinstance(s.image, TarMemberRef):
+                locations.setdefault(key, []).append(s.image.locator())
+            prepared.append((key, s))
+        for key, s in prepared:
+            yield from self._sample(path, key, s.parts, s.meta, s.image, REF_SEP.join(locations.get(key, ())) or None)
 
     def _sample(self, path, key, parts, meta, image, refs):
-        text = parts.get("txt")
-        if text is None:
-            text = meta.get(self.columns.text)
+        text = meta.get(self.columns.text) if "txt" not in parts else parts["txt"]
         if text is None and image is None and not meta:
             self.rows.inc()
             yield self._reject("missing_column", f"no .txt/.json/image in sample {key}", path, key)
@@ -727,51 +493,8 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
 
 
 # --------------------------------------------------------------------------------------
-# Image pass: read back only the selected images
+# Shard inputs of decontaminate and refine
 # --------------------------------------------------------------------------------------
-
-
-def read_images_at(path: str, locators: list[str], image_col: Optional[str]) -> tuple[dict[str, bytes], dict[str, str]]:
-    """({locator: image bytes}, {locator: why there is none}) for locations in one file.
-
-    `t:<offset>:<size>` are ranged reads of a plain tar (its header checked);
-    `p:<rg>:<row>` read only the image column of the row groups that hold selected rows.
-    A location that holds no image is data (the second dict); I/O errors propagate, so
-    the runner retries the bundle.
-    """
-    images: dict[str, bytes] = {}
-    missing: dict[str, str] = {}
-    tar_refs = [x for x in locators if x.startswith("t:")]
-    pq_refs = [x for x in locators if x.startswith("p:")]
-    if tar_refs:
-        with open_read(path) as f:
-            for loc in sorted(tar_refs, key=lambda x: int(x.split(":")[1])):
-                _, off, size = loc.split(":")
-                try:
-                    images[loc] = read_tar_member(f, TarMemberRef(int(off), int(size)))
-                except tarfile.TarError as e:
-                    missing[loc] = f"{type(e).__name__}: {e}"
-    if pq_refs:
-        by_rg: dict[int, list[int]] = {}
-        for loc in pq_refs:
-            _, rg, row = loc.split(":")
-            by_rg.setdefault(int(rg), []).append(int(row))
-        with open_read(path) as f:
-            pf = pq.ParquetFile(f)
-            col = first_present(pf.schema_arrow.names, [image_col])
-            for rg, rows in sorted(by_rg.items()):
-                if col is None or rg >= pf.metadata.num_row_groups:
-                    for row in rows:
-                        missing[f"p:{rg}:{row}"] = f"no image column {image_col!r}" if col is None else "no such row group"
-                    continue
-                column = pf.read_row_group(rg, columns=[col]).column(0)
-                for row in rows:
-                    value = column[row].as_py() if row < len(column) else None
-                    if value is None:
-                        missing[f"p:{rg}:{row}"] = "null image" if row < len(column) else "no such row"
-                    else:
-                        images[f"p:{rg}:{row}"] = bytes(value)
-    return images, missing
 
 
 class ShardUnits(beam.PTransform):
@@ -792,13 +515,13 @@ class ShardUnits(beam.PTransform):
         if self.has_parquet:
             split = (
                 files
-                | "ParquetOnly" >> beam.Filter(lambda f: not f.lower().endswith(".tar"))
+                | "ParquetOnly" >> beam.Filter(lambda f: not is_tar(f))
                 | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
             )
             units.append(split.units)
             rejects.append(split[REJECTED])
         if self.has_tars:
-            units.append(files | "TarsOnly" >> beam.Filter(lambda f: f.lower().endswith(".tar")))
+            units.append(files | "TarsOnly" >> beam.Filter(is_tar))
         all_units = tuple(units) | "AllUnits" >> beam.Flatten()
         all_rejects = tuple(rejects) | "UnitRejects" >> beam.Flatten() if rejects else pbegin | "NoRejects" >> beam.Create([])
         return all_units, all_rejects

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tarfile
 from typing import Optional
 
 import apache_beam as beam
@@ -24,16 +23,16 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from prompts import Prompt, render_rationale_qa, render_verify
 from transforms.common import METRICS_NAMESPACE, open_read
+from transforms.formats.files import Skip
+from transforms.formats.media import mime_type
+from transforms.formats.shards import iter_shard_records, read_images_at
 from transforms.grounding import Grounder, Grounding
 from transforms.images import DEFAULT_LLM_MAX_SIDE, ImageError, image_for_llm
 from transforms.llm import LLMRequest, LLMResult
-from transforms.readers import REJECTED, TarMemberRef, iter_webdataset, read_images_at
+from transforms.readers import REJECTED
 from transforms.schema import Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
-
-MIME = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp", "tif": "image/tiff"}
-
 
 def _counter(name: str):
     return Metrics.counter(METRICS_NAMESPACE, name)
@@ -57,13 +56,10 @@ def _reject(stage, reason, detail, sample: Optional[Sample] = None, extra: Optio
     )
 
 
-SHARD_IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tif", "img")
-
-
 @dataclasses.dataclass
 class Located:
     """A sample and where its image lies in its shard (`file`, `ref` as in
-    `readers.read_images_at`), so the sample can cross a shuffle without its image and get
+    `formats.shards.read_images_at`), so the sample can cross a shuffle without its image and get
     it back, one ranged read, where the image is needed."""
 
     sample: Sample
@@ -79,51 +75,37 @@ class ReadSamples(beam.DoFn):
     STAGE = "read_samples"
 
     def process(self, element):
+        unit = element if isinstance(element, tuple) else (element, -1)
+        path = unit[0]
         try:
-            if isinstance(element, tuple):
-                path, rg = element
-                with open_read(path) as f:
-                    pf = pq.ParquetFile(f)
-                    columns = [c for c in pf.schema_arrow.names if c != "image"]
-                    table = pf.read_row_group(rg, columns=columns)
-                for i, row in enumerate(table.to_pylist()):
-                    _counter("samples_read").inc()
-                    yield Located(from_row(Sample, {**row, "image": b""}), path, f"p:{rg}:{i}")
-            else:
-                members, broken = [], None
-                try:
-                    with open_read(element) as f:
-                        for member in iter_webdataset(f, path=element, read_ext=lambda ext: ext == "json"):
-                            members.append(member)
-                except (tarfile.TarError, EOFError) as e:
-                    # A damaged tar: the samples before the damage go on, the rest is one reject.
-                    broken = e
-                if broken is not None:
-                    _counter("sample_files_broken").inc()
-                    yield beam.pvalue.TaggedOutput(
-                        REJECTED,
-                        Reject(stage=self.STAGE, reason="broken_archive",
-                               detail=f"after {len(members)} samples: {type(broken).__name__}: {broken}"[:500],
-                               source=element, count=0),
-                    )
-                for key, parts in members:
-                    _counter("samples_read").inc()
-                    try:
-                        meta = json.loads(parts["json"].decode("utf-8"))
-                    except (KeyError, UnicodeDecodeError, ValueError) as e:
-                        yield _reject(self.STAGE, "bad_json", f"{key}: {e}")
-                        continue
-                    image = next((parts[e] for e in SHARD_IMAGE_EXTENSIONS if e in parts), None)
-                    if not isinstance(image, TarMemberRef):
-                        yield _reject(self.STAGE, "image_missing", f"{key}: no image member")
-                        continue
-                    yield Located(from_row(Sample, {**meta, "image": b""}), element, image.locator())
+            for item in iter_shard_records(unit, locate_images=True):
+                if isinstance(item, Skip):
+                    yield from self._skip(item, path)
+                    continue
+                _counter("samples_read").inc()
+                sample = from_row(Sample, {**item.row, "image": b""})
+                if item.ref is None:
+                    yield _reject(self.STAGE, "image_missing", f"{sample.key}: no image member", sample)
+                    continue
+                yield Located(sample, path, item.ref)
         except Exception as e:  # noqa: BLE001
             _counter("sample_files_unreadable").inc()
-            src = element[0] if isinstance(element, tuple) else element
             yield beam.pvalue.TaggedOutput(
-                REJECTED, Reject(stage=self.STAGE, reason="unreadable_file", detail=f"{type(e).__name__}: {e}"[:500], source=src, count=0)
+                REJECTED, Reject(stage=self.STAGE, reason="unreadable_file", detail=f"{type(e).__name__}: {e}"[:500], source=path, count=0)
             )
+
+    def _skip(self, skip: Skip, path: str):
+        if skip.reason == "broken_archive":
+            # The samples before the damage went on; the rest of the tar is one reject.
+            _counter("sample_files_broken").inc()
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, Reject(stage=self.STAGE, reason="broken_archive", detail=skip.detail, source=path, count=0)
+            )
+            return
+        _counter("samples_read").inc()
+        yield beam.pvalue.TaggedOutput(
+            REJECTED, Reject(stage=self.STAGE, reason=skip.reason, detail=skip.detail[:1000], source=path)
+        )
 
 
 class ReadShardImages(beam.DoFn):
@@ -194,7 +176,7 @@ class RequestSettings:
 
 
 def _request(sample: Sample, tag, text: str, prompt: Prompt, s: RequestSettings) -> LLMRequest:
-    image, mime = sample.image, MIME.get(sample.image_format, "image/jpeg")
+    image, mime = sample.image, mime_type(sample.image_format)
     if image:
         try:
             image, mime = image_for_llm(image, s.max_image_side)

@@ -26,7 +26,9 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.accounting import MeasureShuffle
 from transforms.common import METRICS_NAMESPACE
-from transforms.readers import REF_SEP, REJECTED, merge_refs, read_images_at, source_file
+from transforms.formats.keys import REF_SEP, merge_refs, source_file
+from transforms.formats.shards import read_images_at
+from transforms.readers import REJECTED
 from transforms.schema import Candidate, Caption, Reject, truncate_json
 from transforms.sinks import DeadLetters
 

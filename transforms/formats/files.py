@@ -1,0 +1,39 @@
+"""Opening files without importing Beam for local paths.
+
+Local paths are opened directly (a `.gz` file is decompressed, as Beam's FileSystems
+does); a URL (gs://, s3://, ...) goes through Beam's FileSystems, imported only then.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def open_read(path: str):
+    """A binary file object for `path`; `.gz` files come out decompressed."""
+    if is_url(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.open(path)
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def basename(path: str) -> str:
+    return os.path.basename(path.rstrip("/"))
+
+
+class Skip(Exception):
+    """A record (or the rest of a file) that cannot be used; `reason` is its counter name.
+    Readers yield it in place of the record, so the stream goes on and the loss is counted."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
