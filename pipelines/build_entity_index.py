@@ -36,6 +36,7 @@ from transforms.common import (
 )
 from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
 from transforms.entity_index import (
+    ENTITIES_FILE,
     MANIFEST_FILE,
     CollapseDuplicateQids,
     FinalizeEntityIndex,
@@ -43,6 +44,7 @@ from transforms.entity_index import (
     new_faiss_index,
     title_text,
 )
+from transforms.formats.shards import count_records
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile
 from transforms.sinks import DeadLetters, WriteRejects
@@ -169,6 +171,16 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     counters, seconds = run_and_count(p)
     # FinalizeEntityIndex wrote the index's own manifest; the run's accounting joins it.
     base = read_json(f"{args.output.rstrip('/')}/{MANIFEST_FILE}")
+    table_rows = count_records(f"{args.output.rstrip('/')}/{ENTITIES_FILE}")
+
+    def check(c: dict) -> list[str]:
+        problems = check_counts(c)
+        if c.get("entities_embedded", 0) != table_rows:
+            problems.append(
+                f"finalize: {c.get('entities_embedded', 0)} entities embedded != {table_rows} rows in {ENTITIES_FILE}"
+            )
+        return problems
+
     return finish_run(
         name="build_entity_index",
         output=args.output,
@@ -176,7 +188,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         counters=counters,
         seconds=seconds,
         started=started,
-        check=check_counts,
+        check=check,
         base=base,
         fields={"options": dict(vars(args))},
         lines=(

@@ -44,7 +44,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from transforms.accounting import MeasureShuffle, finish_run, input_summary
+from transforms.accounting import (
+    MeasureShuffle,
+    RecordWritten,
+    check_finished_input,
+    finish_run,
+    input_summary,
+    prepare_output,
+    written_gaps,
+)
 from transforms.clip import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
@@ -100,6 +108,12 @@ class EvalCoverageError(UsageError):
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="candidate shards: Parquet (image column) and/or webdataset .tar")
+    p.add_argument(
+        "--allow_unfinished_input",
+        action="store_true",
+        help="read shards of ours even when their folder has no manifest.json or does not match it "
+        "(the run that wrote them did not finish); off by default, so a killed run is not read as whole",
+    )
     p.add_argument("--eval_images", default=None, help="folder / glob of images, or OVEN annotation JSON lines")
     p.add_argument("--eval_image_root", default=None, help="image folder for an annotation file")
     p.add_argument(
@@ -155,11 +169,6 @@ def _eval_vector(kv):
     (eval_id, _facts), vec = kv[0], kv[1].inference
     Metrics.counter(METRICS_NAMESPACE, "eval_images_embedded").inc()
     return eval_id, vec
-
-
-def _count_written(sample):
-    Metrics.counter(METRICS_NAMESPACE, "samples_written").inc()
-    return sample
 
 
 def clip_handler(args, threads, share: bool = False):
@@ -277,8 +286,8 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
     )
     _ = (
         filtered.samples
-        | "CountWritten" >> beam.Map(_count_written)
         | "WriteShards" >> WriteShards(args.output, SHARD_NAME, formats, num_shards=args.num_shards)
+        | "RecordWritten" >> RecordWritten(args.output, SHARD_NAME)
     )
     rejects += [
         read[REJECTED],
@@ -289,7 +298,7 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
-def check_counts(c: dict) -> list[str]:
+def check_counts(c: dict, formats=("parquet",)) -> list[str]:
     g = c.get
     problems = []
     read = g("candidates_read", 0)
@@ -302,8 +311,7 @@ def check_counts(c: dict) -> list[str]:
         problems.append("decoded != kept + dropped + embedding failures")
     if g("decontaminate_dropped", 0) != g("rejected_decontaminate_near_duplicate_of_eval", 0):
         problems.append("dropped != near-duplicate rejects")
-    if g("decontaminate_kept", 0) != g("samples_written", 0):
-        problems.append("kept != samples written")
+    problems += written_gaps(c, "write_shards", g("decontaminate_kept", 0), SHARD_NAME, formats)
     return problems
 
 
@@ -347,6 +355,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     formats = parse_formats(args.formats)
     validate_clip_args(args.clip_model, args.clip_pretrained)
     inputs = match_files(args.input, "--input")
+    for warning in check_finished_input(inputs, "--input", args.allow_unfinished_input):
+        log.warning(warning)
     threads = threads_per_process(options, args.threads)
     share_eval = {"yes": True, "no": False}.get(args.share_eval, worker_processes(options) != 1)
     # auto: on a GPU, one model per machine (several SDK processes must not each load it onto
@@ -390,6 +400,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     )
     p = test_pipeline or beam.Pipeline(options=options)
     build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
+    prepare_output(out, (SHARD_NAME,))
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     lines = []
@@ -406,7 +417,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         counters=counters,
         seconds=seconds,
         started=started,
-        check=check_counts,
+        check=lambda c: check_counts(c, formats),
         fields={
             "inputs": input_summary(args.input, inputs),
             "eval_set": eval_dir,

@@ -28,7 +28,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 
-from transforms.accounting import MeasureShuffle, finish_run
+from transforms.accounting import MeasureShuffle, RecordWritten, finish_run, prepare_output, written_gaps
 from transforms.common import (
     METRICS_NAMESPACE,
     UsageError,
@@ -135,7 +135,7 @@ class BuildSamples(beam.DoFn):
         for a in anns:
             qid = str(a["entity_id"])
             meta = {k: a.get(k) for k in ("question", "data_split", "image_id", "data_id") if a.get(k) is not None}
-            _counter("samples_written").inc()
+            _counter("samples_built").inc()
             yield Sample(
                 key=str(a["data_id"]),
                 image=data,
@@ -151,13 +151,14 @@ class BuildSamples(beam.DoFn):
             )
 
 
-def check_counts(counters: dict) -> list[str]:
+def check_counts(counters: dict, formats=("parquet",)) -> list[str]:
     read = counters.get("annotations_read", 0)
-    written = counters.get("samples_written", 0)
+    built = counters.get("samples_built", 0)
     rejected = sum(v for k, v in counters.items() if k.startswith(("rejected_read_oven_", "rejected_images_")))
-    if read != written + rejected:
-        return [f"annotations_read {read} != samples_written {written} + rejected {rejected}"]
-    return []
+    problems = []
+    if read != built + rejected:
+        problems.append(f"build_samples: annotations_read {read} != samples_built {built} + rejected {rejected}")
+    return problems + written_gaps(counters, "write_shards", built, "samples", formats)
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
@@ -209,10 +210,15 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         | "Build" >> beam.ParDo(BuildSamples(args.max_pixels), titles).with_outputs(REJECTED, main="samples")
     )
     rejects.append(built[REJECTED])
-    _ = built.samples | "Shards" >> WriteShards(out, "samples", formats, args.num_shards)
+    _ = (
+        built.samples
+        | "Shards" >> WriteShards(out, "samples", formats, args.num_shards)
+        | "RecordWritten" >> RecordWritten(out, "samples")
+    )
     _ = tuple(rejects) | "Rejects" >> WriteRejects(out, STAGES)
     if is_dry_run(options):
         return build_only(p, "oven_to_shards")
+    prepare_output(out, ("samples",))
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     return finish_run(
@@ -222,7 +228,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         counters=counters,
         seconds=seconds,
         started=started,
-        check=check_counts,
+        check=lambda c: check_counts(c, formats),
         fields={"inputs": oven_files, "images": args.images, "formats": list(formats), "options": vars(args)},
         lines=(f"shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json",),
     )

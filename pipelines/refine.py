@@ -28,7 +28,15 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from prompts import CONTEXTS, MODES, load_prompt
-from transforms.accounting import MeasureShuffle, finish_run, input_summary
+from transforms.accounting import (
+    MeasureShuffle,
+    RecordWritten,
+    check_finished_input,
+    finish_run,
+    input_summary,
+    prepare_output,
+    written_gaps,
+)
 from transforms.common import (
     UsageError,
     build_only,
@@ -63,6 +71,8 @@ from transforms.sinks import WriteRejects
 
 log = logging.getLogger(__name__)
 
+OUTPUT_NAME = "samples"
+
 STAGES = ["read_samples", "read_catalog", "verify", "ground", "rationale_qa"]
 BACKENDS = ("openai", "vllm", "replay")
 
@@ -70,6 +80,12 @@ BACKENDS = ("openai", "vllm", "replay")
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="decontaminate shards: Parquet and/or webdataset .tar")
+    p.add_argument(
+        "--allow_unfinished_input",
+        action="store_true",
+        help="read shards of ours even when their folder has no manifest.json or does not match it "
+        "(the run that wrote them did not finish); off by default, so a killed run is not read as whole",
+    )
     p.add_argument("--entities", required=True, help="the catalog (for Wikipedia summaries)")
     p.add_argument("--entity_index", required=True, help="entity index (grounding)")
     p.add_argument("--output", required=True)
@@ -240,7 +256,11 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         | "RationaleQA" >> RunInference(handler)
         | "InterpretRationale" >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, main="samples")
     )
-    _ = refined.samples | "WriteShards" >> WriteShards(args.output, "samples", parse_formats(args.formats), args.num_shards)
+    _ = (
+        refined.samples
+        | "WriteShards" >> WriteShards(args.output, OUTPUT_NAME, parse_formats(args.formats), args.num_shards)
+        | "RecordWritten" >> RecordWritten(args.output, OUTPUT_NAME)
+    )
     rejects += [
         read[REJECTED],
         catalog[REJECTED],
@@ -253,7 +273,7 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
-def check_counts(c: dict) -> list[str]:
+def check_counts(c: dict, formats=("parquet",)) -> list[str]:
     g = c.get
     problems = []
     read = g("samples_read", 0) - sum_counters(c, "rejected_read_samples_")
@@ -264,6 +284,7 @@ def check_counts(c: dict) -> list[str]:
     to_rationale = g("verdict_correct", 0) + g("verdict_corrected", 0) - g("rejected_ground_ungrounded", 0)
     if to_rationale != g("samples_refined", 0) + sum_counters(c, "rejected_rationale_qa_"):
         problems.append("verified + grounded != refined + rationale failures")
+    problems += written_gaps(c, "write_shards", g("samples_refined", 0), OUTPUT_NAME, formats)
     return problems
 
 
@@ -273,6 +294,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     positive("--max_reasks", args.max_reasks, minimum=0)
     read_manifest(args.entity_index)
     inputs = match_files(args.input, "--input")
+    for warning in check_finished_input(inputs, "--input", args.allow_unfinished_input):
+        log.warning(warning)
     catalog_files = match_files(args.entities, "--entities")
     for name, version in (("verify", args.verify_prompt), ("rationale_qa", args.rationale_prompt)):
         try:
@@ -286,6 +309,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     build_pipeline(p, args, inputs, catalog_files, threads, share)
     if is_dry_run(options):
         return build_only(p, "refine")
+    prepare_output(args.output, (OUTPUT_NAME,))
     started = dt.datetime.now(dt.UTC)
     if args.llm_backend == "vllm":
         import uuid
@@ -314,7 +338,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         counters=counters,
         seconds=seconds,
         started=started,
-        check=check_counts,
+        check=lambda c: check_counts(c, parse_formats(args.formats)),
         fields={
             "inputs": input_summary(args.input, inputs),
             "model": args.model,

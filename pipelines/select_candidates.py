@@ -25,7 +25,14 @@ from typing import Optional
 
 import apache_beam as beam
 
-from transforms.accounting import MeasureShuffle, finish_run, input_summary
+from transforms.accounting import (
+    MeasureShuffle,
+    RecordWritten,
+    finish_run,
+    input_summary,
+    prepare_output,
+    summarize_files,
+)
 from transforms.common import (
     UsageError,
     build_only,
@@ -52,11 +59,12 @@ from transforms.readers import (
 )
 from transforms.schema import Candidate
 from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults
-from transforms.sinks import WriteRecordsToParquet, WriteRejects
+from transforms.sinks import CountWritten, WriteRecordsToParquet, WriteRejects
 
 log = logging.getLogger(__name__)
 
 STAGES = ["read_captions", "embed", "search", "select"]
+OUTPUT_NAME = "candidates"
 IMAGE_FORMATS = ("webdataset", "parquet")
 # Output columns for img2dataset's --save_additional_columns (it writes url/caption itself).
 IMG2DATASET_EXTRA = ["qid", "title", "score", "rank", "entity_id"]
@@ -207,22 +215,16 @@ def build_pipeline(p, args, manifest, threads, share_index):
         exclude = ("image", "image_ref")
     _ = (
         candidates
-        | "CountWritten" >> beam.Map(_count_written)
         | "WriteCandidates"
         >> WriteRecordsToParquet(
-            f"{args.output.rstrip('/')}/candidates", Candidate, exclude=exclude, num_shards=args.num_shards
+            f"{args.output.rstrip('/')}/{OUTPUT_NAME}", Candidate, exclude=exclude, num_shards=args.num_shards
         )
+        # Counted again in the finished files: what the count check compares.
+        | "CountWritten" >> CountWritten(OUTPUT_NAME)
+        | "Summary" >> summarize_files(args.output, OUTPUT_NAME)
+        | "RecordWritten" >> RecordWritten(args.output, OUTPUT_NAME)
     )
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
-
-
-def _count_written(c):
-    from apache_beam.metrics import Metrics
-
-    from transforms.common import METRICS_NAMESPACE
-
-    Metrics.counter(METRICS_NAMESPACE, "candidates_written").inc()
-    return c
 
 
 def check_counts(c: dict) -> list[str]:
@@ -241,8 +243,11 @@ def check_counts(c: dict) -> list[str]:
     if g("proposals_in_top_k", 0) != g("images_kept", 0) + g("proposals_lost_to_other_entity", 0):
         problems.append("in top-K != kept + lost to another entity")
     lost_images = g("rejected_select_image_missing", 0) + g("rejected_select_key_collision", 0)
-    if g("images_kept", 0) != g("candidates_written", 0) + lost_images:
-        problems.append("images kept != written + image missing + key collisions")
+    if g("images_kept", 0) != g("written_candidates", 0) + lost_images:
+        problems.append(
+            f"select: images kept {g('images_kept', 0)} != rows in the candidate files {g('written_candidates', 0)} "
+            f"+ image missing / key collisions {lost_images}"
+        )
     if g("proposals_lost_to_other_entity", 0) != g("rejected_select_assigned_to_other_entity", 0):
         problems.append("lost to other entity != its rejects")
     return problems
@@ -259,6 +264,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     build_pipeline(p, args, manifest, threads, share)
     if is_dry_run(options):
         return build_only(p, "select_candidates")
+    prepare_output(args.output, (OUTPUT_NAME,))
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     out = args.output.rstrip("/")

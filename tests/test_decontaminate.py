@@ -139,7 +139,7 @@ def corpus(tmp_path):
         Candidate(key="empty", qid="Q9", title="T9", image=None),
         Candidate(key="bomb", qid="Q9", title="T9", image=png(Image.new("1", (12000, 12000), 0))),
     ]
-    write_candidates(tmp_path / "candidates-00000-of-00001.parquet", good + bad)
+    write_candidates(tmp_path / "candidates.parquet", good + bad)
     ev = tmp_path / "eval"
     os.makedirs(ev / "00")
     (ev / "00" / "exact_c0.jpg").write_bytes(good[0].image)
@@ -156,7 +156,7 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
     out = tmp_path / "out"
     threshold = 0.99
     args = [
-        "--input", str(tmp_path / "candidates-*.parquet"),
+        "--input", str(tmp_path / "candidates.parquet"),
         "--eval_images", str(tmp_path / "eval"),
         "--output", str(out),
         "--clip_model", ARCH, "--clip_pretrained", checkpoint,
@@ -209,7 +209,7 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
     # The eval set is reusable: the same shards from its embeddings, without --eval_images.
     model_args = ["--clip_model", ARCH, "--clip_pretrained", checkpoint, "--threshold", str(threshold), "--formats", "parquet"]
     again = decontaminate.run(
-        ["--input", str(tmp_path / "candidates-*.parquet"), "--eval_embeddings", str(out / "eval_set"),
+        ["--input", str(tmp_path / "candidates.parquet"), "--eval_embeddings", str(out / "eval_set"),
          "--output", str(tmp_path / "again"), *model_args, "--allow_partial_eval"]
     )
     assert again["counters"]["decontaminate_dropped"] == summary["counters"]["decontaminate_dropped"]
@@ -217,7 +217,7 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
         r["key"] for r in kept
     )
     with pytest.raises(UsageError, match="cannot be compared"):
-        decontaminate.run(["--input", str(tmp_path / "candidates-*.parquet"), "--eval_embeddings", str(out / "eval_set"),
+        decontaminate.run(["--input", str(tmp_path / "candidates.parquet"), "--eval_embeddings", str(out / "eval_set"),
                            "--output", str(tmp_path / "x"), "--clip_model", ARCH, "--clip_pretrained", "none"])
 
 

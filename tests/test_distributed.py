@@ -131,7 +131,7 @@ def test_refine_multi_process(tmp_path, catalog_path, entity_index):
         "to_mercury": ("Q308", "[[CORRECT_TO:Mercury]] small grey planet"),
         "notentity": ("Q146", "[[NOTENTITY]] blue pattern"),
     }
-    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", cases)
+    inputs = write_samples(tmp_path / "samples.parquet", cases)
     with FakeLLMServer() as server:
         args = ["--input", inputs, "--entities", catalog_path, "--entity_index", entity_index, "--model", "fake-vlm",
                 "--llm_backend", "openai", "--endpoint", server.url, "--formats", "parquet", "--max_concurrency", "2"]

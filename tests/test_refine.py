@@ -60,7 +60,7 @@ def base_args(tmp_path, catalog_path, entity_index, inputs, out, cache):
 
 def test_openai_backend_faults(tmp_path, catalog_path, entity_index, monkeypatch):
     monkeypatch.setenv("FAKE_LLM_KEY", "sk-test-secret-123")
-    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", CASES)
+    inputs = write_samples(tmp_path / "samples.parquet", CASES)
     out, cache = tmp_path / "rew", tmp_path / "cache"
     with FakeLLMServer(slow_s=2.0) as server:
         summary = refine.run(
@@ -197,7 +197,7 @@ def test_images_downscaled_for_the_llm_and_never_in_a_shuffle(tmp_path, catalog_
                                       image_sha256="x", caption=caption, qid=qid, title=TITLES[qid], source="t")))
         shards = tmp_path / f"in{side}"
         shards.mkdir()
-        pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), shards / "samples-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), shards / "samples.parquet")
         out = tmp_path / f"rew{side}"
         with FakeLLMServer() as server:
             summaries[side] = refine.run(
@@ -230,7 +230,7 @@ def test_repeated_qid_summary_is_the_first_in_file_order(tmp_path, entity_index)
         {"wikidata_id": "Q146", "wikipedia_title": "Cat"},
         {"wikidata_id": "Q243", "wikipedia_title": "Eiffel Tower", "wikipedia_summary": "SECOND summary."},
     ])
-    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", {"ok": ("Q243", "Eiffel Tower at night")})
+    inputs = write_samples(tmp_path / "samples.parquet", {"ok": ("Q243", "Eiffel Tower at night")})
     for run_no in range(2):
         with FakeLLMServer() as server:
             refine.run(["--input", inputs, "--entities", catalog, "--entity_index", entity_index, "--output",

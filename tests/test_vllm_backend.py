@@ -126,7 +126,7 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
         assert built.returncode == 0, built.stderr[-3000:]
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     cases = {f"s{i}": (qid, f"photo {i} of a famous place") for i, qid in enumerate(["Q243", "Q9202", "Q146", "Q308"])}
-    inputs = write_samples(tmp_path / "samples-00000-of-00001.parquet", cases)
+    inputs = write_samples(tmp_path / "samples.parquet", cases)
     out = tmp_path / "rew"
     server_args = [
         "dtype=float32", "max-model-len=8192", "max-num-seqs=4", 'limit-mm-per-prompt={"image": 1}',

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import re
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -19,7 +21,16 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.common import METRICS_NAMESPACE, code_version, format_counters, write_json
+from transforms.common import (
+    METRICS_NAMESPACE,
+    AccountingError,
+    UsageError,
+    code_version,
+    format_counters,
+    read_json,
+    write_json,
+)
+from transforms.sinks import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX
 
 SHUFFLE_PREFIX = "shuffle_"
 
@@ -112,6 +123,160 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+# --------------------------------------------------------------------------------------
+# What was written: listed in the manifest, checked by the next pipeline
+# --------------------------------------------------------------------------------------
+
+WRITTEN_DIR = "_written"
+# Beam's default shard names: <name>-SSSSS-of-NNNNN<suffix>.
+_SHARD_NAME = re.compile(r"^(?P<name>.+)-\d{5}-of-\d{5}(?P<suffix>\.[A-Za-z0-9.]+)$")
+
+
+class RecordWritten(beam.PTransform):
+    """File summaries (`{"format", "files", "rows", "bytes"}`, as WriteShards returns them)
+    -> `<output>/_written/<name>.json`, which `finish_run` moves into the manifest."""
+
+    def __init__(self, output: str, name: str):
+        super().__init__()
+        self.path = f"{output.rstrip('/')}/{WRITTEN_DIR}/{name}"
+        self.name = name
+
+    def expand(self, summaries):
+        name = self.name
+        return (
+            summaries
+            | "All" >> beam.combiners.ToList()
+            | "Json" >> beam.Map(lambda xs: json.dumps({"name": name, "outputs": sorted(xs, key=lambda x: x["format"])}, sort_keys=True))
+            | "Write" >> beam.io.WriteToText(self.path, file_name_suffix=".json", shard_name_template="", num_shards=1)
+        )
+
+
+def summarize_files(output: str, what: str, fmt: str = "parquet") -> beam.PTransform:
+    """Counted files (`CountWritten`'s dicts) -> one summary like WriteShards'."""
+
+    def summary(counted):
+        counted = sorted(counted, key=lambda f: f["path"])
+        return {
+            "format": fmt,
+            "files": [f["path"] for f in counted],
+            "rows": {f["path"]: f["rows"] for f in counted},
+            "bytes": {f["path"]: f["bytes"] for f in counted},
+        }
+
+    return beam.combiners.ToList() | beam.Map(summary)
+
+
+def _relative(path: str, root: str) -> str:
+    root = root.rstrip("/") + "/"
+    return path[len(root):] if path.startswith(root) else path
+
+
+def read_written(output: str) -> list[dict]:
+    """The file lists the run recorded under `<output>/_written/`, paths made relative to
+    `output` (so a moved folder still checks)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    out = output.rstrip("/")
+    try:
+        found = FileSystems.match([f"{out}/{WRITTEN_DIR}/*.json"])[0].metadata_list
+    except Exception:  # noqa: BLE001 - nothing recorded
+        return []
+    entries = []
+    for m in sorted(found, key=lambda m: m.path):
+        rec = read_json(m.path)
+        for o in rec["outputs"]:
+            entries.append(
+                {
+                    "name": rec["name"],
+                    "format": o["format"],
+                    "files": [
+                        {"path": _relative(p, out), "rows": o["rows"][p], "bytes": o["bytes"][p]} for p in o["files"]
+                    ],
+                }
+            )
+    return entries
+
+
+def written_gaps(counters: dict, stage: str, expected: int, what: str, formats) -> list[str]:
+    """One problem per format whose files do not hold exactly `expected` rows of `what`
+    (counter `written_<what>_<format>`, counted in the finished files)."""
+    problems = []
+    for fmt in formats:
+        n = counters.get(f"{WRITTEN_PREFIX}{what}_{fmt}", 0)
+        if n != expected:
+            problems.append(f"{stage}: {expected} {what} to write != {n} rows in the {fmt} files")
+    return problems
+
+
+def prepare_output(output: str, names: tuple[str, ...]) -> list[str]:
+    """Make `output` ready for a (re-)run: remove the manifest, the recorded file lists and
+    the shard and reject files an earlier, possibly killed run left there (Beam names them
+    `<name>-SSSSS-of-NNNNN.*`, and a re-run with another shard count would not overwrite
+    them). Other files (caches, a reused eval set) stay. Returns what was removed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    out = output.rstrip("/")
+    patterns = [f"{out}/manifest.json", f"{out}/{WRITTEN_DIR}/*"]
+    patterns += [f"{out}/{n}-*-of-*" for n in names]
+    patterns += [f"{out}/rejected/*/rejects-*-of-*"]
+    removed = []
+    for pat in patterns:
+        try:
+            matches = FileSystems.match([pat])[0].metadata_list
+        except Exception:  # noqa: BLE001 - nothing there
+            continue
+        paths = [m.path for m in matches if pat.endswith("manifest.json") or _SHARD_NAME.match(m.path.rsplit("/", 1)[-1]) or WRITTEN_DIR in m.path]
+        if paths:
+            FileSystems.delete(paths)
+            removed += paths
+    return removed
+
+
+def check_finished_input(files: list[str], flag: str, allow_unfinished: bool = False) -> list[str]:
+    """Refuse shards of ours that no finished run vouches for.
+
+    For each folder holding files named like our shards (`<name>-SSSSS-of-NNNNN.<ext>`),
+    its `manifest.json` must exist and list them: a folder without one is the output of a
+    run that did not finish (killed, failed), and files the manifest does not list are
+    left over from an earlier run. Files of other tools (img2dataset's 00000.tar) are not
+    checked. Returns warnings (manifests from before file lists were recorded).
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        folder, _, base = f.rpartition("/")
+        if _SHARD_NAME.match(base):
+            by_dir.setdefault(folder, []).append(f)
+    warnings = []
+    for folder, ours in sorted(by_dir.items()):
+        manifest_path = f"{folder}/manifest.json"
+        hint = (
+            f"re-run the pipeline that writes {folder!r} with the same --output (it starts clean, and refine "
+            "re-pays nothing from its cache), or pass --allow_unfinished_input to read it anyway"
+        )
+        if not FileSystems.exists(manifest_path):
+            if allow_unfinished:
+                warnings.append(f"{folder}: no manifest.json; reading it anyway (--allow_unfinished_input)")
+                continue
+            raise UsageError(f"{flag}: {folder!r} has no manifest.json, so the run that writes it did not finish; {hint}")
+        manifest = read_json(manifest_path)
+        listed = {x["path"] for entry in manifest.get("files", []) for x in entry["files"]}
+        if "files" not in manifest:
+            warnings.append(f"{folder}: manifest.json lists no files (written by an older version); not checked")
+            continue
+        extra = sorted(_relative(f, folder) for f in ours if _relative(f, folder) not in listed)
+        missing = sorted(p for p in listed if not FileSystems.exists(f"{folder}/{p}"))
+        if (extra or missing) and not allow_unfinished:
+            what = []
+            if extra:
+                what.append(f"{len(extra)} file(s) its manifest does not list (left by an earlier run?): {extra[:3]}")
+            if missing:
+                what.append(f"{len(missing)} listed file(s) missing: {missing[:3]}")
+            raise UsageError(f"{flag}: {folder!r} does not match its manifest.json: {'; '.join(what)}; {hint}")
+    return warnings
+
+
 def finish_run(
     *,
     name: str,
@@ -124,16 +289,27 @@ def finish_run(
     fields: Optional[dict] = None,
     base: Optional[dict] = None,
     lines: tuple[str, ...] = (),
+    fail_on_gap: bool = True,
 ) -> dict:
     """Write `<output>/manifest.json` and print the run's summary.
 
     `base` is a manifest a step already wrote (its fields are kept); `fields` are this
     pipeline's own entries; counters, the shuffle table, the count check, timing and code
-    version are added here so every manifest carries them the same way.
+    version are added here so every manifest carries them the same way, and the file lists
+    the run recorded (`RecordWritten`). The manifest is written last. When a count identity
+    fails (`check`, and rejects emitted = reject lines written), the manifest says so and
+    AccountingError is raised: the command exits non-zero, naming the stage and the gap.
     """
-    problems = check(counters)
+    problems = list(check(counters))
+    if REJECTS_EMITTED in counters and counters.get(REJECTS_EMITTED, 0) != counters.get(REJECTS_WRITTEN, 0):
+        problems.append(
+            f"write_rejects: {counters.get(REJECTS_EMITTED, 0)} rejects emitted != "
+            f"{counters.get(REJECTS_WRITTEN, 0)} lines in the reject files"
+        )
     manifest = dict(base or {})
     manifest.update({"kind": kind, **(fields or {})})
+    out = output.rstrip("/")
+    written = read_written(out)
     manifest.update(
         {
             "counters": counters,
@@ -144,13 +320,20 @@ def finish_run(
             "created": started.isoformat(timespec="seconds"),
         }
     )
-    out = output.rstrip("/")
+    if written:
+        manifest["files"] = written
+    # Written last: a manifest says the run finished, and lists what it wrote.
     write_json(f"{out}/manifest.json", manifest)
     print(format_counters({k: v for k, v in counters.items() if not k.startswith(SHUFFLE_PREFIX)}, f"{name} counters"))
     print(format_shuffles(manifest["shuffles"]))
     print(f"count check: {manifest['count_check']}")
     for line in lines:
         print(line)
+    if problems and fail_on_gap:
+        raise AccountingError(
+            f"{name}: the counts do not add up, records were lost or repeated: " + "; ".join(problems)
+            + f" (counters in {out}/manifest.json)"
+        )
     return manifest
 
 

@@ -27,6 +27,11 @@ class UsageError(ValueError):
     without a traceback and exits with status 2."""
 
 
+class AccountingError(RuntimeError):
+    """A count identity of a run does not hold: records were lost or repeated. The
+    command exits non-zero (3) with the stage and the gap."""
+
+
 def code_version() -> str:
     """Package version plus the git commit when running from a checkout."""
     here = os.path.dirname(os.path.abspath(__file__))

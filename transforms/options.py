@@ -19,7 +19,7 @@ from typing import Optional
 
 from apache_beam.options import pipeline_options as po
 
-from transforms.common import UsageError
+from transforms.common import AccountingError, UsageError
 
 
 def new_parser(description: str) -> argparse.ArgumentParser:
@@ -82,3 +82,6 @@ def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

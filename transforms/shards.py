@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.common import UsageError
 from transforms.example_proto import encode_example
 from transforms.schema import Sample, to_row
-from transforms.sinks import WriteRecordsToParquet
+from transforms.sinks import CountWritten, WriteRecordsToParquet
 
 SHARD_FORMATS = ("parquet", "tfrecord", "webdataset")
 
@@ -119,11 +119,23 @@ class _WebDatasetSink(FileBasedSink):
 # --- all formats -------------------------------------------------------------------------
 
 
+def _summary(counted: list[dict], fmt: str) -> dict:
+    counted = sorted(counted, key=lambda f: f["path"])
+    return {
+        "format": fmt,
+        "files": [f["path"] for f in counted],
+        "rows": {f["path"]: f["rows"] for f in counted},
+        "bytes": {f["path"]: f["bytes"] for f in counted},
+    }
+
+
 class WriteShards(beam.PTransform):
     """PCollection[Sample] -> shards in each of `formats` under `output_dir`.
 
     `num_shards=0` lets the runner choose the number of files. Returns a PCollection of
-    `{"format": fmt, "files": [sorted paths]}`, one per format.
+    `{"format": fmt, "files": [sorted paths], "rows": {path: n}, "bytes": {path: n}}`, one
+    per format, read back from the finished files; counter `written_<name>_<format>` sums
+    the rows (what the count checks compare with the samples a stage kept).
     """
 
     def __init__(self, output_dir: str, name: str, formats, num_shards: int = 0):
@@ -133,6 +145,7 @@ class WriteShards(beam.PTransform):
         if not formats or bad:
             raise ValueError(f"formats must be a non-empty subset of {SHARD_FORMATS}, got {formats}")
         self.prefix = FileSystems.join(output_dir, name)
+        self.name = name
         self.formats = tuple(dict.fromkeys(formats))
         self.num_shards = num_shards
 
@@ -156,9 +169,10 @@ class WriteShards(beam.PTransform):
                 files = samples | "WebDataset" >> beam.io.iobase.Write(
                     _WebDatasetSink(self.prefix, self.num_shards)
                 )
+            counted = files | f"Count_{fmt}" >> CountWritten(f"{self.name}_{fmt}")
             summaries.append(
-                files
+                counted
                 | f"ListFiles_{fmt}" >> beam.combiners.ToList()
-                | f"Summary_{fmt}" >> beam.Map(lambda paths, fmt=fmt: {"format": fmt, "files": sorted(paths)})
+                | f"Summary_{fmt}" >> beam.Map(_summary, fmt)
             )
         return tuple(summaries) | "Summaries" >> beam.Flatten()

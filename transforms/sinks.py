@@ -11,9 +11,48 @@ from apache_beam.metrics import Metrics
 from transforms.common import METRICS_NAMESPACE
 from transforms.schema import Reject, arrow_schema, to_row, truncate_json
 
+WRITTEN_PREFIX = "written_"
+
+
+class _CountFile(beam.DoFn):
+    """A finalised file -> {"path", "rows", "bytes"}, its rows counted in the file itself."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def process(self, path: str):
+        from apache_beam.io.filesystems import FileSystems
+
+        from transforms.formats.shards import count_records
+
+        rows = count_records(path)
+        size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+        Metrics.counter(METRICS_NAMESPACE, f"{WRITTEN_PREFIX}{self.what}").inc(rows)
+        Metrics.counter(METRICS_NAMESPACE, f"files_{WRITTEN_PREFIX}{self.what}").inc()
+        yield {"path": path, "rows": rows, "bytes": size}
+
+
+class CountWritten(beam.PTransform):
+    """The file names a Beam file sink reports after its final rename -> one dict per file
+    with the rows read back from it; counter `written_<what>` sums them.
+
+    This is what the count checks compare with the records a stage meant to write: a
+    record lost between a transform and the files (a sink that drops one) shows up as a
+    gap, which a counter incremented before the sink could never show.
+    """
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def expand(self, paths):
+        return paths | "CountRows" >> beam.ParDo(_CountFile(self.what))
+
 
 class WriteRecordsToParquet(beam.PTransform):
-    """Dataclass records -> `<prefix>-SSSSS-of-NNNNN.parquet`, schema from the record type."""
+    """Dataclass records -> `<prefix>-SSSSS-of-NNNNN.parquet`, schema from the record type.
+
+    Returns the finalised file names (what Beam's Parquet sink reports)."""
 
     def __init__(self, prefix: str, record_cls, exclude: tuple[str, ...] = (), num_shards: int = 0):
         super().__init__()
@@ -40,8 +79,13 @@ class WriteRecordsToParquet(beam.PTransform):
         )
 
 
+REJECTS_EMITTED = "rejects_emitted"
+REJECTS_WRITTEN = f"{WRITTEN_PREFIX}rejects"
+
+
 class _CountReject(beam.DoFn):
     def process(self, r: Reject):
+        Metrics.counter(METRICS_NAMESPACE, REJECTS_EMITTED).inc()
         Metrics.counter(METRICS_NAMESPACE, f"rejected_{r.stage}_{r.reason}").inc(r.count)
         if r.count == 0:
             # A file that could not be read at all: its rows are unknown, count the file.
@@ -73,8 +117,9 @@ class WriteRejects(beam.PTransform):
             | "ByStage"
             >> beam.Partition(lambda r, n: index.get(r.stage, other), len(self.stages))
         )
+        files = []
         for stage, part in zip(self.stages, parts):
-            (
+            files.append(
                 part
                 | f"ToJson_{stage}" >> beam.Map(Reject.to_json)
                 | f"Write_{stage}"
@@ -83,6 +128,9 @@ class WriteRejects(beam.PTransform):
                     file_name_suffix=".jsonl",
                 )
             )
+        # Every reject line is counted again in the finished files (`written_rejects`),
+        # and the run's count check compares it with the rejects emitted.
+        _ = tuple(files) | "RejectFiles" >> beam.Flatten() | "CountRejectLines" >> CountWritten("rejects")
         return merged
 
 

@@ -150,3 +150,26 @@ def read_images_at(path: str, locators: list[str], image_col: Optional[str]) -> 
         images.update({f"p:{rg}:{row}": v for (rg, row), v in got.items()})
         missing.update({f"p:{rg}:{row}": v for (rg, row), v in lacking.items()})
     return images, missing
+
+
+def count_records(path: str) -> int:
+    """Records in a finished file, counted from the file itself: Parquet rows (footer),
+    TFRecord frames with valid CRCs, webdataset samples (headers only, members skipped),
+    JSON-lines lines. What the accounting compares with what a stage meant to write."""
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".jsonl.gz", ".txt")):
+        with open_read(path) as f:
+            n, last = 0, b"\n"
+            while chunk := f.read(1 << 20):
+                n += chunk.count(b"\n")
+                last = chunk[-1:]
+            return n + (last != b"\n")
+    kind = shard_kind(path)
+    with open_read(path) as f:
+        if kind == "parquet":
+            return parquet.open_parquet(f).metadata.num_rows
+        if kind == "tfrecord":
+            return sum(1 for x in tfrecord.iter_tfrecord(_tfrecord_stream(f, path)) if not isinstance(x, Skip))
+        if kind == "webdataset":
+            return sum(1 for _ in webdataset.iter_webdataset(f, path=path, read_ext=lambda ext: False))
+    raise ValueError(f"{path}: cannot count the records of this kind of file")
