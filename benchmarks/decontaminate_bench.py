@@ -123,7 +123,7 @@ def main(argv=None):
         )
     n = args.images
     manifest = json.load(open(os.path.join(args.out, "out_1x", "manifest.json")))
-    assert manifest["counters"].get("samples_written", 0) == b["kept"], "pipeline and bare disagree on what to keep"
+    assert manifest["counters"].get("written_samples_parquet", 0) == b["kept"], "pipeline and bare disagree on what to keep"
     bare_rate, pipe_rate = n / bare_whole, n / seconds[1]
     bare_steady, pipe_steady = b["images"] / b["seconds"], n / (seconds[2] - seconds[1])
     print(f"images: N={n} candidates (and 2N), {args.eval_images} eval images, {args.clip_model}, "

@@ -64,7 +64,7 @@ def build_demo_cache(samples_glob: str, input_out: str, cache_dir: str, n: int =
     chosen = wrong[: n // 3] + unrelated[: n // 6] + right[: n - n // 3 - n // 6]
     chosen.sort(key=lambda r: r["key"])
     os.makedirs(input_out, exist_ok=True)
-    path = os.path.join(input_out, "samples-00000-of-00001.parquet")
+    path = os.path.join(input_out, "samples.parquet")
     pq.write_table(pa.Table.from_pylist(chosen, schema=arrow_schema(Sample)), path)
 
     cache = ResponseCache(cache_dir)

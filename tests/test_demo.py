@@ -39,7 +39,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert dec["counters"]["decontaminate_dropped"] == 12
     shards = tmp_path / "shards"
     kept = pq.read_table(glob.glob(str(shards / "samples-*.parquet"))).num_rows
-    assert kept == len(rows) - 12 == dec["counters"]["samples_written"]
+    assert kept == len(rows) - 12 == dec["counters"]["written_samples_parquet"]
     assert glob.glob(str(shards / "samples-*.tfrecord")) and glob.glob(str(shards / "samples-*.tar"))
     # REW with the replay backend: every request is answered from the demo cache (no
     # not_in_cache), corrections are grounded, and the counts add up.
