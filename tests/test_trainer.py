@@ -117,6 +117,18 @@ def test_resume_continues_the_step_count(data, tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-0000006", "step-0000009", "step-0000010"]
     with pytest.raises(UsageError, match="--entity_target"):
         train(data, out, "--max_steps", "12", "--entity_target", "name")
+    # `latest` names a checkpoint that is gone: the newest complete one is used instead...
+    import shutil
+
+    from trainer.train import latest_checkpoint
+
+    shutil.rmtree(out / "checkpoints" / "step-0000010")
+    assert latest_checkpoint(str(out)).endswith("step-0000009")
+    # ... and with none left, resuming is an error, never a silent restart from step 0.
+    for d in ("step-0000006", "step-0000009"):
+        shutil.rmtree(out / "checkpoints" / d)
+    with pytest.raises(UsageError, match=r"names checkpoint 'step-0000010', which is missing.*--resume never"):
+        train(data, out, "--max_steps", "12")
 
 
 def _flip_byte(path, offset_from_end):

@@ -98,14 +98,40 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 
 
+def _complete_checkpoints(root: str) -> list[str]:
+    """Checkpoint folders that were saved to the end (renamed from their temporary name,
+    with their state file), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, STATE_FILE)))
+    return [os.path.join(root, d) for d in names]
+
+
 def latest_checkpoint(output: str) -> Optional[str]:
-    pointer = os.path.join(output, CHECKPOINTS, LATEST)
+    """The newest checkpoint of a training --output, or None when it has none.
+
+    `checkpoints/latest` names it. When the pointer is missing but complete checkpoints
+    exist (a kill between the rename and the pointer), the newest of them is used. When
+    the pointer names a folder that is gone, the newest complete one is used with a
+    warning; with none left this is an error, never a silent restart from step 0.
+    """
+    root = os.path.join(output, CHECKPOINTS)
+    pointer = os.path.join(root, LATEST)
+    complete = _complete_checkpoints(root)
     if not os.path.exists(pointer):
-        return None
+        return complete[-1] if complete else None
     with open(pointer, encoding="utf-8") as f:
         name = f.read().strip()
-    path = os.path.join(output, CHECKPOINTS, name)
-    return path if os.path.isdir(path) else None
+    path = os.path.join(root, name)
+    if os.path.exists(os.path.join(path, STATE_FILE)):
+        return path
+    if complete:
+        log.warning("%s names %r, which is missing or incomplete; resuming from %s", pointer, name, complete[-1])
+        return complete[-1]
+    raise UsageError(
+        f"{pointer} names checkpoint {name!r}, which is missing, and no other complete checkpoint is in {root}: "
+        "restore it, or pass --resume never (or a new --output) to start from step 0 on purpose"
+    )
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -340,7 +366,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if resume_from:
-        saved_opt = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location=device, weights_only=False)
+        saved_opt = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location=device, weights_only=True)
         optimizer.load_state_dict(saved_opt["optimizer"])
         if scaler is not None and saved_opt.get("scaler"):
             scaler.load_state_dict(saved_opt["scaler"])
