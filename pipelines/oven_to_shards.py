@@ -35,7 +35,8 @@ from transforms.common import (
     build_only,
     is_dry_run,
     match_files,
-    open_read,
+    read_bytes,
+    retry_call,
     run_and_count,
 )
 from transforms.formats.media import IMAGE_SUFFIXES
@@ -117,19 +118,14 @@ class BuildSamples(beam.DoFn):
                     REJECTED, Reject.of("images", "image_missing", f"no {image_id}.<ext> under --images", key=str(a["data_id"]), record=a)
                 )
             return
+        # An I/O error is retried, then raised (the runner retries the bundle); only what
+        # the decoder refuses is a reject.
+        data = retry_call(lambda: read_bytes(paths[0]), paths[0])
         try:
-            with open_read(paths[0]) as f:
-                data = f.read()
             decoded = decode_image(data, self.max_pixels)
         except ImageError as e:
             for a in anns:
                 yield beam.pvalue.TaggedOutput(REJECTED, Reject.of("images", e.reason, e.detail, key=str(a["data_id"]), source=paths[0]))
-            return
-        except OSError as e:
-            for a in anns:
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED, Reject.of("images", "unreadable_file", f"{type(e).__name__}: {e}"[:300], key=str(a["data_id"]), source=paths[0])
-                )
             return
         sha = hashlib.sha256(data).hexdigest()
         for a in anns:

@@ -29,11 +29,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE, open_read
+from transforms.common import METRICS_NAMESPACE, open_read, read_guarded, retry_stream
 from transforms.formats import parquet
 from transforms.formats.keys import image_identity, row_group_source, source_tag
 from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.formats.webdataset import read_samples, webdataset_corpus_key
+from transforms.formats.webdataset import TarDamage, iter_samples, webdataset_corpus_key
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
@@ -71,18 +71,18 @@ class ReadCandidateImages(beam.DoFn):
         self.root = root
 
     def process(self, element):
-        try:
-            if isinstance(element, tuple):
-                yield from self._parquet(*element)
-            else:
-                yield from self._tar(element)
-        except Exception as e:  # noqa: BLE001 - a broken file is a reject, not a crash
+        source = element[0] if isinstance(element, tuple) else element
+
+        def unreadable(e):
+            # A broken file is a reject, not a crash; I/O errors are retried, then raised.
             _counter("candidate_files_unreadable").inc()
-            source = element[0] if isinstance(element, tuple) else element
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
                 _reject(self.STAGE, "unreadable_file", f"{type(e).__name__}: {e}"[:500], source=source, count=0),
             )
+
+        make = (lambda: self._parquet(*element)) if isinstance(element, tuple) else (lambda: self._tar(element))
+        yield from read_guarded(make, source, unreadable)
 
     def _emit(self, row: dict, source: str):
         _counter("candidates_read").inc()
@@ -127,24 +127,25 @@ class ReadCandidateImages(beam.DoFn):
             yield self._emit(row, row_group_source(path, rg))
 
     def _tar(self, path: str):
-        with open_read(path) as f:
-            samples, damage = read_samples(f, path=path)
         tag = source_tag(path, self.root)
-        for s in samples:
-            if s.bad_json:
-                _counter("candidates_read").inc()
-                yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, "bad_json", s.bad_json, s.key, path))
-                continue
-            ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
-            yield self._emit({**s.meta, "key": ident, "image": s.image}, path)
-        if damage is not None:
-            # The samples before the damage go on; the rest of the file is one reject.
-            _counter("candidate_files_broken").inc()
-            yield beam.pvalue.TaggedOutput(
-                REJECTED,
-                _reject(self.STAGE, "broken_archive", f"after {len(samples)} samples: {type(damage).__name__}: {damage}",
-                        source=path, count=0),
-            )
+        with open_read(path) as f:
+            # Streaming: one sample's image in memory at a time.
+            for s in iter_samples(f, path=path):
+                if isinstance(s, TarDamage):
+                    # The samples before the damage went on; the rest of the file is one reject.
+                    _counter("candidate_files_broken").inc()
+                    yield beam.pvalue.TaggedOutput(
+                        REJECTED,
+                        _reject(self.STAGE, "broken_archive",
+                                f"after {s.samples} samples: {type(s.error).__name__}: {s.error}", source=path, count=0),
+                    )
+                    break
+                if s.bad_json:
+                    _counter("candidates_read").inc()
+                    yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, "bad_json", s.bad_json, s.key, path))
+                    continue
+                ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
+                yield self._emit({**s.meta, "key": ident, "image": s.image}, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,13 +275,14 @@ class ListEvalImages(beam.PTransform):
 class ReadEvalImage(beam.DoFn):
     def process(self, element):
         eval_id, path = element
-        try:
+
+        def read():
             with open_read(path) as f:
                 yield eval_id, f.read()
-        except Exception as e:  # noqa: BLE001
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, _reject("eval_images", "unreadable_file", f"{type(e).__name__}: {e}", eval_id, path)
-            )
+
+        # An I/O error is retried, then raised: an evaluation image that could not be read
+        # must not pass as checked (decode errors are the decoder's rejects).
+        yield from retry_stream(read, path)
 
 
 # --------------------------------------------------------------------------------------

@@ -23,7 +23,14 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from transforms.common import METRICS_NAMESPACE, first_present, maybe_gunzip, open_read
+from transforms.common import (
+    METRICS_NAMESPACE,
+    first_present,
+    maybe_gunzip,
+    open_read,
+    read_guarded,
+    retry_stream,
+)
 from transforms.formats.keys import (
     REF_SEP,
     expand_patterns,
@@ -121,15 +128,15 @@ class ReadCatalogFile(beam.DoFn):
 
     def process(self, element):
         file_index, path = element
-        try:
-            if is_parquet(path):
-                yield from self._parquet(file_index, path)
-            else:
-                yield from self._jsonl(file_index, path)
-        except Exception as e:  # noqa: BLE001 - a broken file is a reject, not a crash
+
+        def unreadable(e):
+            # A broken file is a reject, not a crash; an I/O error is raised (retried).
             log.warning("catalog file %s unreadable: %s", path, e)
             _counter("catalog_files_unreadable").inc()
             yield self._reject("unreadable_file", f"{type(e).__name__}: {e}", path, count=0)
+
+        reader = self._parquet if is_parquet(path) else self._jsonl
+        yield from read_guarded(lambda: reader(file_index, path), path, unreadable)
 
     def _emit(self, obj, file_index, row, path):
         self.rows.inc()
@@ -341,23 +348,18 @@ class SplitParquet(beam.DoFn):
     """path -> (path, row_group) work items, so one big file is read by many workers."""
 
     def process(self, path):
-        try:
+        def units():
             with open_read(path) as f:
-                units = row_group_units(path, f)
-        except Exception as e:  # noqa: BLE001
+                yield from row_group_units(path, f)
+
+        def unreadable(e):
             _counter("captions_files_unreadable").inc()
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
-                Reject(
-                    stage="read_captions",
-                    reason="unreadable_file",
-                    detail=f"{type(e).__name__}: {e}",
-                    source=path,
-                    count=0,
-                ),
+                Reject(stage="read_captions", reason="unreadable_file", detail=f"{type(e).__name__}: {e}", source=path, count=0),
             )
-            return
-        yield from units
+
+        yield from read_guarded(units, path, unreadable)
 
 
 class ReadParquetCaptions(_CaptionReaderBase):
@@ -370,44 +372,45 @@ class ReadParquetCaptions(_CaptionReaderBase):
 
     def process(self, element):
         path, rg = element
-        c = self.columns
-        try:
-            with open_read(path) as f:
-                pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                text_col = first_present(names, [c.text])
-                if text_col is None:
-                    n = pf.metadata.row_group(rg).num_rows if pf.metadata.num_row_groups else 0
-                    self.rows.inc(n)
-                    yield self._reject(
-                        "missing_column",
-                        f"caption column {c.text!r} not in {names}; set --text_col",
-                        path,
-                        count=n,
-                    )
-                    return
-                url_col = first_present(names, [c.url])
-                key_col = first_present(names, [c.key])
-                width_col = first_present(names, ["WIDTH", "width"])
-                height_col = first_present(names, ["HEIGHT", "height"])
-                status_col = first_present(names, ["status"]) if self.fmt == "parquet" else None
-                keep = [k for k in c.keep if k in names]
-                cols = [
-                    x
-                    for x in dict.fromkeys(
-                        [text_col, url_col, key_col, width_col, height_col, status_col, *keep]
-                    )
-                    if x
-                ]
-                if pf.metadata.num_row_groups == 0:
-                    return
-                table = pf.read_row_group(rg, columns=cols)
-        except Exception as e:  # noqa: BLE001
+
+        def unreadable(e):
             _counter("captions_files_unreadable").inc()
-            yield self._reject(
-                "unreadable_file", f"row group {rg}: {type(e).__name__}: {e}", path, count=0
-            )
-            return
+            yield self._reject("unreadable_file", f"row group {rg}: {type(e).__name__}: {e}", path, count=0)
+
+        yield from read_guarded(lambda: self._read(path, rg), row_group_source(path, rg), unreadable)
+
+    def _read(self, path, rg):
+        c = self.columns
+        with open_read(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            text_col = first_present(names, [c.text])
+            if text_col is None:
+                n = pf.metadata.row_group(rg).num_rows if pf.metadata.num_row_groups else 0
+                self.rows.inc(n)
+                yield self._reject(
+                    "missing_column",
+                    f"caption column {c.text!r} not in {names}; set --text_col",
+                    path,
+                    count=n,
+                )
+                return
+            url_col = first_present(names, [c.url])
+            key_col = first_present(names, [c.key])
+            width_col = first_present(names, ["WIDTH", "width"])
+            height_col = first_present(names, ["HEIGHT", "height"])
+            status_col = first_present(names, ["status"]) if self.fmt == "parquet" else None
+            keep = [k for k in c.keep if k in names]
+            cols = [
+                x
+                for x in dict.fromkeys(
+                    [text_col, url_col, key_col, width_col, height_col, status_col, *keep]
+                )
+                if x
+            ]
+            if pf.metadata.num_row_groups == 0:
+                return
+            table = pf.read_row_group(rg, columns=cols)
         source = row_group_source(path, rg)
         tag = self._tag(path)
         images = self.fmt == "parquet"
@@ -450,9 +453,13 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
         super().__init__(columns.defaults("webdataset"), max_caption_chars, root)
 
     def process(self, path):
-        # A damaged tar still yields the samples before the damage, then one reject.
-        with open_read(path) as f:
-            samples, damage = read_samples(f, path=path, locate_images=True)
+        # A damaged tar still yields the samples before the damage, then one reject; an
+        # I/O error is retried, then raised.
+        def read():
+            with open_read(path) as f:
+                yield read_samples(f, path=path, locate_images=True)
+
+        (samples, damage), = retry_stream(read, path)
         if damage is not None:
             _counter("captions_files_broken").inc()
             yield self._reject(

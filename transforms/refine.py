@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from prompts import Prompt, render_rationale_qa, render_verify
-from transforms.common import METRICS_NAMESPACE, open_read
+from transforms.common import METRICS_NAMESPACE, open_read, read_guarded, retry_call
 from transforms.formats.files import Skip
 from transforms.formats.media import mime_type
 from transforms.formats.shards import iter_shard_records, read_images_at
@@ -77,7 +77,15 @@ class ReadSamples(beam.DoFn):
     def process(self, element):
         unit = element if isinstance(element, tuple) else (element, -1)
         path = unit[0]
-        try:
+
+        def unreadable(e):
+            # A file that is not a shard is a reject; I/O errors are retried, then raised.
+            _counter("sample_files_unreadable").inc()
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, Reject(stage=self.STAGE, reason="unreadable_file", detail=f"{type(e).__name__}: {e}"[:500], source=path, count=0)
+            )
+
+        def read():
             for item in iter_shard_records(unit, locate_images=True):
                 if isinstance(item, Skip):
                     yield from self._skip(item, path)
@@ -88,11 +96,8 @@ class ReadSamples(beam.DoFn):
                     yield _reject(self.STAGE, "image_missing", f"{sample.key}: no image member", sample)
                     continue
                 yield Located(sample, path, item.ref)
-        except Exception as e:  # noqa: BLE001
-            _counter("sample_files_unreadable").inc()
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, Reject(stage=self.STAGE, reason="unreadable_file", detail=f"{type(e).__name__}: {e}"[:500], source=path, count=0)
-            )
+
+        yield from read_guarded(read, path, unreadable)
 
     def _skip(self, skip: Skip, path: str):
         if skip.reason == "broken_archive":
@@ -119,7 +124,8 @@ class ReadShardImages(beam.DoFn):
     def process(self, element):
         path, items = element
         items = sorted(items, key=lambda it: it[0].ref)
-        images, missing = read_images_at(path, sorted({loc.ref for loc, _ in items}), "image")
+        refs = sorted({loc.ref for loc, _ in items})
+        images, missing = retry_call(lambda: read_images_at(path, refs, "image"), path)
         for located, summary in items:
             data = images.get(located.ref)
             if data is None:

@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.accounting import MeasureShuffle
-from transforms.common import METRICS_NAMESPACE
+from transforms.common import METRICS_NAMESPACE, retry_call
 from transforms.formats.keys import REF_SEP, merge_refs, source_file
 from transforms.formats.shards import read_images_at
 from transforms.readers import REJECTED
@@ -363,7 +363,7 @@ class ReadSelectedImages(beam.DoFn):
         path, cands = element
         cands = sorted(cands, key=lambda c: (c.key, c.qid))
         wanted = sorted({loc for c in cands for loc in (c.image_ref or "").split(REF_SEP) if loc})
-        images, missing = read_images_at(path, wanted, self.image_col)
+        images, missing = retry_call(lambda: read_images_at(path, wanted, self.image_col), path)
         for c in cands:
             locs = [loc for loc in (c.image_ref or "").split(REF_SEP) if loc]
             if not locs:

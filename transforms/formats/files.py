@@ -37,3 +37,30 @@ class Skip(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+def is_data_error(e: BaseException) -> bool:
+    """True when `e` says the bytes are bad (the same bytes fail the same way on every
+    try): a damaged archive or compression stream, text that is not UTF-8 or JSON, a
+    Parquet file pyarrow cannot parse. False for errors of the environment (I/O, network,
+    memory), which must be raised so the work is retried, never turned into rejects."""
+    import gzip
+    import json
+    import struct
+    import tarfile
+    import zlib
+
+    if isinstance(e, (MemoryError, ConnectionError, TimeoutError, InterruptedError)):
+        return False
+    if isinstance(e, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError, struct.error, json.JSONDecodeError)):
+        return True
+    try:
+        import pyarrow as pa
+
+        if isinstance(e, pa.ArrowInvalid):
+            return True
+        if isinstance(e, pa.ArrowException) and not isinstance(e, OSError):
+            return True
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        pass
+    return isinstance(e, ValueError) and not isinstance(e, OSError)

@@ -156,13 +156,34 @@ def parse_sample(key: str, parts: dict) -> TarSample:
     return TarSample(key, meta, image_member(parts), parts, bad)
 
 
-def read_samples(fileobj, *, path: Optional[str] = None, locate_images: bool = False):
-    """(samples, error): every sample of a tar in order and, when the tar is damaged, the
-    error that stopped the read (the samples before the damage are kept)."""
-    samples: list[TarSample] = []
+@dataclass
+class TarDamage:
+    """The end of a damaged tar: `error` stopped the read after `samples` samples."""
+
+    error: BaseException
+    samples: int
+
+
+def iter_samples(fileobj, *, path: Optional[str] = None, locate_images: bool = False):
+    """TarSample per sample, streaming (one sample in memory at a time); a damaged tar
+    ends with one TarDamage after the samples before the damage. Other errors (I/O)
+    propagate."""
+    n = 0
     try:
         for key, parts in iter_webdataset(fileobj, path=path, read_ext=metadata_only if locate_images else None):
-            samples.append(parse_sample(key, parts))
+            n += 1
+            yield parse_sample(key, parts)
     except DAMAGE as e:
-        return samples, e
+        yield TarDamage(e, n)
+
+
+def read_samples(fileobj, *, path: Optional[str] = None, locate_images: bool = False):
+    """(samples, error): every sample of a tar in order and, when the tar is damaged, the
+    error that stopped the read (the samples before the damage are kept). Holds them all:
+    for located reads (no image bytes) or small tars."""
+    samples: list[TarSample] = []
+    for item in iter_samples(fileobj, path=path, locate_images=locate_images):
+        if isinstance(item, TarDamage):
+            return samples, item.error
+        samples.append(item)
     return samples, None
