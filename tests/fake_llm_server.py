@@ -8,7 +8,8 @@ said otherwise): [[SLOW]] (sleeps past the client's timeout), [[429]], [[500]], 
 (closes the connection without answering), [[BADJSON]] (an answer that is not JSON, the
 re-ask gets a valid one), [[ALWAYSBAD]] (never valid JSON), [[FENCED]] (valid JSON inside a
 ``` fence with prose around it), [[CORRECT_TO:Name]] (verdict corrected with that name),
-[[NOTENTITY]], [[DEAD]] (503 forever). With `refuse_json_schema`, the server answers 400 to
+[[NOTENTITY]], [[DEAD]] (503 forever), [[ECHO_AUTH]] (401 quoting the
+Authorization header and the URL, as careless servers do). With `refuse_json_schema`, the server answers 400 to
 the `json_schema` form of response_format, like servers that only know `json_object`.
 Every request is recorded: its body hash, the prompt text, the size and format of its image,
 the response_format form.
@@ -109,6 +110,11 @@ class FakeLLMServer:
         if rf and rf.get("type") == "json_schema" and self.refuse_json_schema:
             return web.json_response({"error": {"message": "response_format json_schema not supported"}}, status=400)
         caption = _between(text, "<<<CAPTION", "CAPTION>>>")
+        if "[[ECHO_AUTH]]" in caption:
+            # A careless server: its error quotes the credentials and the URL it got.
+            return web.json_response(
+                {"error": {"message": f"invalid credentials {request.headers.get('Authorization')} for {request.url}"}}, status=401
+            )
         if "[[DEAD]]" in caption or self.dead:
             return web.json_response({"error": {"message": "overloaded"}}, status=503)
         if n == 1 and "[[429]]" in caption:

@@ -306,8 +306,12 @@ def finish_run(
             f"write_rejects: {counters.get(REJECTS_EMITTED, 0)} rejects emitted != "
             f"{counters.get(REJECTS_WRITTEN, 0)} lines in the reject files"
         )
+    from transforms.secrets import redact_value
+
     manifest = dict(base or {})
-    manifest.update({"kind": kind, **(fields or {})})
+    # Options and inputs as the user gave them, minus credentials (URL user info and query
+    # strings, secret-named values such as a vLLM `api-key=` argument).
+    manifest.update({"kind": kind, **redact_value(fields or {})})
     out = output.rstrip("/")
     written = read_written(out)
     manifest.update(

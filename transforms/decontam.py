@@ -33,7 +33,7 @@ from transforms.common import METRICS_NAMESPACE, open_read, read_guarded, retry_
 from transforms.formats import parquet
 from transforms.formats.keys import image_identity, row_group_source, source_tag
 from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.formats.webdataset import TarDamage, iter_samples, webdataset_corpus_key
+from transforms.formats.webdataset import TarDamage, TarMemberRef, iter_samples, webdataset_corpus_key
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
@@ -145,6 +145,12 @@ class ReadCandidateImages(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, "bad_json", s.bad_json, s.key, path))
                     continue
                 ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
+                if isinstance(s.image, TarMemberRef):  # larger than MAX_MEMBER_BYTES: never read
+                    _counter("candidates_read").inc()
+                    yield beam.pvalue.TaggedOutput(
+                        REJECTED, _reject(self.STAGE, "image_too_large", f"image member of {s.image.size} bytes", ident, path)
+                    )
+                    continue
                 yield self._emit({**s.meta, "key": ident, "image": s.image}, path)
 
 

@@ -12,6 +12,7 @@ escapes.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -73,6 +74,41 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    """Pillow refuses, at open, images over twice its global MAX_IMAGE_PIXELS, before our
+    per-image guard sees the size. When `max_pixels` asks for more, the global limit is
+    raised once, under a lock and never lowered, so threads decoding in parallel never see
+    it toggled (the guard of each image is ours: `w * h > max_pixels`)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or 2 * limit >= max_pixels:
+        return
+    with _PILLOW_LIMIT_LOCK:
+        if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+# Frames counted in an animation before it is called "many": Pillow's n_frames walks every
+# frame of a GIF (a 100,000-frame GIF is a cheap denial of service); only the first is used.
+MAX_FRAMES_COUNTED = 64
+
+
+def _frames(img) -> int:
+    """Frames of an animation, counted up to MAX_FRAMES_COUNTED (1 for a still image)."""
+    if not getattr(img, "is_animated", False):
+        return 1
+    n = 1
+    try:
+        while n < MAX_FRAMES_COUNTED:
+            img.seek(n)
+            n += 1
+    except EOFError:
+        pass
+    return n
+
+
 def probe_size(data: bytes) -> tuple[int, int, str]:
     """(width, height, format) from the header only; ImageError if not an image."""
     try:
@@ -90,15 +126,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optio
     if data is None or len(data) == 0:
         raise ImageError("empty_image", "no image bytes")
     try:
+        _let_pillow_open(max_pixels)
         with warnings.catch_warnings():
             # Pillow warns (DecompressionBombWarning) below its hard limit; our guard decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = None
             try:
                 img = Image.open(io.BytesIO(data))
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+            except Image.DecompressionBombError as e:
+                # Over twice Pillow's limit, which is at least max_pixels / 2: ours refuses too.
+                raise ImageError("too_many_pixels", f"{e}"[:300] + f" (> --max_pixels {max_pixels})") from e
             fmt = img.format or "?"
             if fmt not in ACCEPTED_FORMATS:
                 raise ImageError("unsupported_format", f"format {fmt}")
@@ -107,7 +143,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optio
                 raise ImageError("empty_image", f"size {w}x{h}")
             if w * h > max_pixels:
                 raise ImageError("too_many_pixels", f"{w}x{h} = {w * h} pixels > --max_pixels {max_pixels}")
-            frames = int(getattr(img, "n_frames", 1) or 1)
+            frames = _frames(img)
             if frames > 1:
                 img.seek(0)
             if draft is not None and fmt == "JPEG":

@@ -38,6 +38,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.common import METRICS_NAMESPACE
+from transforms.secrets import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -275,11 +276,34 @@ class _Endpoint:
 
 
 def _chat_url(url: str) -> str:
-    if url.endswith("/chat/completions"):
-        return url
-    if url.endswith("/v1"):
-        return url + "/chat/completions"
-    return url + "/v1/chat/completions"
+    """The chat-completions URL of an endpoint; a query string (some gateways take their
+    key as `?api_key=`) stays at the end."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path = path + ("/chat/completions" if path.endswith("/v1") else "/v1/chat/completions")
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
+
+
+def _split_credentials(url: str, key: Optional[str]) -> tuple[str, Optional[tuple[str, str]]]:
+    """(URL without user info, (user, password) for HTTP basic auth or None). With an API
+    key the key is sent as a bearer token and user info in the URL is dropped (HTTP allows
+    one Authorization header)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if key:
+        log.warning("--endpoint carries user info and an API key is set: the key is used, the user info dropped")
+        return bare, None
+    return bare, (unquote(parts.username), unquote(parts.password or ""))
 
 
 def _response_format(dialect: str, schema: dict, name: str) -> Optional[dict]:
@@ -330,10 +354,15 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         self.dialect = dialect
 
     def load_model(self) -> _Endpoint:
-        # Read here, on the worker: the key never travels in the pickled pipeline.
-        return _Endpoint(
-            self.endpoint, os.environ.get(self.api_key_env) or None, self.dialect, self.max_concurrency, self.timeout_s
-        )
+        # Read here, on the worker: the key never travels in the pickled pipeline. It is
+        # registered for redaction: a server that echoes it in an error does not put it
+        # into a reject or a log line.
+        from transforms.secrets import install_log_redaction
+
+        key = os.environ.get(self.api_key_env) or None
+        register_secret(key)
+        install_log_redaction()
+        return _Endpoint(self.endpoint, key, self.dialect, self.max_concurrency, self.timeout_s)
 
     def get_metrics_namespace(self) -> str:
         return "llm_openai"
@@ -402,8 +431,12 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         import aiohttp
 
         headers = {"Content-Type": "application/json"}
+        url, basic = _split_credentials(endpoint.url, endpoint.api_key)
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        elif basic is not None:
+            register_secret(basic[1])
+            headers["Authorization"] = aiohttp.BasicAuth(*basic).encode()
         dialects = DIALECTS[DIALECTS.index(endpoint.dialect) :]
         for dialect in dialects:
             body = {"model": req.model, "messages": req.messages(history=history), **req.sampling}
@@ -412,7 +445,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 body["response_format"] = rf
             started = time.perf_counter()
             try:
-                async with session.post(_chat_url(endpoint.url), json=body, headers=headers) as resp:
+                async with session.post(_chat_url(url), json=body, headers=headers) as resp:
                     status = resp.status
                     text = await resp.text()
             except TimeoutError as e:

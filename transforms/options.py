@@ -77,6 +77,9 @@ def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from transforms.secrets import install_log_redaction
+
+    install_log_redaction()
     try:
         run(None)
     except UsageError as e:

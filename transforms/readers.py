@@ -481,6 +481,10 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
 
     def _sample(self, path, key, parts, meta, image, refs):
         text = meta.get(self.columns.text) if "txt" not in parts else parts["txt"]
+        if isinstance(text, TarMemberRef):  # larger than MAX_MEMBER_BYTES: never read
+            self.rows.inc()
+            yield self._reject("caption_too_long", f"KEY.txt of {text.size} bytes", path, key)
+            return
         if text is None and image is None and not meta:
             self.rows.inc()
             yield self._reject("missing_column", f"no .txt/.json/image in sample {key}", path, key)

@@ -84,7 +84,15 @@ REJECTS_WRITTEN = f"{WRITTEN_PREFIX}rejects"
 
 
 class _CountReject(beam.DoFn):
+    """Counts a reject and cleans it of credentials (error texts may quote a request URL
+    or a server's echo of a key) before it is written."""
+
     def process(self, r: Reject):
+        from transforms.secrets import redact
+
+        r = dataclasses.replace(
+            r, detail=redact(r.detail or "") or r.detail, record_json=redact(r.record_json, strip_query=False) if r.record_json else r.record_json
+        )
         Metrics.counter(METRICS_NAMESPACE, REJECTS_EMITTED).inc()
         Metrics.counter(METRICS_NAMESPACE, f"rejected_{r.stage}_{r.reason}").inc(r.count)
         if r.count == 0:

@@ -47,17 +47,26 @@ class TarMemberRef:
         return f"t:{self.data_offset}:{self.size}"
 
 
+# Members larger than this are never read into memory: an image is located instead (and
+# refused when read back), a larger KEY.json / KEY.txt makes the sample a reject.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
+
+
 def _tar_mode(path: Optional[str], fileobj) -> str:
-    """Random access ('r:', members skipped by seeking) for plain tars; streaming for the rest."""
+    """Random access ('r:', members skipped by seeking) for plain tars; plain streaming
+    ('r|') for the rest. Never 'r|*': the stream is a tar (a .tar.gz comes decompressed
+    from open_read), so a file that is secretly bzip2/xz is an error, not decompressed."""
     plain = path is None or path.lower().endswith(".tar")
     # io objects have seekable(); Beam's CompressedFile has a `seekable` property.
     attr = getattr(fileobj, "seekable", None)
     seekable = attr() if callable(attr) else bool(attr)
-    return "r:" if plain and seekable else "r|*"
+    return "r:" if plain and seekable else "r|"
 
 
 def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> Iterator[tuple[str, dict]]:
     """(key, {extension: bytes | TarMemberRef}) per sample of a webdataset tar, in order.
+    Only regular files are members of a sample (links, devices and folders are skipped);
+    names are keys, never paths written to (so `../x` is just an odd key).
 
     Files of one sample are adjacent in a webdataset tar; a sample ends when the key
     changes. The key is the member's basename up to the first dot (with its folder, if
@@ -84,7 +93,7 @@ def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> It
                 parts = {}
             current_key = key
             ext = ext.lower()
-            if read_ext is None or read_ext(ext):
+            if (read_ext is None or read_ext(ext)) and member.size <= MAX_MEMBER_BYTES:
                 f = tar.extractfile(member)
                 parts[ext] = f.read() if f is not None else b""
             else:
@@ -98,6 +107,8 @@ def read_tar_member(fileobj, ref: TarMemberRef) -> bytes:
     """A member's bytes by its offset, after checking that the header block in front of
     them is a valid tar header of that size (so a tar rewritten since it was indexed is an
     error, not wrong bytes)."""
+    if ref.size > MAX_MEMBER_BYTES:
+        raise tarfile.ReadError(f"member of {ref.size} bytes > {MAX_MEMBER_BYTES} (MAX_MEMBER_BYTES): not read")
     fileobj.seek(ref.data_offset - TAR_BLOCK)
     block = fileobj.read(TAR_BLOCK + ref.size)
     if len(block) < TAR_BLOCK + ref.size:
@@ -141,7 +152,9 @@ def parse_sample(key: str, parts: dict) -> TarSample:
     meta: dict = {}
     bad = None
     raw = parts.get("json")
-    if isinstance(raw, (bytes, bytearray)):
+    if isinstance(raw, TarMemberRef):
+        bad = f"KEY.json of {raw.size} bytes is larger than MAX_MEMBER_BYTES"
+    elif isinstance(raw, (bytes, bytearray)):
         try:
             obj = json.loads(bytes(raw).decode("utf-8"))
             if isinstance(obj, dict):
