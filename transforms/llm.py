@@ -37,7 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE
+from transforms.common import METRICS_NAMESPACE, retry_call
 from transforms.secrets import register_secret
 
 log = logging.getLogger(__name__)
@@ -122,10 +122,27 @@ class ResponseCache:
         if not self.root:
             return None
         path = self._path(key)
+
+        def read() -> Optional[bytes]:
+            try:
+                with FileSystems.open(path) as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+            except Exception:  # noqa: BLE001 - an object store's "not found" has many names
+                if not FileSystems.exists(path):
+                    return None
+                raise
+
+        # An error reading an entry that exists (network, throttling) is retried, then
+        # raised: taking it for a miss would pay for the request again.
+        raw = retry_call(read, path)
+        if raw is None:
+            return None
         try:
-            with FileSystems.open(path) as f:
-                return json.loads(f.read().decode("utf-8"))
-        except Exception:  # noqa: BLE001 - missing or unreadable entry = a miss
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            log.warning("cache entry %s is not JSON; asking again", path)
             return None
 
     def put(self, key: str, entry: dict) -> None:

@@ -1,0 +1,46 @@
+"""The fault matrix: one row per (fault, pipeline) a test injected.
+
+`account` derives a row from what a run wrote: the keys a test put in (`planted`), the
+keys in the output files, the keys of record-level rejects, and the files rejected as a
+whole (a damaged archive: the records after the damage are unknowable to the run; they are
+accounted for by the file's reject). lost = in - out - rejected; duplicated = keys written
+more than once plus keys both written and rejected."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+MATRIX: list[dict] = []
+
+
+def account(fault: str, pipeline: str, planted: dict[str, str], out_keys: list[str], rejects: list[dict]) -> dict:
+    """`planted`: key -> the file it was written to."""
+    out = Counter(k for k in out_keys if k in planted)
+    rejected_keys = Counter(r["key"] for r in rejects if r.get("key") in planted)
+    rejected_files = {r["source"] for r in rejects if not r.get("key") and r.get("source")}
+    covered = {k for k, f in planted.items() if k not in out and k not in rejected_keys and f in rejected_files}
+    lost = [k for k in planted if k not in out and k not in rejected_keys and k not in covered]
+    duplicated = sum(n - 1 for n in out.values() if n > 1) + sum(1 for k in out if k in rejected_keys)
+    row = {
+        "fault": fault,
+        "pipeline": pipeline,
+        "in": len(planted),
+        "out": sum(out.values()),
+        "rejected": len(rejected_keys) + len(covered),
+        "lost": len(lost),
+        "duplicated": duplicated,
+        "reasons": sorted({r["reason"] for r in rejects if r.get("key") in planted or (not r.get("key") and r.get("source") in set(planted.values()))}),
+    }
+    MATRIX.append(row)
+    return row
+
+
+def format_matrix() -> str:
+    cols = ("fault", "pipeline", "in", "out", "rejected", "lost", "duplicated")
+    rows = sorted(MATRIX, key=lambda r: (r["pipeline"], r["fault"]))
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) if i < 2 else c.rjust(widths[c]) for i, c in enumerate(cols)) + "  reasons"]
+    for r in rows:
+        cells = [str(r[c]).ljust(widths[c]) if i < 2 else str(r[c]).rjust(widths[c]) for i, c in enumerate(cols)]
+        lines.append("  ".join(cells) + "  " + ",".join(r["reasons"]))
+    return "\n".join(lines)
