@@ -14,7 +14,8 @@ MATRIX: list[dict] = []
 
 
 def account(fault: str, pipeline: str, planted: dict[str, str], out_keys: list[str], rejects: list[dict]) -> dict:
-    """`planted`: key -> the file it was written to."""
+    """`planted`: key -> the file it was written to; empty for a file-level fault (a
+    zero-byte file), whose row shows the reasons of the `rejects` given."""
     out = Counter(k for k in out_keys if k in planted)
     rejected_keys = Counter(r["key"] for r in rejects if r.get("key") in planted)
     rejected_files = {r["source"] for r in rejects if not r.get("key") and r.get("source")}
@@ -29,7 +30,9 @@ def account(fault: str, pipeline: str, planted: dict[str, str], out_keys: list[s
         "rejected": len(rejected_keys) + len(covered),
         "lost": len(lost),
         "duplicated": duplicated,
-        "reasons": sorted({r["reason"] for r in rejects if r.get("key") in planted or (not r.get("key") and r.get("source") in set(planted.values()))}),
+        "reasons": sorted(
+            {r["reason"] for r in rejects if not planted or r.get("key") in planted or (not r.get("key") and r.get("source") in set(planted.values()))}
+        ),
     }
     MATRIX.append(row)
     return row

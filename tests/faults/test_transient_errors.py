@@ -9,6 +9,7 @@ import pytest
 
 from pipelines import select_candidates
 from tests.faults.flaky_fs import PREFIX, FlakyFileSystem
+from tests.faults.matrix import account
 from tests.helpers import draw_image, read_rejects, write_webdataset
 from transforms.common import retry_call
 from transforms.formats.files import is_data_error
@@ -33,7 +34,7 @@ def _rows(out):
 
 def test_a_filesystem_that_fails_once_loses_nothing(tmp_path, entity_index):
     corpus = _corpus(tmp_path)
-    base = ["--entity_index", entity_index, "--caption_format", "webdataset", "--k", "5", "--min_score", "0"]
+    base = ["--entity_index", entity_index, "--caption_format", "webdataset", "--k", "50", "--min_score", "-1", "--per_caption_entities", "1"]
     plain = select_candidates.run([*base, "--captions", str(corpus / "*.tar"), "--output", str(tmp_path / "plain")])
     FlakyFileSystem.reset(fail_times=1)
     flaky = select_candidates.run([*base, "--captions", PREFIX + str(corpus / "*.tar"), "--output", str(tmp_path / "flaky")])
@@ -46,6 +47,10 @@ def test_a_filesystem_that_fails_once_loses_nothing(tmp_path, entity_index):
     assert reasons == sorted(r["reason"] for r in read_rejects(tmp_path / "plain"))
     assert reasons.count("broken_archive") == 1  # the corrupt tar, once
     assert not any("flaky" in (r["detail"] or "") for r in read_rejects(tmp_path / "flaky"))
+    planted = {f"0000{t}/{t}{i:03d}": PREFIX + str(corpus / f"0000{t}.tar") for t in range(2) for i in range(len(CAPTIONS))}
+    keys = [r["key"] for r in pq.read_table(glob.glob(str(tmp_path / "flaky" / "candidates-*.parquet"))).to_pylist()]
+    row = account("filesystem_error_once", "select_candidates", planted, keys, read_rejects(tmp_path / "flaky"))
+    assert row["lost"] == row["duplicated"] == 0 and row["out"] + row["rejected"] == len(planted)
 
 
 def test_an_environment_error_that_persists_fails_the_run_instead_of_rejecting(tmp_path, entity_index, monkeypatch):

@@ -69,7 +69,7 @@ def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> It
     names are keys, never paths written to (so `../x` is just an odd key).
 
     Files of one sample are adjacent in a webdataset tar; a sample ends when the key
-    changes. The key is the member's basename up to the first dot (with its folder, if
+    changes, or when a member repeats an extension the sample already has. The key is the member's basename up to the first dot (with its folder, if
     any). `read_ext(ext) -> bool` says which members to read; the others are given as
     `TarMemberRef`s (their bytes are skipped, by seeking when the tar is plain and
     seekable). By default every member is read.
@@ -88,11 +88,13 @@ def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None) -> It
             dirname = os.path.dirname(name)
             stem, _, ext = base.partition(".")
             key = f"{dirname}/{stem}" if dirname else stem
-            if key != current_key and current_key is not None:
+            ext = ext.lower()
+            # A new key starts a sample; so does a member the current sample already has
+            # (a key repeated in the tar is two samples, not one that silently overwrites).
+            if current_key is not None and (key != current_key or ext in parts):
                 yield current_key, parts
                 parts = {}
             current_key = key
-            ext = ext.lower()
             if (read_ext is None or read_ext(ext)) and member.size <= MAX_MEMBER_BYTES:
                 f = tar.extractfile(member)
                 parts[ext] = f.read() if f is not None else b""
