@@ -161,3 +161,17 @@ def test_shard_units_route_compressed_tars_to_the_tar_reader(tmp_path):
 def test_object_store_folder_is_expanded():
     assert keys.expand_patterns("gs://bucket/run1/") == ["gs://bucket/run1/*"]
     assert keys.expand_patterns("gs://bucket/run1/*.tar,gs://b/x.parquet") == ["gs://bucket/run1/*.tar", "gs://b/x.parquet"]
+
+
+def test_count_records_reads_back_what_each_format_holds(tmp_path):
+    samples = [_sample(i) for i in range(5)]
+    tar = _write_tar(tmp_path / "s-00000-of-00001.tar", _shard_members(samples, "jpg"))
+    pqf = write_parquet(tmp_path / "s-00000-of-00001.parquet", [s.__dict__ for s in samples], row_group_size=2)
+    tfr = tmp_path / "s-00000-of-00001.tfrecord"
+    data = b"".join(tfrecord.frame(encode_example(s)) for s in samples)
+    tfr.write_bytes(data)
+    cut = tmp_path / "cut-00000-of-00001.tfrecord"
+    cut.write_bytes(data[:-10])  # the last frame cut short: not counted
+    lines = tmp_path / "rejects-00000-of-00001.jsonl"
+    lines.write_text('{"a": 1}\n{"a": 2}\n{"a": 3}')  # no newline at the end: still 3
+    assert [shards.count_records(str(p)) for p in (tar, pqf, tfr, cut, lines)] == [5, 5, 5, 4, 3]

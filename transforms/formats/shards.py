@@ -154,8 +154,8 @@ def read_images_at(path: str, locators: list[str], image_col: Optional[str]) -> 
 
 def count_records(path: str) -> int:
     """Records in a finished file, counted from the file itself: Parquet rows (footer),
-    TFRecord frames with valid CRCs, webdataset samples (headers only, members skipped),
-    JSON-lines lines. What the accounting compares with what a stage meant to write."""
+    TFRecord frames (headers with their length CRCs, payloads skipped), webdataset samples
+    (headers only, members skipped), JSON-lines lines. What the accounting compares with what a stage meant to write."""
     lower = path.lower()
     if lower.endswith((".jsonl", ".jsonl.gz", ".txt")):
         with open_read(path) as f:
@@ -169,7 +169,7 @@ def count_records(path: str) -> int:
         if kind == "parquet":
             return parquet.open_parquet(f).metadata.num_rows
         if kind == "tfrecord":
-            return sum(1 for x in tfrecord.iter_tfrecord(_tfrecord_stream(f, path)) if not isinstance(x, Skip))
+            return tfrecord.count_frames(_tfrecord_stream(f, path))
         if kind == "webdataset":
             return sum(1 for _ in webdataset.iter_webdataset(f, path=path, read_ext=lambda ext: False))
     raise ValueError(f"{path}: cannot count the records of this kind of file")

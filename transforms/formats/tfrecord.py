@@ -54,3 +54,35 @@ def iter_tfrecord(stream) -> Iterator[bytes | Skip]:
             yield Skip("tfrecord_bad_crc", "record payload does not match its CRC")
             continue
         yield data
+
+
+def count_frames(stream) -> int:
+    """Frames of a TFRecord stream, walking the headers only: each length is checked
+    against its CRC and the payload skipped by seeking (read and dropped when the stream
+    cannot seek), so counting a shard of images costs a header read per record, not a
+    second read of every image. A frame cut short by the end of the file is not counted."""
+    import io
+
+    try:
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(0)
+    except (AttributeError, OSError, ValueError):
+        size = None
+    n, pos = 0, 0
+    while True:
+        head = stream.read(12)
+        if len(head) < 12:
+            return n
+        (length,) = struct.unpack("<Q", head[:8])
+        if masked_crc(head[:8]) != struct.unpack("<I", head[8:])[0]:
+            return n
+        pos += 12 + length + 4
+        if size is not None:
+            if pos > size:
+                return n
+            stream.seek(pos)
+        else:
+            skipped = stream.read(length + 4)
+            if len(skipped) < length + 4:
+                return n
+        n += 1
