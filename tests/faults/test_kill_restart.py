@@ -87,3 +87,41 @@ def test_load_5000_requests_with_10_percent_faults(tmp_path, catalog_path, entit
     planted = {f"s{i:05d}": inputs for i in range(n)}
     row = account(f"load_{2 * n}_requests_10pct_faults", "refine", planted, _out_keys(out), read_rejects(out))
     assert row["lost"] == row["duplicated"] == 0 and row["out"] == n
+
+
+def test_select_candidates_sigkill_then_rerun_on_the_same_output(tmp_path, entity_index):
+    from pipelines import select_candidates
+    from tests.helpers import write_webdataset
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    captions = ["Eiffel Tower at night", "Statue of Liberty from the ferry", "Taj Mahal at dawn"]
+    for t in range(6):
+        write_webdataset(corpus / f"{t:05d}.tar",
+                         [{"key": f"{i:04d}", "jpg": draw_image(t * 20 + i), "txt": captions[i % 3]} for i in range(20)])
+    args = ["--entity_index", entity_index, "--captions", str(corpus / "*.tar"), "--caption_format", "webdataset",
+            "--k", "200", "--min_score", "-1", "--per_caption_entities", "1"]
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.select_candidates", *args, "--output", str(out), "--num_shards", "4"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    # Kill once the job is under way (its output folder exists), before it can finish.
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (out / "manifest.json").exists()
+    # A killed run's leftovers: a finished shard of another sharding sits there too.
+    clean = select_candidates.run([*args, "--output", str(tmp_path / "clean")])
+    assert clean["count_check"] == "ok"
+    first = sorted(glob.glob(str(tmp_path / "clean" / "candidates-*.parquet")))[0]
+    (out / "candidates-00003-of-00005.parquet").write_bytes(open(first, "rb").read())
+    again = select_candidates.run([*args, "--output", str(out), "--num_shards", "2"])
+    assert again["count_check"] == "ok"
+    rows = sorted((r["key"], r["qid"]) for r in pq.read_table(glob.glob(str(out / "candidates-*.parquet"))).to_pylist())
+    want = sorted((r["key"], r["qid"]) for r in pq.read_table(glob.glob(str(tmp_path / "clean" / "candidates-*.parquet"))).to_pylist())
+    assert rows == want and len(rows) == 120
+    planted = {f"{t:05d}/{i:04d}": str(corpus / f"{t:05d}.tar") for t in range(6) for i in range(20)}
+    row = account("sigkill_half_way_rerun", "select_candidates", planted, [k for k, _ in rows], read_rejects(out))
+    assert row["lost"] == row["duplicated"] == 0 and row["out"] == 120

@@ -8,6 +8,7 @@ Reproduce: .venv/bin/python -m pytest -q tests/faults
 import glob
 import gzip
 import io
+import json
 import os
 import tarfile
 
@@ -19,7 +20,7 @@ from PIL import Image
 from pipelines import decontaminate, refine, select_candidates
 from tests.conftest import CATALOG, write_jsonl
 from tests.fake_llm_server import FakeLLMServer
-from tests.faults.matrix import account
+from tests.faults.matrix import account, account_counts
 from tests.helpers import draw_image, read_rejects
 from transforms.formats.keys import url_key
 from transforms.schema import Candidate, Sample, arrow_schema, to_row
@@ -228,3 +229,79 @@ def test_refine_llm_and_injection_faults(tmp_path, entity_index):
     # Untrusted text reaches the model inside its fences, never as instructions of ours.
     injected = [p for p in prompts if "IGNORE ALL PREVIOUS" in p]
     assert injected and all(p.index("IGNORE ALL PREVIOUS") > p.index("<<<") for p in injected)
+
+
+def test_catalog_faults(tmp_path):
+    from pipelines import build_entity_index
+    from transforms.readers import ReadCatalogFile  # noqa: F401 - the reader under test
+
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    good = [{"wikidata_id": f"Q90{i}", "wikipedia_title": f"Thing {i}"} for i in range(3)]
+    files = {
+        "clean": b"\n".join(json.dumps(r).encode() for r in good) + b"\n",
+        "non_utf8_line": b'{"wikidata_id": "Q801", "wikipedia_title": "caf\xe9"}\n',
+        "bad_json_line": b"{not json\n",
+        "missing_field": json.dumps({"wikidata_id": "Q802"}).encode() + b"\n",
+        "mistyped_field": json.dumps({"wikidata_id": 803, "wikipedia_title": ["x"]}).encode() + b"\n",
+        "duplicate_qids": (json.dumps({"wikidata_id": "Q804", "wikipedia_title": "A"}) + "\n"
+                           + json.dumps({"wikidata_id": "Q804", "wikipedia_title": "A again"}) + "\n").encode(),
+        "summary_10mb": json.dumps({"wikidata_id": "Q805", "wikipedia_title": "Long", "wikipedia_summary": "x" * 10_000_000}).encode() + b"\n",
+        "zero_byte_file": b"",
+        "not_really_gzip": b"\x1f\x8b this is not gzip data at all",
+    }
+    lines_in = {"clean": 3, "non_utf8_line": 1, "bad_json_line": 1, "missing_field": 1, "mistyped_field": 1,
+                "duplicate_qids": 2, "summary_10mb": 1, "zero_byte_file": 0, "not_really_gzip": 0}
+    paths = {}
+    for name, data in files.items():
+        paths[name] = str(folder / f"{name}.jsonl")
+        open(paths[name], "wb").write(data)
+    out = tmp_path / "idx"
+    manifest = build_entity_index.run(["--entities", str(folder / "*.jsonl"), "--output", str(out)])
+    assert manifest["count_check"] == "ok"
+    order = sorted(paths.values())
+    table = pq.read_table(out / "entities.parquet").to_pylist()
+    rejects = read_rejects(out)
+    for name, path in paths.items():
+        n_out = sum(1 for e in table if order[e["file_index"]] == path)
+        mine = [r for r in rejects if r["source"] == path or (r["reason"] == "duplicate_qid" and r["key"] == "Q804" and name == "duplicate_qids")]
+        row = account_counts(name, "build_entity_index", lines_in[name], n_out, [r for r in mine if r["count"]])
+        assert row["lost"] == 0, row
+        if name in ("zero_byte_file", "not_really_gzip"):
+            row["reasons"] = sorted({r["reason"] for r in mine})
+    assert {r["reason"] for r in rejects if r["source"] == paths["not_really_gzip"]} == {"unreadable_file"}
+
+
+def test_oven_to_shards_faults(tmp_path):
+    from pipelines import oven_to_shards
+
+    images = tmp_path / "images"
+    (images / "00").mkdir(parents=True)
+    (images / "00" / "ok.jpg").write_bytes(draw_image(1))
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    big = io.BytesIO()
+    Image.new("1", (12000, 12000), 0).save(big, "PNG")
+    (images / "bomb.png").write_bytes(big.getvalue())
+    lines = {
+        "clean": {"data_id": "clean", "image_id": "ok", "question": "what?", "entity_id": "Q243", "data_split": "entity_train"},
+        "image_missing": {"data_id": "image_missing", "image_id": "nowhere", "entity_id": "Q243", "data_split": "entity_train"},
+        "corrupt_image": {"data_id": "corrupt_image", "image_id": "corrupt", "entity_id": "Q243", "data_split": "entity_train"},
+        "bomb_pixels": {"data_id": "bomb_pixels", "image_id": "bomb", "entity_id": "Q243", "data_split": "entity_train"},
+        "missing_field": {"data_id": "missing_field", "image_id": "ok", "data_split": "entity_train"},
+    }
+    oven = tmp_path / "oven.jsonl"
+    oven.write_text("".join(json.dumps(v) + "\n" for v in lines.values()), encoding="utf-8")
+    out = tmp_path / "out"
+    summary = oven_to_shards.run(["--oven", str(oven), "--images", str(images), "--output", str(out), "--formats", "parquet"])
+    assert summary["count_check"] == "ok"
+    keys = [r["key"] for r in _rows(out, "samples")]
+    rejects = read_rejects(out)
+    image_rejects = [r for r in rejects if r["stage"] != "read_oven"]
+    got = {f: account(f, "oven_to_shards", {f: str(oven)}, keys, image_rejects) for f in lines if f != "missing_field"}
+    # A line without an entity has no key to find it by: it is one reject of the file's lines.
+    bad_lines = [r for r in rejects if r["stage"] == "read_oven"]
+    account_counts("missing_field", "oven_to_shards", 1, 0, bad_lines)
+    for row in got.values():
+        assert row["lost"] == 0 and row["duplicated"] == 0, row
+    assert got["clean"]["out"] == 1 and len(bad_lines) == 1
+    assert got["image_missing"]["reasons"] == ["image_missing"] and got["bomb_pixels"]["reasons"] == ["too_many_pixels"]
