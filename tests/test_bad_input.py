@@ -66,7 +66,9 @@ def test_laion_parquet_bad_rows_and_files(tmp_path, entity_index):
     assert reasons["missing_column"][0]["count"] == 2 and "--text_col" in reasons["missing_column"][0]["detail"]
     assert reasons["unreadable_file"][0]["source"].endswith("corrupt.parquet")
     c = summary["counters"]
-    assert summary["count_check"] == "ok", summary["count_check"]
+    # corrupt.parquet could not be read at all: the check says so instead of "ok".
+    assert summary["count_check"].startswith("incomplete: 1 input file(s)") and "read_captions_unreadable_file: 1" in summary["count_check"]
+    assert summary["incomplete_files"] == {"read_captions_unreadable_file": 1}
     # 6 + 2 + 1 + 2 rows; the corrupt file has no readable rows.
     assert c["captions_rows_read"] == 11
     assert c["captions_rows_ok"] == 2
@@ -102,7 +104,8 @@ def test_webdataset_bad_samples_and_truncated_archive(tmp_path, entity_index):
     assert [r["key"] for r in reasons["empty_caption"]] == ["shard-00000/000004"]
     broken = reasons["broken_archive"][0]
     assert broken["source"].endswith("shard-00001.tar") and broken["detail"].startswith("after ")
-    assert summary["count_check"] == "ok", summary["count_check"]
+    assert summary["count_check"].startswith("incomplete: 1 input file(s)"), summary["count_check"]
+    assert summary["incomplete_files"] == {"read_captions_broken_archive": 1}
     rows = read_candidates(out)
     by_key = {r["key"]: r for r in rows}
     assert by_key["shard-00000/000001"]["title"] == "Mona Lisa"

@@ -314,11 +314,29 @@ def finish_run(
     manifest.update({"kind": kind, **redact_value(fields or {})})
     out = output.rstrip("/")
     written = read_written(out)
+    # Files that could not be read to their end: their rows after the damage are unknown,
+    # so the run is complete only up to them, and says so instead of "ok".
+    incomplete = {
+        k[len("rejected_") : -len("_files")]: v
+        for k, v in sorted(counters.items())
+        if k.startswith("rejected_") and k.endswith("_files") and v
+    }
+    if problems:
+        verdict: Any = problems
+    elif incomplete:
+        verdict = (
+            f"incomplete: {sum(incomplete.values())} input file(s) could not be read to the end "
+            f"({', '.join(f'{k}: {v}' for k, v in incomplete.items())}); their records after the damage "
+            "are not in any count (see rejected/)"
+        )
+    else:
+        verdict = "ok"
     manifest.update(
         {
             "counters": counters,
             "shuffles": shuffle_report(counters),
-            "count_check": problems or "ok",
+            "count_check": verdict,
+            "incomplete_files": incomplete,
             "seconds": round(seconds, 2),
             "code_version": code_version(),
             "created": started.isoformat(timespec="seconds"),
