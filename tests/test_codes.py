@@ -154,3 +154,18 @@ def test_hkc_codes(tmp_path, vocab, entity_index, catalog_path):
 
     with pytest.raises(UsageError, match="--entity_index"):
         build_codes.run(["--entities", catalog_path, "--tokenizer", vocab, "--strategy", "hkc", "--output", str(tmp_path / "c")])
+
+
+def test_build_codes_fails_when_the_table_loses_a_row(tmp_path, vocab, monkeypatch):
+    """The codes identity is checked against the rows in codes.parquet: a writer that
+    loses one row makes the run fail, naming the step."""
+    import pyarrow.parquet as pq_mod
+
+    from demo.make_corpus import bundled
+    from pipelines import build_codes
+    from transforms.common import AccountingError
+
+    original = pq_mod.write_table
+    monkeypatch.setattr(pq_mod, "write_table", lambda table, where, **kw: original(table.slice(0, table.num_rows - 1), where, **kw))
+    with pytest.raises(AccountingError, match=r"write_codes: unique entities 322 != 321 rows in codes.parquet"):
+        build_codes.run(["--entities", bundled("entities.jsonl"), "--tokenizer", vocab, "--output", str(tmp_path / "codes")])
