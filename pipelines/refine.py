@@ -107,7 +107,14 @@ def build_parser():
     p.add_argument("--rationale_prompt", default="v1")
     p.add_argument("--max_concurrency", type=int, default=16)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--max_retries", type=int, default=5, help="on 429 / 5xx / timeouts / dropped connections")
+    p.add_argument("--max_retries", type=int, default=5, help="on 5xx / timeouts / dropped connections")
+    p.add_argument(
+        "--max_rate_limit_wait",
+        type=float,
+        default=900.0,
+        help="seconds one request may wait in total while the server answers 429/503 (each wait at least its "
+        "Retry-After; the whole process pauses with it); then the sample is rejected, saying how long it waited",
+    )
     p.add_argument("--retry_backoff", type=float, default=1.0, help="first retry delay in seconds (doubles, full jitter)")
     p.add_argument("--max_reasks", type=int, default=1, help="re-asks after an answer that fails the schema")
     p.add_argument("--structured_output", choices=DIALECTS, default="json_schema", help="first form tried; falls back")
@@ -171,6 +178,7 @@ def llm_handler(args):
         timeout_s=args.timeout,
         max_retries=args.max_retries,
         backoff_s=args.retry_backoff,
+        max_rate_limit_wait_s=args.max_rate_limit_wait,
         max_reasks=args.max_reasks,
         dialect=args.structured_output,
         batch_size=max(args.max_concurrency * 4, 16),

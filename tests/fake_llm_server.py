@@ -32,8 +32,13 @@ from PIL import Image
 
 
 class FakeLLMServer:
-    def __init__(self, slow_s: float = 2.0, refuse_json_schema: bool = False, latency_s: float = 0.0, max_answers=None):
+    def __init__(self, slow_s: float = 2.0, refuse_json_schema: bool = False, latency_s: float = 0.0, max_answers=None,
+                 rate_limit_per_s: float = 0.0):
         self.slow_s = slow_s
+        # Enforced rate: above it, 429 with Retry-After (seconds until a slot frees up).
+        self.rate_limit_per_s = rate_limit_per_s
+        self.answer_times: list[float] = []
+        self.rate_limited = 0
         self.max_answers = max_answers  # after that many answers, hang (a run to be killed)
         self.refuse_json_schema = refuse_json_schema
         self.latency_s = latency_s
@@ -109,6 +114,19 @@ class FakeLLMServer:
             await asyncio.sleep(3600)
         if rf and rf.get("type") == "json_schema" and self.refuse_json_schema:
             return web.json_response({"error": {"message": "response_format json_schema not supported"}}, status=400)
+        if self.rate_limit_per_s:
+            import math
+            import time as _time
+
+            now = _time.monotonic()
+            with self._lock:
+                recent = [t for t in self.answer_times if now - t < 1.0]
+                self.answer_times = recent
+                if len(recent) >= self.rate_limit_per_s:
+                    self.rate_limited += 1
+                    wait = max(1, math.ceil(1.0 - (now - recent[0])))
+                    return web.json_response({"error": {"message": "rate limit"}}, status=429, headers={"Retry-After": str(wait)})
+                self.answer_times.append(now)
         caption = _between(text, "<<<CAPTION", "CAPTION>>>")
         if "[[ECHO_AUTH]]" in caption:
             # A careless server: its error quotes the credentials and the URL it got.

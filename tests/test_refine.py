@@ -4,6 +4,7 @@ faults; the replay backend; a killed-and-restarted run that must not pay twice."
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_openai_backend_faults(tmp_path, catalog_path, entity_index, monkeypatch
         summary = refine.run(
             base_args(tmp_path, catalog_path, entity_index, inputs, out, cache)
             + ["--llm_backend", "openai", "--endpoint", server.url, "--api_key_env", "FAKE_LLM_KEY", "--timeout", "1",
-               "--max_retries", "2", "--retry_backoff", "0.01", "--max_concurrency", "4",
+               "--max_retries", "2", "--retry_backoff", "0.01", "--max_concurrency", "4", "--max_rate_limit_wait", "1",
                "--usd_per_million_input_tokens", "1.5", "--usd_per_million_output_tokens", "6"]
         )
         requests = list(server.requests)
@@ -91,6 +92,8 @@ def test_openai_backend_faults(tmp_path, catalog_path, entity_index, monkeypatch
     assert rejects["to_nowhere"]["reason"] == "ungrounded" and rejects["to_nowhere"]["stage"] == "ground"
     assert rejects["notentity"]["reason"] == "not_an_entity"
     assert rejects["dead"]["reason"] == "http_503"
+    # A server that keeps saying "slow down" is waited for up to --max_rate_limit_wait, then given up on, saying so.
+    assert re.search(r"gave up after \d+ tries and [\d.]+ s of waiting", rejects["dead"]["detail"])
     # The injection stays quoted: the caption's own end marker is defused.
     inject_prompt = next(r["text"] for r in requests if "Ignore all previous" in r["text"])
     quoted = inject_prompt.split("<<<CAPTION", 1)[1].split("CAPTION>>>", 1)[0]
@@ -238,3 +241,24 @@ def test_repeated_qid_summary_is_the_first_in_file_order(tmp_path, entity_index)
                         "--formats", "parquet"])
             texts = [r["text"] for r in server.requests]
         assert texts and all("FIRST summary." in t and "SECOND" not in t for t in texts)
+
+
+def test_enforced_rate_limit_with_retry_after(tmp_path, catalog_path, entity_index):
+    """A server that allows 20 requests/s and answers 429 + Retry-After above it: every
+    sample is answered (429s wait, they are not failures) and the process pauses as told
+    instead of hammering the server."""
+    cases = {f"r{i:03d}": ("Q243" if i % 2 else "Q9202", f"photo {i}") for i in range(40)}
+    inputs = write_samples(tmp_path / "s.parquet", cases)
+    with FakeLLMServer(rate_limit_per_s=20) as server:
+        started = time.time()
+        summary = refine.run(
+            base_args(tmp_path, catalog_path, entity_index, inputs, tmp_path / "out", tmp_path / "cache")
+            + ["--llm_backend", "openai", "--endpoint", server.url, "--max_concurrency", "16", "--retry_backoff", "0.01",
+               "--max_retries", "1"]
+        )
+        elapsed = time.time() - started
+        limited, answered = server.rate_limited, sum(server.answered.values())
+    assert summary["count_check"] == "ok" and summary["counters"]["samples_refined"] == 40
+    assert answered == 80 and summary["counters"].get("llm_rate_limited", 0) == limited
+    # No 429 storm: fewer refused attempts than answered ones.
+    assert limited < answered, (limited, answered, elapsed)

@@ -46,8 +46,33 @@ RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 DIALECTS = ("json_schema", "json_object", "none")
 
 
-def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+# Beam's metrics belong to the thread that runs the DoFn; the HTTP requests run on the
+# endpoint's event-loop thread, where an increment would be lost. Counts made there are
+# kept here and handed to Beam by the DoFn thread after each batch (`flush_counts`).
+_PENDING: dict[str, int] = {}
+_PENDING_LOCK = threading.Lock()
+
+
+class _DeferredCounter:
+    def __init__(self, name: str):
+        self.name = name
+
+    def inc(self, n: int = 1) -> None:
+        with _PENDING_LOCK:
+            _PENDING[self.name] = _PENDING.get(self.name, 0) + n
+
+
+def _counter(name: str) -> _DeferredCounter:
+    return _DeferredCounter(name)
+
+
+def flush_counts() -> None:
+    """Report the counts made on any thread to Beam, from the DoFn's thread."""
+    with _PENDING_LOCK:
+        pending = dict(_PENDING)
+        _PENDING.clear()
+    for name, n in pending.items():
+        Metrics.counter(METRICS_NAMESPACE, name).inc(n)
 
 
 @dataclass
@@ -250,7 +275,15 @@ class _Endpoint:
         self._thread = threading.Thread(target=self._loop.run_forever, name="llm-http", daemon=True)
         self._thread.start()
         self._session = None
+        # The server asked this process to pause until then (monotonic clock).
+        self._not_before = 0.0
         atexit.register(self.close)
+
+    def pause_for(self, seconds: float) -> None:
+        self._not_before = max(self._not_before, time.monotonic() + seconds)
+
+    def pause_left(self) -> float:
+        return max(0.0, self._not_before - time.monotonic())
 
     def run(self, coro_fn):
         """Run `coro_fn(session)` on the endpoint's loop and wait for its result."""
@@ -332,12 +365,42 @@ def _response_format(dialect: str, schema: dict, name: str) -> Optional[dict]:
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str, detail: str, retryable: bool, status: Optional[int] = None):
+    def __init__(self, reason: str, detail: str, retryable: bool, status: Optional[int] = None, retry_after: Optional[float] = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
         self.retryable = retryable
         self.status = status
+        self.retry_after = retry_after
+
+
+# Statuses that say "slow down": their retries do not count against --max_retries but
+# against --max_rate_limit_wait (seconds of waiting in total for one request).
+RATE_LIMIT_STATUS = {429, 503}
+MAX_RETRY_AFTER_S = 600.0
+
+
+def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """A Retry-After header (delay seconds or an HTTP date) as seconds from now, capped at
+    MAX_RETRY_AFTER_S; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
@@ -352,6 +415,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         max_retries: int = 5,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        max_rate_limit_wait_s: float = 900.0,
         max_reasks: int = 1,
         dialect: str = "json_schema",
         batch_size: int = 64,
@@ -367,6 +431,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.max_rate_limit_wait_s = max_rate_limit_wait_s
         self.max_reasks = max_reasks
         self.dialect = dialect
 
@@ -394,7 +459,9 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             sem = asyncio.Semaphore(self.max_concurrency)
             return await asyncio.gather(*(self._one(req, model, cache, session, sem) for req in batch))
 
-        for req, res in zip(batch, model.run(run_batch)):
+        results = model.run(run_batch)
+        flush_counts()
+        for req, res in zip(batch, results):
             yield PredictionResult(req, res, req.model)
 
     async def _one(self, req: LLMRequest, endpoint, cache, session, sem) -> LLMResult:
@@ -429,20 +496,42 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         return result
 
     async def _post_with_retries(self, req, history, endpoint, session) -> dict:
+        """One request, retried: errors up to --max_retries times with full-jitter backoff;
+        "slow down" answers (429, 503) for as long as --max_rate_limit_wait allows, each
+        wait at least the server's Retry-After. While the server asks for a pause, every
+        request of this process waits for it (no 429 storm). A request given up on says
+        how many tries and how long it waited."""
         delay = self.backoff_s
-        last: Optional[_Failure] = None
-        for attempt in range(self.max_retries + 1):
+        errors = 0
+        tries = 0
+        waited = 0.0
+        while True:
+            pause = endpoint.pause_left()
+            if pause > 0:
+                waited += pause
+                await asyncio.sleep(pause)
+            tries += 1
             try:
                 return await self._post(req, history, endpoint, session)
             except _Failure as f:
-                last = f
-                if not f.retryable or attempt == self.max_retries:
+                limited = f.status in RATE_LIMIT_STATUS
+                if not limited:
+                    errors += 1
+                backoff = random.uniform(0, min(self.max_backoff_s, delay))  # full jitter
+                wait = max(backoff, f.retry_after or 0.0)
+                out_of_budget = (errors > self.max_retries) if not limited else (waited + wait > self.max_rate_limit_wait_s)
+                if not f.retryable or out_of_budget:
+                    if f.retryable:
+                        f.detail = f"{f.detail} (gave up after {tries} tries and {waited:.1f} s of waiting)"
                     raise
+                if limited:
+                    _counter("llm_rate_limited").inc()
+                    if f.retry_after:
+                        endpoint.pause_for(f.retry_after)
                 _counter("llm_retries").inc()
-                # Full jitter: spreads the retries of many workers hitting one server.
-                await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, delay)))
+                waited += wait
+                await asyncio.sleep(wait)
                 delay *= 2
-        raise last  # pragma: no cover - the loop returns or raises
 
     async def _post(self, req: LLMRequest, history, endpoint: _Endpoint, session) -> dict:
         import aiohttp
@@ -464,6 +553,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             try:
                 async with session.post(_chat_url(url), json=body, headers=headers) as resp:
                     status = resp.status
+                    retry_after = resp.headers.get("Retry-After")
                     text = await resp.text()
             except TimeoutError as e:
                 _counter("llm_timeouts").inc()
@@ -471,7 +561,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             except aiohttp.ClientError as e:
                 raise _Failure("endpoint_unreachable", f"{type(e).__name__}: {e}"[:300], True) from e
             _counter("llm_requests").inc()
-            Metrics.distribution(METRICS_NAMESPACE, "llm_latency_ms").update(int((time.perf_counter() - started) * 1000))
+            _counter("llm_latency_ms_total").inc(int((time.perf_counter() - started) * 1000))
             if status == 200:
                 try:
                     payload = json.loads(text)
@@ -495,6 +585,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 f"HTTP {status}: {text[:300]}",
                 status in RETRYABLE_STATUS,
                 status,
+                retry_after_seconds(retry_after),
             )
         raise _Failure("endpoint_error", "the server refused every structured-output form", False)
 
@@ -516,6 +607,7 @@ class ReplayHandler(ModelHandler[LLMRequest, LLMResult, ResponseCache]):
     def run_inference(self, batch, model: ResponseCache, inference_args=None):
         for req in batch:
             yield PredictionResult(req, replay_one(req, model, self.max_reasks), req.model)
+        flush_counts()
 
 
 def replay_one(req: LLMRequest, cache: ResponseCache, max_reasks: int) -> LLMResult:
