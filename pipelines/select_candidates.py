@@ -221,7 +221,7 @@ def build_pipeline(p, args, manifest, threads, share_index):
         )
         # Counted again in the finished files: what the count check compares.
         | "CountWritten" >> CountWritten(OUTPUT_NAME)
-        | "Summary" >> summarize_files(args.output, OUTPUT_NAME)
+        | "Summary" >> summarize_files()
         | "RecordWritten" >> RecordWritten(args.output, OUTPUT_NAME)
     )
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)

@@ -30,7 +30,7 @@ from transforms.common import (
     read_json,
     write_json,
 )
-from transforms.sinks import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX
+from transforms.sinks import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX, files_summary
 
 SHUFFLE_PREFIX = "shuffle_"
 
@@ -151,19 +151,9 @@ class RecordWritten(beam.PTransform):
         )
 
 
-def summarize_files(output: str, what: str, fmt: str = "parquet") -> beam.PTransform:
+def summarize_files(fmt: str = "parquet") -> beam.PTransform:
     """Counted files (`CountWritten`'s dicts) -> one summary like WriteShards'."""
-
-    def summary(counted):
-        counted = sorted(counted, key=lambda f: f["path"])
-        return {
-            "format": fmt,
-            "files": [f["path"] for f in counted],
-            "rows": {f["path"]: f["rows"] for f in counted},
-            "bytes": {f["path"]: f["bytes"] for f in counted},
-        }
-
-    return beam.combiners.ToList() | beam.Map(summary)
+    return beam.combiners.ToList() | beam.Map(files_summary, fmt)
 
 
 def _relative(path: str, root: str) -> str:

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.common import UsageError
 from transforms.example_proto import encode_example
 from transforms.schema import Sample, to_row
-from transforms.sinks import CountWritten, WriteRecordsToParquet
+from transforms.sinks import CountWritten, WriteRecordsToParquet, files_summary
 
 SHARD_FORMATS = ("parquet", "tfrecord", "webdataset")
 
@@ -119,16 +119,6 @@ class _WebDatasetSink(FileBasedSink):
 # --- all formats -------------------------------------------------------------------------
 
 
-def _summary(counted: list[dict], fmt: str) -> dict:
-    counted = sorted(counted, key=lambda f: f["path"])
-    return {
-        "format": fmt,
-        "files": [f["path"] for f in counted],
-        "rows": {f["path"]: f["rows"] for f in counted},
-        "bytes": {f["path"]: f["bytes"] for f in counted},
-    }
-
-
 class WriteShards(beam.PTransform):
     """PCollection[Sample] -> shards in each of `formats` under `output_dir`.
 
@@ -173,6 +163,6 @@ class WriteShards(beam.PTransform):
             summaries.append(
                 counted
                 | f"ListFiles_{fmt}" >> beam.combiners.ToList()
-                | f"Summary_{fmt}" >> beam.Map(_summary, fmt)
+                | f"Summary_{fmt}" >> beam.Map(files_summary, fmt)
             )
         return tuple(summaries) | "Summaries" >> beam.Flatten()

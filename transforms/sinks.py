@@ -49,6 +49,17 @@ class CountWritten(beam.PTransform):
         return paths | "CountRows" >> beam.ParDo(_CountFile(self.what))
 
 
+def files_summary(counted: list[dict], fmt: str) -> dict:
+    """`CountWritten`'s per-file dicts -> `{"format", "files", "rows", "bytes"}`."""
+    counted = sorted(counted, key=lambda f: f["path"])
+    return {
+        "format": fmt,
+        "files": [f["path"] for f in counted],
+        "rows": {f["path"]: f["rows"] for f in counted},
+        "bytes": {f["path"]: f["bytes"] for f in counted},
+    }
+
+
 class WriteRecordsToParquet(beam.PTransform):
     """Dataclass records -> `<prefix>-SSSSS-of-NNNNN.parquet`, schema from the record type.
 
