@@ -38,28 +38,76 @@ def make_request(i: int):
     return verify_request((sample, "Wrought-iron lattice tower in Paris."), _PROMPT, settings)
 
 
-def run_once(url: str, start: int, n: int, concurrency: int) -> float:
+def run_once(url: str, start: int, n: int, concurrency: int, processes: int = 1, **budget) -> float:
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from transforms.llm import OpenAICompatibleHandler
 
-    handler = OpenAICompatibleHandler(url, max_concurrency=concurrency, batch_size=max(concurrency * 4, 16), max_retries=0)
+    handler = OpenAICompatibleHandler(
+        url, max_concurrency=concurrency, batch_size=max(concurrency * 4, 16), max_retries=0, expected_processes=processes, **budget
+    )
+    flags = ["--runner=DirectRunner"]
+    if processes > 1:
+        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={processes}"]
     started = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(["--runner=DirectRunner"])) as p:
+    with beam.Pipeline(options=PipelineOptions(flags)) as p:
         # As in refine: requests are built in the stage that sends them, never shuffled.
-        _ = p | beam.Create(range(start, start + n), reshuffle=False) | beam.Map(make_request) | RunInference(handler)
+        # With several SDK processes the numbers are spread among them first.
+        _ = p | beam.Create(range(start, start + n), reshuffle=processes > 1) | beam.Map(make_request) | RunInference(handler)
     return time.perf_counter() - started
 
 
-def _serve(latency: float, urls, stop, counts) -> None:
+def _serve(latency: float, urls, stop, counts, rate_limit: float = 0.0, rounds: int = 1) -> None:
     from tests.fake_llm_server import FakeLLMServer
 
-    with FakeLLMServer(latency_s=latency) as server:
+    with FakeLLMServer(latency_s=latency, rate_limit_per_s=rate_limit) as server:
         urls.put(server.url)
-        stop.wait()
-        counts.put(sum(server.answered.values()))
+        for _ in range(rounds):
+            stop.wait()
+            stop.clear()
+            with server._lock:
+                times = [t for t, _ in server.tokens_seen]
+                counts.put((sum(server.answered.values()), server.rate_limited, times))
+                server.answered.clear()
+                server.tokens_seen.clear()
+                server.rate_limited = 0
+                server.answer_times.clear()
+
+
+def rate_limited(args) -> None:
+    """Two SDK processes against an endpoint that allows `--rate_limit` requests/s and
+    answers 429 + Retry-After above it: without a configured rate (the slow-down
+    controller alone) and with --max_requests_per_minute set to the server's limit."""
+    import multiprocessing as mp
+    import tempfile
+
+    ctx = mp.get_context("spawn")
+    urls, counts, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve, args=(args.latency, urls, stop, counts, args.rate_limit, 2), daemon=True)
+    server.start()
+    url = urls.get(timeout=60)
+    n = args.requests
+    print(f"{n} requests, 2 SDK processes, server limit {args.rate_limit:g} requests/s (429 + Retry-After above it), "
+          f"latency {args.latency * 1000:.0f} ms, --max_concurrency {args.concurrency}")
+    runs = (
+        ("slow-down controller only", {}),
+        (f"--max_requests_per_minute {60 * args.rate_limit:g}", {"requests_per_minute": 60 * args.rate_limit}),
+    )
+    for i, (name, budget) in enumerate(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds = run_once(url, i * n, n, args.concurrency, processes=2, budget_dir=tmp, budget_refresh_s=1.0, **budget)
+        stop.set()
+        answered, limited, times = counts.get(timeout=60)
+        assert answered == n, (answered, n)
+        times.sort()
+        # The rate the endpoint answered at while the job was sending (Beam start-up excluded).
+        span = times[-1] - times[0]
+        rate = (len(times) - 1) / span if span > 0 else float("nan")
+        print(f"  {name:<36} answered {rate:6.2f}/s = {rate / args.rate_limit:.3f} of the limit; "
+              f"429s {limited} ({limited / answered:.3f} per answer); whole run {seconds:.1f} s")
+    server.join(30)
 
 
 def main(argv=None):
@@ -69,7 +117,11 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=1280)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--scenario", choices=("latency", "rate_limited"), default="latency")
+    ap.add_argument("--rate_limit", type=float, default=8.0, help="rate_limited: requests/s the server allows")
     args = ap.parse_args(argv)
+    if args.scenario == "rate_limited":
+        return rate_limited(args)
     n = args.requests
     serial_n = max(10, int(5 / args.latency))
     # The endpoint runs in a process of its own, as a real server would: its CPU and GIL

@@ -51,6 +51,7 @@ from transforms.entity_index import read_manifest
 from transforms.formats.webdataset import is_tar
 from transforms.images import DEFAULT_LLM_MAX_SIDE
 from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
+from transforms.llm_cost import IMAGE_TOKEN_RULES
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile, ShardUnits
 from transforms.refine import (
@@ -105,7 +106,33 @@ def build_parser():
     p.add_argument("--context", choices=CONTEXTS, default="wiki_caption", help="none = no caption / summary (ablation)")
     p.add_argument("--verify_prompt", default="v1")
     p.add_argument("--rationale_prompt", default="v1")
-    p.add_argument("--max_concurrency", type=int, default=16)
+    p.add_argument("--max_concurrency", type=int, default=16, help="requests in flight per SDK process (a cap)")
+    p.add_argument(
+        "--max_total_concurrency",
+        type=int,
+        default=0,
+        help="requests in flight for the whole job, divided among the SDK processes actually running "
+        "(re-divided when the runner scales); 0 = only --max_concurrency per process",
+    )
+    p.add_argument(
+        "--max_requests_per_minute", type=float, default=0.0,
+        help="request rate for the whole job (the provider's RPM limit), divided among the running processes; 0 = none",
+    )
+    p.add_argument(
+        "--max_tokens_per_minute", type=float, default=0.0,
+        help="input + output tokens per minute for the whole job (the provider's TPM limit; a request reserves its "
+        "estimate and max_tokens until its usage comes back); 0 = none",
+    )
+    p.add_argument(
+        "--budget_dir", default=None,
+        help="folder every worker can reach where the processes sharing the job-wide budget register "
+        "(default <output>/_llm_budget); used only with a --max_total_concurrency / --max_*_per_minute",
+    )
+    p.add_argument("--budget_refresh", type=float, default=10.0, help="seconds between budget heartbeats and re-division")
+    p.add_argument(
+        "--image_tokens", choices=IMAGE_TOKEN_RULES, default="openai",
+        help="how the serving model counts image tokens (estimates and the token budget): openai, gemini, qwen2_vl",
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max_retries", type=int, default=5, help="on 5xx / timeouts / dropped connections")
     p.add_argument(
@@ -144,7 +171,7 @@ def build_parser():
     return p
 
 
-def llm_handler(args):
+def llm_handler(args, processes: int = 1):
     if args.llm_backend == "vllm":
         try:
             from transforms.llm_vllm import make_vllm_handler
@@ -182,10 +209,17 @@ def llm_handler(args):
         max_reasks=args.max_reasks,
         dialect=args.structured_output,
         batch_size=max(args.max_concurrency * 4, 16),
+        total_concurrency=args.max_total_concurrency,
+        requests_per_minute=args.max_requests_per_minute,
+        tokens_per_minute=args.max_tokens_per_minute,
+        budget_dir=args.budget_dir or f"{args.output.rstrip('/')}/_llm_budget",
+        budget_refresh_s=args.budget_refresh,
+        expected_processes=max(1, processes),
+        image_token_rule=args.image_tokens,
     )
 
 
-def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: bool = False):
+def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: bool = False, processes: int = 1):
     verify_prompt = load_prompt("verify", args.verify_prompt)
     rationale_prompt = load_prompt("rationale_qa", args.rationale_prompt)
     settings = RequestSettings(
@@ -212,7 +246,7 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
     )
     summaries = catalog.entities | "Summaries" >> beam.Map(catalog_summary)
-    handler = llm_handler(args)
+    handler = llm_handler(args, processes)
     # Samples travel without their image bytes: through the joins with the summaries, and
     # back to their shard file, where only the images needed are read again.
     candidate = (
@@ -300,6 +334,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     args, options = parse(build_parser(), argv)
     positive("--max_retries", args.max_retries, minimum=0)
     positive("--max_reasks", args.max_reasks, minimum=0)
+    for flag in ("max_total_concurrency", "max_requests_per_minute", "max_tokens_per_minute"):
+        positive(f"--{flag}", getattr(args, flag), minimum=0)
+    positive("--budget_refresh", args.budget_refresh, minimum=0.05)
     read_manifest(args.entity_index)
     inputs = match_files(args.input, "--input")
     for warning in check_finished_input(inputs, "--input", args.allow_unfinished_input):
@@ -314,7 +351,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     threads = threads_per_process(options, args.threads)
     p = test_pipeline or beam.Pipeline(options=options)
     share = {"yes": True, "no": False}.get(args.share_grounding, worker_processes(options) != 1)
-    build_pipeline(p, args, inputs, catalog_files, threads, share)
+    build_pipeline(p, args, inputs, catalog_files, threads, share, worker_processes(options))
     if is_dry_run(options):
         return build_only(p, "refine")
     prepare_output(args.output, (OUTPUT_NAME,))

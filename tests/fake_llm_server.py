@@ -25,6 +25,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections import Counter
 
 from aiohttp import web
@@ -47,6 +48,9 @@ class FakeLLMServer:
         self.seen = Counter()  # body hash -> requests received
         self._lock = threading.Lock()
         self.dead = False
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests in the handler at one time
+        self.tokens_seen: list[tuple[float, int]] = []  # (time, prompt + completion tokens) of each answer
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -83,6 +87,16 @@ class FakeLLMServer:
     # -- the contract ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request):
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._respond(request)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    async def _respond(self, request: web.Request):
         body = await request.json()
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         text = "".join(
@@ -145,15 +159,17 @@ class FakeLLMServer:
             request.transport.close()
             return web.Response(status=200)
         content = self._answer(text, caption, len(body["messages"]))
+        usage = {"prompt_tokens": len(text) // 4 + 100, "completion_tokens": len(content) // 4}
         with self._lock:
             self.answered[digest] += 1
+            self.tokens_seen.append((time.monotonic(), usage["prompt_tokens"] + usage["completion_tokens"]))
         return web.json_response(
             {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
                 "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": len(text) // 4 + 100, "completion_tokens": len(content) // 4},
+                "usage": usage,
             }
         )
 

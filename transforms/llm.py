@@ -38,6 +38,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.common import METRICS_NAMESPACE, retry_call
+from transforms.llm_budget import Budget, BudgetSpec, registry_for
+from transforms.llm_cost import request_tokens
 from transforms.secrets import register_secret
 
 log = logging.getLogger(__name__)
@@ -265,25 +267,21 @@ class _Endpoint:
     loop in a background thread holding one HTTP session, so connections are reused across
     batches instead of being opened again for every batch."""
 
-    def __init__(self, url: str, api_key: Optional[str], dialect: str, max_concurrency: int, timeout_s: float):
+    def __init__(self, url: str, api_key: Optional[str], dialect: str, max_concurrency: int, timeout_s: float,
+                 budget: Optional[BudgetSpec] = None):
         self.url = url.rstrip("/")
         self.api_key = api_key
         self._first = dialect
-        self._max_concurrency = max_concurrency
+        spec = budget or BudgetSpec(max_concurrency=max_concurrency)
+        # The connection pool holds what this process may ever have in flight.
+        self._max_concurrency = spec.max_concurrency
         self._timeout_s = timeout_s
+        self.budget = Budget(spec, registry_for(spec))
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="llm-http", daemon=True)
         self._thread.start()
         self._session = None
-        # The server asked this process to pause until then (monotonic clock).
-        self._not_before = 0.0
         atexit.register(self.close)
-
-    def pause_for(self, seconds: float) -> None:
-        self._not_before = max(self._not_before, time.monotonic() + seconds)
-
-    def pause_left(self) -> float:
-        return max(0.0, self._not_before - time.monotonic())
 
     def run(self, coro_fn):
         """Run `coro_fn(session)` on the endpoint's loop and wait for its result."""
@@ -323,6 +321,22 @@ class _Endpoint:
     @dialect.setter
     def dialect(self, value: str) -> None:
         _LEARNED_DIALECT[self.url] = value
+
+
+_ENDPOINTS: dict[tuple, _Endpoint] = {}
+_ENDPOINTS_LOCK = threading.Lock()
+
+
+def shared_endpoint(url: str, api_key: Optional[str], dialect: str, timeout_s: float, spec: BudgetSpec) -> _Endpoint:
+    """One endpoint per process for each server and budget: the verify and the rationale
+    stages share its connections, its event loop and its part of the job's budget."""
+    fingerprint = hashlib.sha256((api_key or "").encode()).hexdigest()
+    key = (url, fingerprint, timeout_s, spec)
+    with _ENDPOINTS_LOCK:
+        endpoint = _ENDPOINTS.get(key)
+        if endpoint is None or endpoint._loop.is_closed():
+            endpoint = _ENDPOINTS[key] = _Endpoint(url, api_key, dialect, spec.max_concurrency, timeout_s, spec)
+        return endpoint
 
 
 def _chat_url(url: str) -> str:
@@ -419,6 +433,13 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         max_reasks: int = 1,
         dialect: str = "json_schema",
         batch_size: int = 64,
+        total_concurrency: int = 0,
+        requests_per_minute: float = 0.0,
+        tokens_per_minute: float = 0.0,
+        budget_dir: Optional[str] = None,
+        budget_refresh_s: float = 10.0,
+        expected_processes: int = 1,
+        image_token_rule: str = "openai",
     ):
         # Fixed batches: Beam's adaptive batching would start at 1 element, and a batch of 1
         # leaves all but one of the `max_concurrency` slots idle for a whole round trip.
@@ -434,6 +455,24 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         self.max_rate_limit_wait_s = max_rate_limit_wait_s
         self.max_reasks = max_reasks
         self.dialect = dialect
+        self.total_concurrency = total_concurrency
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        self.budget_dir = budget_dir
+        self.budget_refresh_s = budget_refresh_s
+        self.expected_processes = expected_processes
+        self.image_token_rule = image_token_rule
+
+    def budget_spec(self) -> BudgetSpec:
+        return BudgetSpec(
+            max_concurrency=self.max_concurrency,
+            total_concurrency=self.total_concurrency,
+            requests_per_minute=self.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute,
+            registry=self.budget_dir,
+            refresh_s=self.budget_refresh_s,
+            expected_members=self.expected_processes,
+        )
 
     def load_model(self) -> _Endpoint:
         # Read here, on the worker: the key never travels in the pickled pipeline. It is
@@ -444,7 +483,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         key = os.environ.get(self.api_key_env) or None
         register_secret(key)
         install_log_redaction()
-        return _Endpoint(self.endpoint, key, self.dialect, self.max_concurrency, self.timeout_s)
+        return shared_endpoint(self.endpoint, key, self.dialect, self.timeout_s, self.budget_spec())
 
     def get_metrics_namespace(self) -> str:
         return "llm_openai"
@@ -456,15 +495,14 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         batch = list(batch)
 
         async def run_batch(session):
-            sem = asyncio.Semaphore(self.max_concurrency)
-            return await asyncio.gather(*(self._one(req, model, cache, session, sem) for req in batch))
+            return await asyncio.gather(*(self._one(req, model, cache, session) for req in batch))
 
         results = model.run(run_batch)
         flush_counts()
         for req, res in zip(batch, results):
             yield PredictionResult(req, res, req.model)
 
-    async def _one(self, req: LLMRequest, endpoint, cache, session, sem) -> LLMResult:
+    async def _one(self, req: LLMRequest, endpoint, cache, session) -> LLMResult:
         result = LLMResult(answer=None)
         history: list[dict] = []
         for _attempt in range(self.max_reasks + 1):
@@ -475,8 +513,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 _counter("llm_cache_hits").inc()
             else:
                 try:
-                    async with sem:
-                        entry = await self._post_with_retries(req, history, endpoint, session)
+                    entry = await self._post_with_retries(req, history, endpoint, session)
                 except _Failure as f:
                     result.error, result.detail = f.reason, f.detail
                     return result
@@ -495,43 +532,68 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         result.error = "llm_invalid_output"
         return result
 
+    def _reserve(self, req: LLMRequest, history) -> float:
+        """Tokens a request may use, held against --max_tokens_per_minute until its usage is known."""
+        if not self.tokens_per_minute:
+            return 0.0
+        text = req.text + "".join(str(m.get("content", "")) for m in history)
+        t, i = request_tokens(text, req.image, self.image_token_rule)
+        return float(t + i + int(req.sampling.get("max_tokens") or 0))
+
     async def _post_with_retries(self, req, history, endpoint, session) -> dict:
         """One request, retried: errors up to --max_retries times with full-jitter backoff;
         "slow down" answers (429, 503) for as long as --max_rate_limit_wait allows, each
-        wait at least the server's Retry-After. While the server asks for a pause, every
-        request of this process waits for it (no 429 storm). A request given up on says
-        how many tries and how long it waited."""
+        wait at least the server's Retry-After, and the process's send rate lowered (the
+        job-wide budget, `llm_budget.Budget`). A slot of the budget is held only while a
+        request is on the wire, not while it waits to be retried. A request given up on
+        says how many tries and how long it waited."""
+        budget = endpoint.budget
         delay = self.backoff_s
         errors = 0
         tries = 0
         waited = 0.0
+        reserve = self._reserve(req, history)
         while True:
-            pause = endpoint.pause_left()
-            if pause > 0:
-                waited += pause
-                await asyncio.sleep(pause)
+            queued = await budget.acquire(reserve)
+            _counter("llm_budget_wait_ms_total").inc(int(queued * 1000))
             tries += 1
+            entry = None
             try:
-                return await self._post(req, history, endpoint, session)
+                entry = await self._post(req, history, endpoint, session)
             except _Failure as f:
-                limited = f.status in RATE_LIMIT_STATUS
-                if not limited:
-                    errors += 1
-                backoff = random.uniform(0, min(self.max_backoff_s, delay))  # full jitter
-                wait = max(backoff, f.retry_after or 0.0)
-                out_of_budget = (errors > self.max_retries) if not limited else (waited + wait > self.max_rate_limit_wait_s)
-                if not f.retryable or out_of_budget:
-                    if f.retryable:
-                        f.detail = f"{f.detail} (gave up after {tries} tries and {waited:.1f} s of waiting)"
-                    raise
-                if limited:
-                    _counter("llm_rate_limited").inc()
-                    if f.retry_after:
-                        endpoint.pause_for(f.retry_after)
-                _counter("llm_retries").inc()
-                waited += wait
-                await asyncio.sleep(wait)
+                failure = f
+            finally:
+                used = None
+                if entry is not None:
+                    usage = entry.get("usage") or {}
+                    used = float((usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)) or None
+                await budget.release(reserve, used)
+            if entry is not None:
+                budget.on_answer()
+                return entry
+            f = failure
+            limited = f.status in RATE_LIMIT_STATUS
+            if not limited:
+                errors += 1
+            if limited and f.retry_after is not None:
+                # The server said when: wait that long (plus a little jitter, so the requests
+                # it refused together do not come back together); the process's pace is
+                # lowered by the budget, not by growing each request's wait.
+                wait = f.retry_after + random.uniform(0, 0.1 * max(f.retry_after, 1.0))
+            else:
+                wait = random.uniform(0, min(self.max_backoff_s, delay))  # full jitter
                 delay *= 2
+            out_of_budget = (errors > self.max_retries) if not limited else (waited + wait > self.max_rate_limit_wait_s)
+            if not f.retryable or out_of_budget:
+                if f.retryable:
+                    f.detail = f"{f.detail} (gave up after {tries} tries and {waited:.1f} s of waiting)"
+                raise f
+            if limited:
+                _counter("llm_rate_limited").inc()
+                budget.on_rate_limited()
+            _counter("llm_retries").inc()
+            waited += wait
+            await asyncio.sleep(wait)
 
     async def _post(self, req: LLMRequest, history, endpoint: _Endpoint, session) -> dict:
         import aiohttp
