@@ -242,10 +242,11 @@ class Budget:
         self.in_flight = 0
         self._cond: Optional[asyncio.Condition] = None
         self._paced: Optional[float] = None  # req/s after a slow-down; None = not paced
-        self._last_decrease = 0.0
+        self._last_decrease = float("-inf")
         self._last_increase = time.monotonic()
         self._answered: deque[float] = deque()
         self._answered_ever = False
+        self._first_answer = 0.0
         self.rate_limited = 0
         self.waiting = 0
         if registry is not None:
@@ -284,11 +285,12 @@ class Budget:
 
     # -- the controller -----------------------------------------------------------------
     def _answered_rate(self, now: float, span: float = 2.0) -> float:
-        while self._answered and now - self._answered[0] > span:
+        while self._answered and now - self._answered[0] >= span:
             self._answered.popleft()
         if not self._answered:
             return 0.0
-        return len(self._answered) / max(0.5, min(span, now - self._answered[0]))
+        # Over the whole span, or since the first answer of all when that is more recent.
+        return len(self._answered) / max(0.5, min(span, now - self._first_answer))
 
     def _grow(self) -> None:
         """Once a second without a slow-down: INCREASE a second for FAST_AFTER_S seconds
@@ -315,6 +317,8 @@ class Budget:
             self._paced = None
 
     def on_answer(self) -> None:
+        if not self._answered_ever:
+            self._first_answer = time.monotonic()
         self._answered_ever = True
         self._answered.append(time.monotonic())
 
