@@ -100,7 +100,13 @@ def build_parser():
         metavar="KEY=VALUE",
         help="extra `vllm serve` argument for --llm_backend vllm (repeatable), e.g. max-model-len=4096",
     )
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key (local runs)")
+    p.add_argument(
+        "--api_key_secret", default=None, metavar="projects/P/secrets/S/versions/V",
+        help="Secret Manager secret holding the API key, read on each worker with its service account (Dataflow "
+        "workers do not see the launcher's environment); wins over --api_key_env",
+    )
+    p.add_argument("--secret_manager_endpoint", default=None, help="another Secret Manager API root (private / regional endpoint)")
     p.add_argument("--cache", default=None, help="response cache folder (local or gs://)")
     p.add_argument("--mode", choices=MODES, default="correct", help="direct = ask without the candidate (ablation)")
     p.add_argument("--context", choices=CONTEXTS, default="wiki_caption", help="none = no caption / summary (ablation)")
@@ -216,6 +222,8 @@ def llm_handler(args, processes: int = 1):
         budget_refresh_s=args.budget_refresh,
         expected_processes=max(1, processes),
         image_token_rule=args.image_tokens,
+        api_key_secret=args.api_key_secret,
+        secret_manager_endpoint=args.secret_manager_endpoint,
     )
 
 
@@ -337,6 +345,13 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     for flag in ("max_total_concurrency", "max_requests_per_minute", "max_tokens_per_minute"):
         positive(f"--{flag}", getattr(args, flag), minimum=0)
     positive("--budget_refresh", args.budget_refresh, minimum=0.05)
+    if args.api_key_secret:
+        from transforms.secrets import secret_version_name
+
+        try:
+            args.api_key_secret = secret_version_name(args.api_key_secret)
+        except ValueError as e:
+            raise UsageError(f"--api_key_secret: {e}") from e
     read_manifest(args.entity_index)
     inputs = match_files(args.input, "--input")
     for warning in check_finished_input(inputs, "--input", args.allow_unfinished_input):

@@ -323,6 +323,24 @@ class _Endpoint:
         _LEARNED_DIALECT[self.url] = value
 
 
+_KEYS: dict[tuple, Optional[str]] = {}
+
+
+def api_key(env: Optional[str], secret: Optional[str] = None, secret_endpoint: Optional[str] = None) -> Optional[str]:
+    """The API key, where the code runs: from Secret Manager when `secret` names one (read
+    once per process), else from the environment variable `env`; registered for redaction."""
+    if secret:
+        from transforms.secrets import read_secret
+
+        cache_key = (secret, secret_endpoint)
+        if cache_key not in _KEYS:
+            _KEYS[cache_key] = read_secret(secret, secret_endpoint)
+        return _KEYS[cache_key]
+    key = os.environ.get(env) if env else None
+    register_secret(key)
+    return key or None
+
+
 _ENDPOINTS: dict[tuple, _Endpoint] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
@@ -440,6 +458,8 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         budget_refresh_s: float = 10.0,
         expected_processes: int = 1,
         image_token_rule: str = "openai",
+        api_key_secret: Optional[str] = None,
+        secret_manager_endpoint: Optional[str] = None,
     ):
         # Fixed batches: Beam's adaptive batching would start at 1 element, and a batch of 1
         # leaves all but one of the `max_concurrency` slots idle for a whole round trip.
@@ -462,6 +482,8 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         self.budget_refresh_s = budget_refresh_s
         self.expected_processes = expected_processes
         self.image_token_rule = image_token_rule
+        self.api_key_secret = api_key_secret
+        self.secret_manager_endpoint = secret_manager_endpoint
 
     def budget_spec(self) -> BudgetSpec:
         return BudgetSpec(
@@ -480,8 +502,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         # into a reject or a log line.
         from transforms.secrets import install_log_redaction
 
-        key = os.environ.get(self.api_key_env) or None
-        register_secret(key)
+        key = api_key(self.api_key_env, self.api_key_secret, self.secret_manager_endpoint)
         install_log_redaction()
         return shared_endpoint(self.endpoint, key, self.dialect, self.timeout_s, self.budget_spec())
 

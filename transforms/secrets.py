@@ -116,3 +116,62 @@ def install_log_redaction() -> None:
     for handler in root.handlers or []:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+class SecretAccessError(RuntimeError):
+    """A secret that does not exist or may not be read: retrying does not help."""
+
+
+SECRET_NAME = re.compile(r"^projects/[^/\s]+/secrets/[^/\s]+(?:/versions/[^/\s]+)?$")
+
+
+def secret_version_name(name: str) -> str:
+    """A Secret Manager reference as a version name (`.../versions/latest` when none is
+    given); ValueError for anything else."""
+    name = (name or "").strip()
+    if not SECRET_NAME.match(name):
+        raise ValueError(f"{name!r} is not a Secret Manager name: expected projects/P/secrets/S[/versions/V]")
+    return name if "/versions/" in name else f"{name}/versions/latest"
+
+
+def read_secret(name: str, endpoint: str | None = None) -> str:
+    """The payload of a Secret Manager secret version, read where it is called: on the
+    worker, with the worker's service account (Dataflow workers do not inherit the
+    launcher's environment). Registered for redaction before it is returned.
+
+    `endpoint`: another Secret Manager API root (a private service connect endpoint, a
+    regional endpoint, or a local fake `http://127.0.0.1:PORT` reached without credentials).
+    Unavailable / deadline errors are retried; a missing secret or a denied permission is
+    raised at once, naming the secret and what to grant.
+    """
+    from google.api_core import exceptions as gexc
+    from google.api_core.client_options import ClientOptions
+    from google.cloud import secretmanager
+
+    from google.api_core import retry as gretry
+
+    version = secret_version_name(name)
+    kwargs: dict[str, Any] = {"transport": "rest"}
+    if endpoint:
+        kwargs["client_options"] = ClientOptions(api_endpoint=endpoint)
+        if endpoint.startswith("http://"):
+            from google.auth.credentials import AnonymousCredentials
+
+            kwargs["credentials"] = AnonymousCredentials()
+    client = secretmanager.SecretManagerServiceClient(**kwargs)
+    transient = gretry.if_exception_type(
+        gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.InternalServerError, gexc.TooManyRequests,
+        gexc.BadGateway, ConnectionError, TimeoutError,
+    )
+    try:
+        response = client.access_secret_version(
+            name=version, retry=gretry.Retry(predicate=transient, initial=0.5, maximum=10.0, multiplier=2.0, timeout=120.0)
+        )
+    except (gexc.NotFound, gexc.PermissionDenied, gexc.Unauthenticated, gexc.Forbidden) as e:
+        raise SecretAccessError(
+            f"cannot read secret {version}: {type(e).__name__}. Check the name, and grant the workers' "
+            f"service account roles/secretmanager.secretAccessor on it"
+        ) from None
+    value = response.payload.data.decode("utf-8").strip()
+    register_secret(value)
+    return value

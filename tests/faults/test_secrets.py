@@ -68,3 +68,45 @@ def test_redaction_keeps_data_readable():
     assert redact(record, strip_query=False) == record
     assert redact_value({"key": "k1", "api_key": "abc12345", "endpoint": "http://a:b@h/v1"}) == {
         "key": "k1", "api_key": "[redacted]", "endpoint": "http://h/v1"}
+
+
+SECRET_KEY = "sk-plantedSECRETMANAGERkey42"
+
+
+def test_key_from_secret_manager_reaches_the_server_and_nothing_else(tmp_path, catalog_path, entity_index, monkeypatch):
+    """--api_key_secret: read on the worker through the Secret Manager API (a loopback
+    fake, which fails the first call with 503: retried), sent as the bearer token, and in
+    no file the run writes. A secret the workers may not read fails the job with a message
+    that says what to grant."""
+    from tests.fake_secret_manager import FakeSecretManager
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    inputs = write_samples(tmp_path / "samples.parquet", {k: CASES[k] for k in ("ok", "to_taj")})
+    out = tmp_path / "rew"
+    name = "projects/demo/secrets/llm-key/versions/3"
+    with FakeSecretManager({name: SECRET_KEY}, denied={"projects/demo/secrets/other/versions/latest"}, fail_first=1) as sm, \
+            FakeLLMServer() as server:
+        base = ["--input", inputs, "--entities", catalog_path, "--entity_index", entity_index, "--model", "fake-vlm",
+                "--formats", "parquet", "--llm_backend", "openai", "--endpoint", server.url, "--secret_manager_endpoint", sm.url]
+        summary = refine.run(base + ["--output", str(out), "--cache", str(tmp_path / "cache"), "--api_key_secret", name])
+        auths = {r["auth"] for r in server.requests}
+        assert summary["count_check"] == "ok" and auths == {f"Bearer {SECRET_KEY}"}
+        assert sm.calls.count(f"/v1/{name}:access") >= 2  # the 503, then the answer
+        leaks = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs
+                 if SECRET_KEY.encode() in open(os.path.join(r, f), "rb").read()]
+        assert not leaks, leaks
+        import pytest
+
+        with pytest.raises(Exception, match="secretmanager.secretAccessor"):
+            refine.run(base + ["--output", str(tmp_path / "denied"), "--api_key_secret", "projects/demo/secrets/other"])
+
+
+def test_api_key_secret_names_are_checked_before_the_run(tmp_path, catalog_path, entity_index):
+    import pytest
+
+    from transforms.common import UsageError
+
+    with pytest.raises(UsageError, match="--api_key_secret"):
+        refine.run(["--input", catalog_path, "--entities", catalog_path, "--entity_index", entity_index, "--output",
+                    str(tmp_path / "o"), "--model", "m", "--llm_backend", "openai", "--endpoint", "http://127.0.0.1:9",
+                    "--api_key_secret", "my-key"])
