@@ -59,7 +59,7 @@ def test_slow_down_lowers_the_pace_and_it_grows_back(monkeypatch):
     monkeypatch.setattr(llm_budget.time, "monotonic", lambda: clock[0])
     b = Budget(BudgetSpec(max_concurrency=8, requests_per_minute=600))  # 10/s, one process
     assert b.request_rate() == 10.0
-    for i in range(40):  # answered at 8/s for the last seconds
+    for _ in range(40):  # answered at 8/s for the last seconds
         clock[0] += 0.125
         b.on_answer()
     b.on_rate_limited()

@@ -145,10 +145,9 @@ def read_secret(name: str, endpoint: str | None = None) -> str:
     raised at once, naming the secret and what to grant.
     """
     from google.api_core import exceptions as gexc
+    from google.api_core import retry as gretry
     from google.api_core.client_options import ClientOptions
     from google.cloud import secretmanager
-
-    from google.api_core import retry as gretry
 
     version = secret_version_name(name)
     kwargs: dict[str, Any] = {"transport": "rest"}
