@@ -88,9 +88,9 @@ def build_parser():
         "(the run that wrote them did not finish); off by default, so a killed run is not read as whole",
     )
     p.add_argument("--entities", required=True, help="the catalog (for Wikipedia summaries)")
-    p.add_argument("--entity_index", required=True, help="entity index (grounding)")
+    p.add_argument("--entity_index", default=None, help="entity index (grounding); required unless --estimate_only")
     p.add_argument("--output", required=True)
-    p.add_argument("--llm_backend", choices=BACKENDS, required=True)
+    p.add_argument("--llm_backend", choices=BACKENDS, default=None, help="required unless --estimate_only")
     p.add_argument("--model", required=True, help="model id sent to the endpoint (and part of the cache key)")
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument(
@@ -162,8 +162,18 @@ def build_parser():
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding grounding floor (cosine)")
-    p.add_argument("--usd_per_million_input_tokens", type=float, default=None)
-    p.add_argument("--usd_per_million_output_tokens", type=float, default=None)
+    p.add_argument("--usd_per_million_input_tokens", type=float, default=None, help="online price (manifest and estimate)")
+    p.add_argument("--usd_per_million_output_tokens", type=float, default=None, help="online price (manifest and estimate)")
+    p.add_argument(
+        "--batch_price_factor", type=float, default=0.5,
+        help="batch price / online price (OpenAI Batch API and Vertex AI batch prediction: 0.5)",
+    )
+    p.add_argument(
+        "--estimate_only", action="store_true",
+        help="read the input, count the requests and estimate tokens and cost (online and batch), send nothing, write nothing",
+    )
+    p.add_argument("--expected_verify_tokens", type=int, default=60, help="estimate: output tokens of a verify answer")
+    p.add_argument("--expected_rationale_tokens", type=int, default=350, help="estimate: output tokens of a rationale + QA answer")
     p.add_argument("--formats", default=",".join(SHARD_FORMATS))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
@@ -323,6 +333,89 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
+def build_estimate(p, args, inputs, catalog_files):
+    """The part of the pipeline before the first request, counting instead of sending."""
+    from transforms.refine import EstimateTokens
+
+    settings = RequestSettings(
+        args.model, args.mode, args.context, {"max_tokens": args.max_tokens}, max_image_side=args.max_image_side
+    )
+    units, _ = p | "Units" >> ShardUnits(args.input, any(not is_tar(f) for f in inputs), any(is_tar(f) for f in inputs))
+    read = (
+        units
+        | "Spread" >> beam.Reshuffle()
+        | "ReadSamples" >> beam.ParDo(ReadSamples()).with_outputs(REJECTED, main="samples")
+    )
+    catalog = (
+        p
+        | "CatalogFiles" >> beam.Create(list(enumerate(catalog_files)))
+        | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
+    )
+    _ = (
+        {
+            "sample": read.samples | "ByCandidate" >> beam.Map(lambda loc: (loc.sample.qid, loc)),
+            "summary": catalog.entities | "Summaries" >> beam.Map(catalog_summary),
+        }
+        | "JoinCandidateSummary" >> beam.CoGroupByKey()
+        | "CandidateSummary" >> beam.FlatMap(attach_summary)
+        | "Estimate" >> beam.ParDo(
+            EstimateTokens(load_prompt("verify", args.verify_prompt), load_prompt("rationale_qa", args.rationale_prompt),
+                           settings, args.image_tokens)
+        )
+    )
+
+
+def estimate(c: dict, args) -> dict:
+    """The estimate from the counters: requests, tokens, dollars online and in batch."""
+    from transforms.llm_cost import MESSAGE_OVERHEAD_TOKENS, dollars
+
+    n = c.get("estimate_samples", 0)
+    images = c.get("estimate_image_tokens", 0)
+    text = c.get("estimate_verify_text_tokens", 0) + c.get("estimate_rationale_text_tokens", 0) + 2 * n * MESSAGE_OVERHEAD_TOKENS
+    tokens_in = text + 2 * images  # the image goes with both requests
+    expected_out = n * (min(args.expected_verify_tokens, args.max_tokens) + min(args.expected_rationale_tokens, args.max_tokens))
+    most_out = 2 * n * args.max_tokens
+    usd_in, usd_out = args.usd_per_million_input_tokens, args.usd_per_million_output_tokens
+    online = dollars(tokens_in, expected_out, usd_in, usd_out)
+    online_most = dollars(tokens_in, most_out, usd_in, usd_out)
+    f = args.batch_price_factor
+    return {
+        "samples": n,
+        "requests": {"verify": n, "rationale_qa_at_most": n, "at_most": 2 * n},
+        "input_tokens": {"text": text, "image": 2 * images, "total": tokens_in, "image_rule": args.image_tokens,
+                         "max_image_side": args.max_image_side, "images_without_size": c.get("estimate_images_without_size", 0)},
+        "output_tokens": {"expected": expected_out, "at_most": most_out},
+        "usd": None if online is None else {
+            "online": online, "online_at_most": online_most,
+            "batch": round(online * f, 9), "batch_at_most": round(online_most * f, 9), "batch_price_factor": f,
+        },
+        "rejected_reading": sum_counters(c, "rejected_read_samples_"),
+    }
+
+
+def _estimate_lines(e: dict) -> list[str]:
+    n = e["samples"]
+    t = e["input_tokens"]
+    lines = [
+        f"refine estimate for {n} samples (nothing sent, nothing written)",
+        f"  requests       verify {n} + rationale_qa up to {n} (one per sample verify keeps) = up to {2 * n}",
+        f"  input tokens   {t['total']:,} = text {t['text']:,} + images {t['image']:,} "
+        f"({t['image_rule']} rule, longer side <= {t['max_image_side']} px)",
+        f"  output tokens  {e['output_tokens']['expected']:,} expected, at most {e['output_tokens']['at_most']:,} (--max_tokens)",
+    ]
+    if t["images_without_size"]:
+        lines.append(f"  {t['images_without_size']} samples without width/height: counted as max_image_side squares")
+    if e["usd"] is None:
+        lines.append("  cost           give --usd_per_million_input_tokens / --usd_per_million_output_tokens for dollars")
+    else:
+        u = e["usd"]
+        lines.append(f"  cost online    ${u['online']:,.2f} expected, ${u['online_at_most']:,.2f} at most")
+        lines.append(f"  cost batch     ${u['batch']:,.2f} expected, ${u['batch_at_most']:,.2f} at most (x{u['batch_price_factor']:g})")
+    if e["rejected_reading"]:
+        lines.append(f"  {e['rejected_reading']} samples could not be read and are not counted")
+    return lines
+
+
 def check_counts(c: dict, formats=("parquet",)) -> list[str]:
     g = c.get
     problems = []
@@ -340,6 +433,20 @@ def check_counts(c: dict, formats=("parquet",)) -> list[str]:
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
     args, options = parse(build_parser(), argv)
+    if args.estimate_only:
+        inputs = match_files(args.input, "--input")
+        catalog_files = match_files(args.entities, "--entities")
+        p = test_pipeline or beam.Pipeline(options=options)
+        build_estimate(p, args, inputs, catalog_files)
+        counters, _seconds = run_and_count(p)
+        result = estimate(counters, args)
+        for line in _estimate_lines(result):
+            print(line)
+        return result
+    if not args.llm_backend:
+        raise UsageError("--llm_backend is required (openai, vllm or replay), unless --estimate_only")
+    if not args.entity_index:
+        raise UsageError("--entity_index is required: the index build_entity_index wrote (grounding of corrected names)")
     positive("--max_retries", args.max_retries, minimum=0)
     positive("--max_reasks", args.max_reasks, minimum=0)
     for flag in ("max_total_concurrency", "max_requests_per_minute", "max_tokens_per_minute"):
@@ -413,10 +520,13 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             "requests_sent": counters.get("llm_requests_sent", 0),
             "cache_hits": counters.get("llm_cache_hits_total", 0),
             "cost_usd": cost,
+            # What the same tokens cost through a provider's batch API (--batch_price_factor).
+            "cost_usd_at_batch_prices": None if cost is None else round(cost * args.batch_price_factor, 9),
             "options": {k: v for k, v in vars(args).items() if k != "api_key_env"},
         },
         lines=(
-            f"tokens in/out: {tokens_in}/{tokens_out}" + (f"  cost: ${cost}" if cost is not None else ""),
+            f"tokens in/out: {tokens_in}/{tokens_out}"
+            + (f"  cost: ${cost} (at batch prices: ${round(cost * args.batch_price_factor, 9)})" if cost is not None else ""),
             f"REW shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json",
         ),
     )

@@ -262,3 +262,32 @@ def test_enforced_rate_limit_with_retry_after(tmp_path, catalog_path, entity_ind
     assert answered == 80 and summary["counters"].get("llm_rate_limited", 0) == limited
     # No 429 storm: fewer refused attempts than answered ones.
     assert limited < answered, (limited, answered, elapsed)
+
+
+def test_estimate_only_counts_what_a_run_sends_and_sends_nothing(tmp_path, catalog_path, entity_index):
+    import math
+
+    from transforms.llm_cost import MESSAGE_OVERHEAD_TOKENS, image_tokens
+
+    cases = {f"e{i:02d}": (("Q243", "Q9202")[i % 2], f"photo {i} of the place") for i in range(6)}
+    inputs = write_samples(tmp_path / "s.parquet", cases)
+    est = refine.run([
+        "--input", inputs, "--entities", catalog_path, "--model", "fake-vlm", "--output", str(tmp_path / "never"),
+        "--estimate_only", "--usd_per_million_input_tokens", "2.5", "--usd_per_million_output_tokens", "10",
+    ])
+    assert not (tmp_path / "never").exists()
+    assert est["samples"] == 6 and est["requests"] == {"verify": 6, "rationale_qa_at_most": 6, "at_most": 12}
+    # 64 x 48 images, under the downscale side: one 512 px tile each, in both requests.
+    assert est["input_tokens"]["image"] == 12 * image_tokens(64, 48, "openai") == 12 * 255
+    u = est["usd"]
+    assert u["online"] == pytest.approx((est["input_tokens"]["total"] * 2.5 + est["output_tokens"]["expected"] * 10) / 1e6)
+    assert u["batch"] == pytest.approx(u["online"] / 2)
+    # The text estimate is the text a real run sends (every sample correct: both prompts each).
+    with FakeLLMServer() as server:
+        summary = refine.run(
+            base_args(tmp_path, catalog_path, entity_index, inputs, tmp_path / "out", tmp_path / "cache")
+            + ["--llm_backend", "openai", "--endpoint", server.url]
+        )
+        sent = [r["text"] for r in server.requests]
+    assert summary["counters"]["samples_refined"] == 6 and len(sent) == 12
+    assert est["input_tokens"]["text"] == sum(math.ceil(len(t) / 4) + MESSAGE_OVERHEAD_TOKENS for t in sent)

@@ -75,4 +75,4 @@ def dollars(input_tokens: float, output_tokens: float, usd_in: Optional[float], 
     """Cost at prices per million tokens; None when no price is given."""
     if usd_in is None and usd_out is None:
         return None
-    return round(input_tokens * (usd_in or 0.0) / 1e6 + output_tokens * (usd_out or 0.0) / 1e6, 6)
+    return round(input_tokens * (usd_in or 0.0) / 1e6 + output_tokens * (usd_out or 0.0) / 1e6, 9)

@@ -397,3 +397,45 @@ class InterpretRationale(_InterpretAnswer):
             rationale_prompt=self.prompt_tag,
         )
 
+
+
+ESTIMATE_COUNTERS = (
+    "estimate_samples", "estimate_verify_text_tokens", "estimate_rationale_text_tokens", "estimate_image_tokens",
+    "estimate_images", "estimate_images_without_size",
+)
+
+
+class EstimateTokens(beam.DoFn):
+    """(Located, summary) -> nothing; counts what refine would send for the sample: the
+    verify prompt's text tokens, the rationale prompt's (as if the candidate were kept),
+    and the image's tokens at its size after the downscale refine applies (from the
+    sample's width and height: no image is read; a sample without them is counted as a
+    `max_image_side` square and in `estimate_images_without_size`)."""
+
+    def __init__(self, verify_prompt: Prompt, rationale_prompt: Prompt, settings: RequestSettings, rule: str):
+        self.verify_prompt = verify_prompt
+        self.rationale_prompt = rationale_prompt
+        self.s = settings
+        self.rule = rule
+
+    def process(self, element):
+        from transforms.llm_cost import image_tokens, text_tokens
+
+        sample, summary = _unpack(element)
+        s = self.s
+        verify = render_verify(self.verify_prompt, caption=sample.caption, title=sample.title, summary=summary, mode=s.mode, context=s.context)
+        rationale = render_rationale_qa(self.rationale_prompt, entity=sample.title, summary=summary, caption=sample.caption, context=s.context)
+        _counter("estimate_samples").inc()
+        _counter("estimate_verify_text_tokens").inc(text_tokens(verify))
+        _counter("estimate_rationale_text_tokens").inc(text_tokens(rationale))
+        width, height = sample.width or 0, sample.height or 0
+        side = s.max_image_side
+        if width <= 0 or height <= 0:
+            _counter("estimate_images_without_size").inc()
+            width = height = side or DEFAULT_LLM_MAX_SIDE
+        elif side > 0 and max(width, height) > side:
+            scale = side / max(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        _counter("estimate_images").inc()
+        _counter("estimate_image_tokens").inc(image_tokens(width, height, self.rule))
+        return ()
