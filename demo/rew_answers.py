@@ -98,4 +98,5 @@ def build_demo_cache(samples_glob: str, input_out: str, cache_dir: str, n: int =
             {"question": "Is the picture square?", "answer": "yes" if sample.width == sample.height else "no"},
         ]
         cache.put(req2.cache_key(), {"text": json.dumps({"rationale": rationale[:1200], "qa": qa}), "usage": {}, "model": DEMO_MODEL})
+    cache.close()  # one segment; refine compacts it before its replay run
     return {"input": path, "samples": len(chosen), "verdicts": counts}

@@ -478,6 +478,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         return build_only(p, "refine")
     prepare_output(args.output, (OUTPUT_NAME,))
     started = dt.datetime.now(dt.UTC)
+    if args.cache:
+        # What earlier runs wrote (a killed one included) becomes readable by hash.
+        from transforms.llm_cache import compact
+
+        compact(args.cache, options)
     if args.llm_backend == "vllm":
         import uuid
 

@@ -28,17 +28,16 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE, retry_call
+from transforms.common import METRICS_NAMESPACE
 from transforms.llm_budget import Budget, BudgetSpec, registry_for
+from transforms.llm_cache import ResponseCache
 from transforms.llm_cost import request_tokens
 from transforms.secrets import register_secret
 
@@ -132,60 +131,26 @@ class LLMResult:
     completion_tokens: int = 0
 
 
-class ResponseCache:
-    """Raw answers by request hash, one small JSON file each, under a local or gs:// folder.
+_CACHES: dict[str, ResponseCache] = {}
+_CACHES_LOCK = threading.Lock()
 
-    Files are written under a temporary name and renamed (local) or written in one object
-    put (GCS), so a killed run leaves no half-written entry behind.
-    """
 
-    def __init__(self, root: Optional[str]):
-        self.root = root.rstrip("/") if root else None
+def shared_cache(root: Optional[str]) -> ResponseCache:
+    """One cache per folder per process: its write buffer and read LRU outlive a batch."""
+    with _CACHES_LOCK:
+        cache = _CACHES.get(root or "")
+        if cache is None:
+            cache = _CACHES[root or ""] = ResponseCache(root)
+            if root:
+                atexit.register(_close_quietly, cache)
+        return cache
 
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{key[:2]}/{key}.json"
 
-    def get(self, key: str) -> Optional[dict]:
-        if not self.root:
-            return None
-        path = self._path(key)
-
-        def read() -> Optional[bytes]:
-            try:
-                with FileSystems.open(path) as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-            except Exception:  # noqa: BLE001 - an object store's "not found" has many names
-                if not FileSystems.exists(path):
-                    return None
-                raise
-
-        # An error reading an entry that exists (network, throttling) is retried, then
-        # raised: taking it for a miss would pay for the request again.
-        raw = retry_call(read, path)
-        if raw is None:
-            return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            log.warning("cache entry %s is not JSON; asking again", path)
-            return None
-
-    def put(self, key: str, entry: dict) -> None:
-        if not self.root:
-            return
-        data = json.dumps(entry, ensure_ascii=False, sort_keys=True).encode("utf-8")
-        path = self._path(key)
-        if "://" in path:
-            with FileSystems.create(path) as f:
-                f.write(data)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+def _close_quietly(cache: ResponseCache) -> None:
+    try:
+        cache.close()
+    except Exception as e:  # noqa: BLE001 - at exit: say so, the answers are paid again next time
+        log.warning("LLM cache %s: last answers not written: %s", cache.root, e)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,6 +243,10 @@ class _Endpoint:
         self._timeout_s = timeout_s
         self.budget = Budget(spec, registry_for(spec))
         self._loop = asyncio.new_event_loop()
+        # Cache reads run on these threads: as many as requests may be in flight.
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._loop.set_default_executor(ThreadPoolExecutor(max(8, min(64, spec.max_concurrency)), thread_name_prefix="llm-cache"))
         self._thread = threading.Thread(target=self._loop.run_forever, name="llm-http", daemon=True)
         self._thread.start()
         self._session = None
@@ -512,11 +481,14 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
     def run_inference(
         self, batch: Sequence[LLMRequest], model: _Endpoint, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
-        cache = ResponseCache(self.cache_dir)
+        cache = shared_cache(self.cache_dir)
         batch = list(batch)
 
         async def run_batch(session):
-            return await asyncio.gather(*(self._one(req, model, cache, session) for req in batch))
+            results = await asyncio.gather(*(self._one(req, model, cache, session) for req in batch))
+            # The batch's answers are stored before its results go on (off the event loop).
+            await asyncio.get_running_loop().run_in_executor(None, cache.flush)
+            return results
 
         results = model.run(run_batch)
         flush_counts()
@@ -528,7 +500,8 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         history: list[dict] = []
         for _attempt in range(self.max_reasks + 1):
             key = req.cache_key(history)
-            entry = cache.get(key)
+            # A blocking read (object store) on a worker thread, not on the event loop.
+            entry = await asyncio.get_running_loop().run_in_executor(None, cache.get, key) if cache.root else None
             if entry is not None:
                 result.cache_hits += 1
                 _counter("llm_cache_hits").inc()
@@ -682,7 +655,7 @@ class ReplayHandler(ModelHandler[LLMRequest, LLMResult, ResponseCache]):
         self.max_reasks = max_reasks
 
     def load_model(self) -> ResponseCache:
-        return ResponseCache(self.cache_dir)
+        return shared_cache(self.cache_dir)
 
     def get_metrics_namespace(self) -> str:
         return "llm_replay"
