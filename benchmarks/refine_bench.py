@@ -46,7 +46,7 @@ def run_once(url: str, start: int, n: int, concurrency: int, processes: int = 1,
     from transforms.llm import OpenAICompatibleHandler
 
     handler = OpenAICompatibleHandler(
-        url, max_concurrency=concurrency, batch_size=max(concurrency * 4, 16), max_retries=0, expected_processes=processes, **budget
+        url, max_concurrency=concurrency, cache_dir=budget.pop("cache_dir", None), batch_size=max(concurrency * 4, 16), max_retries=0, expected_processes=processes, **budget
     )
     flags = ["--runner=DirectRunner"]
     if processes > 1:
@@ -74,6 +74,64 @@ def _serve(latency: float, urls, stop, counts, rate_limit: float = 0.0, rounds: 
                 server.tokens_seen.clear()
                 server.rate_limited = 0
                 server.answer_times.clear()
+
+
+def _gcs_emulator(port, ready, stop) -> None:
+    from gcp_storage_emulator.server import create_server
+
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bench")
+    server.start()
+    ready.set()
+    stop.wait()
+    server.stop()
+
+
+def cache_gcs(args) -> None:
+    """The same requests with and without --cache on gs:// (a GCS emulator in a process of
+    its own), then again from the now warm cache (compacted first, as refine does)."""
+    import multiprocessing as mp
+    import socket
+
+    from apache_beam.internal.gcp import auth
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    ctx = mp.get_context("spawn")
+    ready, stop_gcs = ctx.Event(), ctx.Event()
+    gcs = ctx.Process(target=_gcs_emulator, args=(port, ready, stop_gcs), daemon=True)
+    gcs.start()
+    assert ready.wait(60)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    auth._Credentials._credentials_init, auth._Credentials._credentials = True, None  # anonymous, at once
+    urls, counts, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve, args=(args.latency, urls, stop, counts, 0.0, 1), daemon=True)
+    server.start()
+    url = urls.get(timeout=60)
+    n, c = args.requests, args.concurrency
+    from transforms.llm_cache import compact
+
+    try:
+        run_once(url, 0, 64, c)  # warm-up: imports, connections
+        t_none = run_once(url, 0, n, c)
+        t_cold = run_once(url, n, n, c, cache_dir="gs://bench/cache")
+        compacted = time.perf_counter()
+        compact("gs://bench/cache")
+        t_compact = time.perf_counter() - compacted
+        t_warm = run_once(url, n, n, c, cache_dir="gs://bench/cache")
+    finally:
+        stop.set()
+        stop_gcs.set()
+    answered = counts.get(timeout=30)[0]
+    server.join(30)
+    gcs.join(30)
+    assert answered == 64 + 2 * n, (answered, 64 + 2 * n)  # the warm run sent nothing
+    print(f"{n} requests, latency {args.latency * 1000:.0f} ms, concurrency {c}, cache on the GCS emulator (whole Beam runs)")
+    print(f"  no cache           {n / t_none:8.1f} requests/s  ({t_none:.1f} s)")
+    print(f"  cache, cold        {n / t_cold:8.1f} requests/s  ({t_cold:.1f} s); ratio to no cache {t_none / t_cold:.3f}")
+    print(f"  compaction         {t_compact:8.1f} s for {n} answers")
+    print(f"  cache, warm        {n / t_warm:8.1f} requests/s  ({t_warm:.1f} s, nothing sent); ratio to no cache {t_none / t_warm:.3f}")
 
 
 def rate_limited(args) -> None:
@@ -117,11 +175,13 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=1280)
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--scenario", choices=("latency", "rate_limited"), default="latency")
+    ap.add_argument("--scenario", choices=("latency", "rate_limited", "cache_gcs"), default="latency")
     ap.add_argument("--rate_limit", type=float, default=8.0, help="rate_limited: requests/s the server allows")
     args = ap.parse_args(argv)
     if args.scenario == "rate_limited":
         return rate_limited(args)
+    if args.scenario == "cache_gcs":
+        return cache_gcs(args)
     n = args.requests
     serial_n = max(10, int(5 / args.latency))
     # The endpoint runs in a process of its own, as a real server would: its CPU and GIL

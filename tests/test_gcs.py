@@ -114,3 +114,50 @@ def test_trainer_streams_shards_and_codes_from_gcs(tmp_path, gcs):
     ])
     assert summary["steps"] == 3 and summary["skipped_total"] == 0
     assert os.path.exists(os.path.join(summary["checkpoint"], "codes.parquet"))
+
+
+def test_llm_cache_on_gcs_survives_read_errors_without_paying_twice(tmp_path, gcs, catalog_path, entity_index, monkeypatch):
+    """refine's response cache on gs://: answers written in batched segments, compacted and
+    read back by hash on a second run while the emulator fails the first downloads of
+    cache objects (a 503, then a dropped connection): the errors are retried, never taken
+    for a miss, so the second run sends nothing."""
+    from gcp_storage_emulator import server as gserver
+
+    from pipelines import refine
+    from tests.fake_llm_server import FakeLLMServer
+    from tests.test_refine import CASES, base_args, write_samples
+
+    cases = {k: CASES[k] for k in ("ok", "to_taj", "to_mercury")} | {f"p{i}": ("Q243", f"tower photo {i}") for i in range(5)}
+    inputs = write_samples(tmp_path / "s.parquet", cases)
+    cache = f"{gcs}/llm-cache"
+    with FakeLLMServer() as first:
+        one = refine.run(base_args(tmp_path, catalog_path, entity_index, inputs, tmp_path / "o1", cache)
+                         + ["--llm_backend", "openai", "--endpoint", first.url])
+        paid = sum(first.answered.values())
+    assert one["count_check"] == "ok" and paid == one["requests_sent"] > 8
+
+    original = gserver.RequestHandler.do_GET
+    injected = []
+
+    def flaky_get(self):
+        media = "alt=media" in self.path and "llm-cache" in self.path
+        if media and len(injected) < 4:
+            injected.append(self.path)
+            if len(injected) % 2:
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.close_connection = True
+                self.connection.close()  # dropped mid-request
+            return
+        return original(self)
+
+    monkeypatch.setattr(gserver.RequestHandler, "do_GET", flaky_get)
+    with FakeLLMServer() as second:
+        two = refine.run(base_args(tmp_path, catalog_path, entity_index, inputs, tmp_path / "o2", cache)
+                         + ["--llm_backend", "openai", "--endpoint", second.url])
+        resent = len(second.requests)
+    assert len(injected) == 4, injected
+    assert two["count_check"] == "ok" and resent == 0 and two["cache_hits"] == paid
+    assert two["counters"]["samples_refined"] == one["counters"]["samples_refined"]
