@@ -55,6 +55,7 @@ from transforms.llm_cost import IMAGE_TOKEN_RULES
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile, ShardUnits
 from transforms.refine import (
+    PENDING_TAG,
     ApplyGrounding,
     GroundingHandler,
     InterpretRationale,
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 OUTPUT_NAME = "samples"
 
 STAGES = ["read_samples", "read_catalog", "verify", "ground", "rationale_qa"]
-BACKENDS = ("openai", "vllm", "replay")
+BACKENDS = ("openai", "openai_batch", "vllm", "replay")
 
 
 def build_parser():
@@ -100,6 +101,19 @@ def build_parser():
         metavar="KEY=VALUE",
         help="extra `vllm serve` argument for --llm_backend vllm (repeatable), e.g. max-model-len=4096",
     )
+    p.add_argument("--wait", action="store_true", help="openai_batch: poll and go on until every round is done")
+    p.add_argument("--batch_poll", type=float, default=60.0, help="openai_batch: seconds between polls with --wait")
+    p.add_argument("--batch_max_requests", type=int, default=50_000, help="openai_batch: requests per batch file")
+    p.add_argument("--batch_max_mb", type=float, default=190.0, help="openai_batch: MB per batch file (OpenAI: 200)")
+    p.add_argument(
+        "--batch_max_resubmits", type=int, default=2,
+        help="openai_batch: a request that did not come back is asked again in this many more batches, then rejected",
+    )
+    p.add_argument(
+        "--batch_submit", choices=("yes", "no"), default="yes",
+        help="openai_batch: no = only write the request files (JSONL that `vllm run-batch` reads) under <output>/_batch/requests/",
+    )
+    p.add_argument("--batch_results", default=None, help="openai_batch: batch output files to read into the cache (e.g. vllm run-batch's)")
     p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key (local runs)")
     p.add_argument(
         "--api_key_secret", default=None, metavar="projects/P/secrets/S/versions/V",
@@ -206,6 +220,10 @@ def llm_handler(args, processes: int = 1):
             )
         except ImportError as e:
             raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
+    if args.llm_backend == "openai_batch":
+        from transforms.llm_batch import BatchRequestHandler, batch_dir
+
+        return BatchRequestHandler(args.cache, batch_dir(args.output), args.max_reasks, args.batch_max_resubmits)
     if args.llm_backend == "replay":
         if not args.cache:
             raise UsageError("--llm_backend replay answers from --cache: give the cache folder")
@@ -235,6 +253,66 @@ def llm_handler(args, processes: int = 1):
         api_key_secret=args.api_key_secret,
         secret_manager_endpoint=args.secret_manager_endpoint,
     )
+
+
+def batch_client_spec(args):
+    """How the batch backend reaches the provider; None with --batch_submit no."""
+    if args.llm_backend != "openai_batch" or args.batch_submit == "no":
+        return None
+    from transforms.llm_batch import BatchClientSpec
+
+    return BatchClientSpec(
+        endpoint=args.endpoint, api_key_env=args.api_key_env, api_key_secret=args.api_key_secret,
+        secret_manager_endpoint=args.secret_manager_endpoint, timeout_s=args.timeout, max_retries=args.max_retries,
+    )
+
+
+def run_batch_rounds(args, options, first_pipeline, build):
+    """--llm_backend openai_batch: collect what earlier rounds submitted, run a round, and
+    (with --wait) again until nothing is pending. (counters, seconds) when the run is
+    complete; (None, status) when batches are still running or were just submitted."""
+    import time
+
+    from transforms.llm_batch import batch_dir, collect
+    from transforms.llm_cache import compact
+
+    folder = batch_dir(args.output)
+    spec = batch_client_spec(args)
+    results = match_files(args.batch_results, "--batch_results") if args.batch_results else []
+    p = first_pipeline
+    while True:
+        got = collect(folder, args.cache, spec, results)
+        results = []
+        if got["collected"] or got["answers"]:
+            log.info("batches collected: %s", got)
+        if got["running"]:
+            status = {"status": "batches_running", "running": got["running"], "batch_dir": folder}
+            if not args.wait:
+                print(f"{got['running']} batches still running; run the same command again later (or add --wait)")
+                return None, status
+            time.sleep(args.batch_poll)
+            continue
+        compact(args.cache, options)
+        if p is None:
+            p = beam.Pipeline(options=options)
+            build(p)
+        counters, seconds = run_and_count(p)
+        p = None
+        pending = counters.get("batch_pending_verify", 0) + counters.get("batch_pending_rationale_qa", 0)
+        if not pending:
+            return counters, seconds
+        submitted = counters.get("batch_requests_submitted", 0)
+        status = {"status": "batches_submitted", "pending_requests": pending, "submitted": submitted,
+                  "batches": counters.get("batches_submitted", 0), "batch_dir": folder}
+        if spec is None:
+            print(f"{submitted} requests written to {folder}/requests/ (--batch_submit no): run them, e.g. with "
+                  f"`vllm run-batch`, then run again with --batch_results")
+            return None, status
+        if not args.wait:
+            print(f"{submitted} requests submitted in {status['batches']} batches; run the same command again to "
+                  f"collect them and go on (or add --wait)")
+            return None, status
+        time.sleep(args.batch_poll)
 
 
 def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: bool = False, processes: int = 1):
@@ -282,7 +360,8 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         candidate["items"]
         | "VerifyRequests" >> beam.Map(verify_request, verify_prompt, settings)
         | "Verify" >> RunInference(handler)
-        | "InterpretVerify" >> beam.ParDo(InterpretVerify(verify_prompt)).with_outputs(REJECTED, "ground", main="final")
+        | "InterpretVerify"
+        >> beam.ParDo(InterpretVerify(verify_prompt)).with_outputs(REJECTED, "ground", PENDING_TAG, main="final")
     )
     grounded = (
         verified.ground
@@ -314,8 +393,20 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         final["items"]
         | "RationaleRequests" >> beam.Map(rationale_request, rationale_prompt, settings)
         | "RationaleQA" >> RunInference(handler)
-        | "InterpretRationale" >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, main="samples")
+        | "InterpretRationale"
+        >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, PENDING_TAG, main="samples")
     )
+    if args.llm_backend == "openai_batch":
+        from transforms.llm_batch import SubmitBatches, batch_dir
+
+        _ = (
+            (verified[PENDING_TAG], refined[PENDING_TAG])
+            | "Pending" >> beam.Flatten()
+            | "SubmitBatches" >> SubmitBatches(
+                batch_dir(args.output), batch_client_spec(args), args.batch_max_requests, int(args.batch_max_mb * 1e6),
+                args.run_id,
+            )
+        )
     _ = (
         refined.samples
         | "WriteShards" >> WriteShards(args.output, OUTPUT_NAME, parse_formats(args.formats), args.num_shards)
@@ -471,20 +562,44 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             flag = "--verify_prompt" if name == "verify" else "--rationale_prompt"
             raise UsageError(f"{flag}: {e}") from e
     threads = threads_per_process(options, args.threads)
+    if args.llm_backend == "openai_batch":
+        if args.batch_submit == "yes" and not args.endpoint:
+            raise UsageError("--llm_backend openai_batch needs --endpoint (the provider's base URL, e.g. https://api.openai.com/v1), "
+                             "or --batch_submit no to only write the request files")
+        positive("--batch_max_requests", args.batch_max_requests)
+        positive("--batch_max_resubmits", args.batch_max_resubmits, minimum=0)
+        if not args.cache:
+            from transforms.llm_batch import batch_dir
+
+            args.cache = f"{batch_dir(args.output)}/cache"
+            log.info("--llm_backend openai_batch keeps answers in a cache: %s (give --cache to choose)", args.cache)
+    import uuid
+
+    args.run_id = uuid.uuid4().hex[:12]
     p = test_pipeline or beam.Pipeline(options=options)
     share = {"yes": True, "no": False}.get(args.share_grounding, worker_processes(options) != 1)
-    build_pipeline(p, args, inputs, catalog_files, threads, share, worker_processes(options))
+    build = lambda pipeline: build_pipeline(  # noqa: E731
+        pipeline, args, inputs, catalog_files, threads, share, worker_processes(options)
+    )
+    build(p)
     if is_dry_run(options):
         return build_only(p, "refine")
     prepare_output(args.output, (OUTPUT_NAME,))
     started = dt.datetime.now(dt.UTC)
-    if args.cache:
+    if args.cache and args.llm_backend != "openai_batch":
         # What earlier runs wrote (a killed one included) becomes readable by hash.
         from transforms.llm_cache import compact
 
         compact(args.cache, options)
-    if args.llm_backend == "vllm":
-        import uuid
+    batch = None
+    if args.llm_backend == "openai_batch":
+        from transforms.llm_batch import batch_dir, batch_totals
+
+        counters, seconds = run_batch_rounds(args, options, p, build)
+        if counters is None:
+            return seconds  # the round's status: batches running or just submitted
+        batch = batch_totals(batch_dir(args.output))
+    elif args.llm_backend == "vllm":
 
         from transforms.llm_vllm import RUN_ENV, shutdown_vllm_servers
 
@@ -497,11 +612,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     else:
         counters, seconds = run_and_count(p)
     tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
-    cost = None
-    if args.usd_per_million_input_tokens is not None or args.usd_per_million_output_tokens is not None:
-        cost = round(
-            tokens_in * (args.usd_per_million_input_tokens or 0) / 1e6 + tokens_out * (args.usd_per_million_output_tokens or 0) / 1e6, 9
-        )
+    if batch is not None:  # the batches answered; this run read them from the cache
+        tokens_in, tokens_out = batch["tokens"]["input"], batch["tokens"]["output"]
+    from transforms.llm_cost import dollars
+
+    cost = dollars(tokens_in, tokens_out, args.usd_per_million_input_tokens, args.usd_per_million_output_tokens)
     out = args.output.rstrip("/")
     return finish_run(
         name="refine",
@@ -524,10 +639,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             "tokens": {"input": tokens_in, "output": tokens_out},
             "requests_sent": counters.get("llm_requests_sent", 0),
             "cache_hits": counters.get("llm_cache_hits_total", 0),
+            # At online prices; and what the same tokens cost through a provider's batch API
+            # (--batch_price_factor): what a batch run paid.
             "cost_usd": cost,
-            # What the same tokens cost through a provider's batch API (--batch_price_factor).
             "cost_usd_at_batch_prices": None if cost is None else round(cost * args.batch_price_factor, 9),
-            "options": {k: v for k, v in vars(args).items() if k != "api_key_env"},
+            "batch": batch,
+            "options": {k: v for k, v in vars(args).items() if k not in ("api_key_env", "run_id")},
         },
         lines=(
             f"tokens in/out: {tokens_in}/{tokens_out}"

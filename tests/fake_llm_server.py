@@ -49,6 +49,14 @@ class FakeLLMServer:
         self._lock = threading.Lock()
         self.dead = False
         self.in_flight = 0
+        # The Files + Batches contract (OpenAI Batch API): uploaded files, batches, and
+        # how many polls a batch stays in progress; batch numbers (1-based) in
+        # `expire_batches` expire with only the first half of their lines answered.
+        self.files: dict[str, tuple[str, bytes]] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_polls = 1
+        self.expire_batches: set[int] = set()
+        self.batch_lines_seen = Counter()  # custom_id -> times it was in a submitted batch
         self.max_in_flight = 0  # the most requests in the handler at one time
         self.tokens_seen: list[tuple[float, int]] = []  # (time, prompt + completion tokens) of each answer
 
@@ -76,6 +84,10 @@ class FakeLLMServer:
         asyncio.set_event_loop(self._loop)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_post("/v1/files", self._file_upload)
+        app.router.add_get("/v1/files/{id}/content", self._file_content)
+        app.router.add_post("/v1/batches", self._batch_create)
+        app.router.add_get("/v1/batches/{id}", self._batch_get)
         # Hanging handlers (max_answers) must not hold up the shutdown.
         self._runner = web.AppRunner(app, shutdown_timeout=0.5)
         self._loop.run_until_complete(self._runner.setup())
@@ -172,6 +184,90 @@ class FakeLLMServer:
                 "usage": usage,
             }
         )
+
+    # -- Files and Batches ------------------------------------------------------------------
+
+    async def _file_upload(self, request: web.Request):
+        form = await request.post()
+        upload = form["file"]
+        data = upload.file.read()
+        with self._lock:
+            fid = f"file-{len(self.files) + 1}"
+            self.files[fid] = (form.get("purpose", ""), data)
+        return web.json_response({"id": fid, "object": "file", "bytes": len(data), "created_at": 0,
+                                  "filename": upload.filename, "purpose": form.get("purpose", "batch"), "status": "processed"})
+
+    async def _file_content(self, request: web.Request):
+        fid = request.match_info["id"]
+        if fid not in self.files:
+            return web.json_response({"error": {"message": "no such file"}}, status=404)
+        return web.Response(body=self.files[fid][1], content_type="application/jsonl")
+
+    async def _batch_create(self, request: web.Request):
+        body = await request.json()
+        if body.get("input_file_id") not in self.files or body.get("endpoint") != "/v1/chat/completions":
+            return web.json_response({"error": {"message": "bad batch"}}, status=400)
+        with self._lock:
+            bid = f"batch_{len(self.batches) + 1}"
+            self.batches[bid] = {"n": len(self.batches) + 1, "input": body["input_file_id"], "polls": 0, "status": "validating",
+                                 "metadata": body.get("metadata")}
+        return web.json_response(self._batch_json(bid))
+
+    def _batch_json(self, bid):
+        b = self.batches[bid]
+        return {"id": bid, "object": "batch", "endpoint": "/v1/chat/completions", "input_file_id": b["input"],
+                "completion_window": "24h", "status": b["status"], "created_at": 0, "output_file_id": b.get("output"),
+                "error_file_id": b.get("errors"), "metadata": b.get("metadata"),
+                "request_counts": b.get("counts", {"total": 0, "completed": 0, "failed": 0})}
+
+    async def _batch_get(self, request: web.Request):
+        bid = request.match_info["id"]
+        if bid not in self.batches:
+            return web.json_response({"error": {"message": "no such batch"}}, status=404)
+        b = self.batches[bid]
+        b["polls"] += 1
+        if b["status"] in ("validating", "in_progress"):
+            b["status"] = "in_progress"
+            if b["polls"] > self.batch_polls:
+                self._run_batch(bid)
+        return web.json_response(self._batch_json(bid))
+
+    def _run_batch(self, bid):
+        """Answer a batch's lines as the chat endpoint would: [[BATCHFAIL]] fails the first
+        time it is in a batch, [[BATCHDEAD]] always, [[BATCHLOST]] is left out the first time."""
+        b = self.batches[bid]
+        lines = [json.loads(x) for x in self.files[b["input"]][1].decode().splitlines() if x.strip()]
+        expire = b["n"] in self.expire_batches
+        out, err = [], []
+        for i, line in enumerate(lines):
+            cid, body = line["custom_id"], line["body"]
+            self.batch_lines_seen[cid] += 1
+            first = self.batch_lines_seen[cid] == 1
+            if expire and i >= len(lines) // 2:
+                continue
+            text = "".join(p.get("text", "") for m in body["messages"] if m["role"] == "user" and isinstance(m["content"], list)
+                           for p in m["content"] if p.get("type") == "text")
+            caption = _between(text, "<<<CAPTION", "CAPTION>>>")
+            if "[[BATCHLOST]]" in caption and first:
+                continue
+            if "[[BATCHDEAD]]" in caption or ("[[BATCHFAIL]]" in caption and first):
+                err.append({"id": f"req-{i}", "custom_id": cid, "response": {"status_code": 500, "body": {
+                    "error": {"message": "internal error", "type": "server_error"}}}, "error": None})
+                continue
+            content = self._answer(text, caption, len(body["messages"]))
+            usage = {"prompt_tokens": len(text) // 4 + 100, "completion_tokens": len(content) // 4}
+            with self._lock:
+                self.answered[hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()] += 1
+            out.append({"id": f"req-{i}", "custom_id": cid, "error": None, "response": {"status_code": 200, "body": {
+                "id": "chatcmpl-batch", "object": "chat.completion", "model": body["model"], "usage": usage,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}}})
+        for kind, rows in (("output", out), ("errors", err)):
+            if rows:
+                fid = f"file-{len(self.files) + 1}"
+                self.files[fid] = ("batch_output", "".join(json.dumps(r) + "\n" for r in rows).encode())
+                b[kind] = fid
+        b["status"] = "expired" if expire else "completed"
+        b["counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
 
     def _answer(self, text: str, caption: str, n_messages: int) -> str:
         if '"verdict"' in text:

@@ -129,6 +129,7 @@ class LLMResult:
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    pending: Optional[tuple] = None  # batch backends: (attempt, the request line asked in a batch)
 
 
 _CACHES: dict[str, ResponseCache] = {}
@@ -363,6 +364,21 @@ def _response_format(dialect: str, schema: dict, name: str) -> Optional[dict]:
     if dialect == "json_object":
         return {"type": "json_object", "schema": schema}
     return None
+
+
+def chat_body(req: LLMRequest, history: Sequence[dict] = (), dialect: str = "json_schema") -> dict:
+    """The chat-completions request body: the same for the online and the batch backends."""
+    body = {"model": req.model, "messages": req.messages(history=history), **req.sampling}
+    rf = _response_format(dialect, req.schema, req.prompt_id.replace("/", "_"))
+    if rf is not None:
+        body["response_format"] = rf
+    return body
+
+
+def completion_entry(payload: dict, dialect: str) -> dict:
+    """A chat completion as the cache stores it; KeyError/IndexError/TypeError when it is not one."""
+    message = payload["choices"][0]["message"]
+    return {"text": message.get("content") or "", "usage": payload.get("usage") or {}, "model": payload.get("model"), "dialect": dialect}
 
 
 class _Failure(Exception):
@@ -601,10 +617,8 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             headers["Authorization"] = aiohttp.BasicAuth(*basic).encode()
         dialects = DIALECTS[DIALECTS.index(endpoint.dialect) :]
         for dialect in dialects:
-            body = {"model": req.model, "messages": req.messages(history=history), **req.sampling}
-            rf = _response_format(dialect, req.schema, req.prompt_id.replace("/", "_"))
-            if rf is not None:
-                body["response_format"] = rf
+            body = chat_body(req, history, dialect)
+            rf = body.get("response_format")
             started = time.perf_counter()
             try:
                 async with session.post(_chat_url(url), json=body, headers=headers) as resp:
@@ -620,13 +634,11 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             _counter("llm_latency_ms_total").inc(int((time.perf_counter() - started) * 1000))
             if status == 200:
                 try:
-                    payload = json.loads(text)
-                    message = payload["choices"][0]["message"]
-                    content = message.get("content") or ""
-                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    entry = completion_entry(json.loads(text), dialect)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
                     raise _Failure("endpoint_bad_response", f"not a chat completion: {text[:200]!r}", False) from e
                 endpoint.dialect = dialect
-                return {"text": content, "usage": payload.get("usage") or {}, "model": payload.get("model"), "dialect": dialect}
+                return entry
             # A server that does not speak this structured-output form answers 400/422 (or
             # 500, llama.cpp): try the next, simpler form before treating it as an error.
             low = text.lower()

@@ -226,6 +226,9 @@ def _count_usage(result: LLMResult):
     _counter("llm_completion_tokens").inc(result.completion_tokens)
 
 
+PENDING_TAG = "pending"
+
+
 class _InterpretAnswer(beam.DoFn):
     """PredictionResult(LLMRequest, LLMResult) -> `accept(...)`'s outputs, or a reject with
     the backend's reason and the raw answer. Token usage is counted either way."""
@@ -244,6 +247,11 @@ class _InterpretAnswer(beam.DoFn):
         located = first if isinstance(first, Located) else None
         sample = located.sample if located else first
         _count_usage(result)
+        if result.error == "pending_batch":
+            # Asked in a provider batch (llm_batch): the sample waits for the next round.
+            _counter(f"batch_pending_{self.STAGE}").inc()
+            yield beam.pvalue.TaggedOutput(PENDING_TAG, result.pending)
+            return
         if result.error:
             yield _reject(self.STAGE, result.error, result.detail, sample, {"raw": result.raw})
             return
