@@ -6,11 +6,16 @@ catalog entity, and a visual rationale and QA pairs are written.
         --model Qwen/Qwen2.5-VL-7B-Instruct --cache out/llm_cache --output out/rew
 
 Backends (`--llm_backend`): `openai` (any OpenAI-compatible server: vllm serve, SGLang,
-llama.cpp, hosted APIs; API key from the env variable named by --api_key_env), `vllm` (vLLM
+llama.cpp, hosted APIs; API key from --api_key_secret (Secret Manager, read on the worker)
+or the env variable named by --api_key_env; a job-wide request / token budget with
+--max_total_concurrency, --max_requests_per_minute, --max_tokens_per_minute),
+`openai_batch` (the OpenAI Batch API at batch prices, in resumable rounds: see
+transforms/llm_batch.py; --wait to poll until done), `vllm` (vLLM
 on the worker through Beam's VLLMChatModelHandler, one server per machine, stopped at the
 end of the run; `pip install .[vllm]`), `replay`
 (answers only from --cache; a miss is rejected as not_in_cache). Answers are cached in
 --cache by request hash: a killed run started again sends no request already answered.
+--estimate_only prints the requests, tokens and dollars a run would take, and sends nothing.
 Output: REW shards samples-*.{parquet,tfrecord,tar} (qid/title = the final entity, plus
 candidate_qid, verdict, rationale, qa_json, model and prompt ids), rejected/<stage>/,
 manifest.json with counts per verdict and reject reason, tokens and cost.

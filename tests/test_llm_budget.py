@@ -65,12 +65,26 @@ def test_slow_down_lowers_the_pace_and_it_grows_back(monkeypatch):
     b.on_rate_limited()
     assert b.request_rate() == pytest.approx(0.9 * 8, rel=0.05)
     lowered = b.request_rate()
-    b.on_rate_limited()  # a second refusal within the second: no second cut
+    b.on_rate_limited()  # a second refusal within five seconds: no second cut
     assert b.request_rate() == lowered
     clock[0] += 3
     assert lowered < b.request_rate() < 10.0  # slow increase near the limit
     clock[0] += 60
     assert b.request_rate() == 10.0  # back at the configured rate
+
+
+def test_a_refusal_now_and_then_does_not_collapse_the_rate(monkeypatch):
+    """A provider's stray 429 once a second (not about our rate) for two minutes: the pace
+    dips and recovers instead of decaying towards the floor."""
+    clock = [1000.0]
+    monkeypatch.setattr(llm_budget.time, "monotonic", lambda: clock[0])
+    b = Budget(BudgetSpec(max_concurrency=8, requests_per_minute=600))
+    for second in range(120):
+        while clock[0] < 1000.0 + second + 1:  # answered at exactly the pace it sends
+            clock[0] += 1.0 / b.request_rate()
+            b.on_answer()
+        b.on_rate_limited()
+    assert b.request_rate() > 0.6 * 10.0, b.request_rate()
 
 
 def test_refused_before_any_answer_falls_to_the_floor_not_a_storm(monkeypatch):

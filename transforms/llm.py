@@ -2,18 +2,21 @@
 backends (each a Beam `ModelHandler` over a batch of `LLMRequest`).
 
 * `openai`: any OpenAI-compatible chat-completions endpoint (vllm serve, SGLang,
-  llama.cpp server, hosted APIs). Asynchronous, at most `max_concurrency` requests in
-  flight, a timeout per request, retries with exponential backoff and full jitter on 429,
-  5xx, timeouts and dropped connections only. Structured output in the dialect the server
-  speaks: `json_schema` first, then `json_object` + schema, then plain JSON instructions;
-  the first that the server accepts is remembered. The API key is read from an environment
-  variable and never logged or written.
+  llama.cpp server, hosted APIs). Asynchronous (aiohttp: our own retry rules below, which
+  the `openai` client's built-in retries would double), sending within the process's share
+  of the job-wide budget (`llm_budget`), a timeout per request, retries with exponential
+  backoff and full jitter on 5xx, timeouts and dropped connections; 429/503 wait for their
+  Retry-After and lower the send rate. Structured output in the dialect the server speaks:
+  `json_schema` first, then `json_object` + schema, then plain JSON instructions; the first
+  that the server accepts is remembered. The API key is read on the worker (Secret Manager
+  or an environment variable) and never logged or written.
+* `openai_batch` (`llm_batch`): the same requests through a provider's batch API.
 * `replay`: answers only from the cache; a miss is `not_in_cache`.
 Every answer is validated against the task's JSON schema (code fences and text around the
 object tolerated); an invalid answer is re-asked up to `max_reasks` times, then returned
-as `llm_invalid_output` with the raw text. Answers are cached by a hash of the model id,
-prompt id and hash, the rendered messages (the image by its sha256) and the sampling
-parameters, so a restarted run never pays twice.
+as `llm_invalid_output` with the raw text. Answers are cached (`llm_cache`) by a hash of
+the model id, prompt id and hash, the rendered messages (the image by its sha256) and the
+sampling parameters, so a restarted run never pays twice.
 """
 
 from __future__ import annotations

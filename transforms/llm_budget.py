@@ -17,7 +17,7 @@ divided among the processes that are actually running:
   (a server that counts in a sliding window is never sent a burst above its limit);
   tokens per minute are a bucket at its share with a tenth of a second of burst.
 * **Slow down when told**: a 429 or 503 lowers this process's send rate to 90 % of the
-  rate it was being answered at (at most once a second); the rate then grows again by 2 %
+  rate it was being answered at (at most once in five seconds); the rate grows again by 2 %
   a second, 10 % a second once five seconds passed without a refusal (a multiplicative
   decrease and a slow increase, as TCP's congestion control does); the request itself
   waits the server's Retry-After. A process refused before anything was answered falls to
@@ -56,6 +56,10 @@ DECREASE = 0.9  # a rate-limit answer: send at 90 % of the rate answered in the 
 INCREASE = 0.02  # then 2 % more each second without one,
 FAST_INCREASE = 0.10  # and 10 % a second once FAST_AFTER_S seconds passed without one
 FAST_AFTER_S = 5.0
+# At most one decrease in this many seconds: a refusal now and then (a provider's 429s are
+# not all about our rate) costs 10 % that the next 5 s of growth give back, never a
+# collapse; a real overshoot is cut by 10 % every 5 s until the refusals stop.
+DECREASE_EVERY_S = 5.0
 BURST_S = 0.1
 
 
@@ -303,8 +307,6 @@ class Budget:
         seconds = now - self._last_increase
         self._last_increase = now
         since = now - self._last_decrease
-        if since < 1.0:
-            return
         if not self._answered_ever:
             factor = 2.0
         elif since < FAST_AFTER_S:
@@ -324,10 +326,10 @@ class Budget:
 
     def on_rate_limited(self) -> None:
         """A 429/503: send at DECREASE of the rate this process was answered at (at most
-        once a second); with nothing answered, halve the pace (or fall to the floor)."""
+        once in DECREASE_EVERY_S); with nothing answered, halve the pace (or fall to the floor)."""
         self.rate_limited += 1
         now = time.monotonic()
-        if now - self._last_decrease < 1.0:
+        if now - self._last_decrease < DECREASE_EVERY_S:
             return
         self._last_decrease = now
         self._last_increase = now
