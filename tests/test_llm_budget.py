@@ -54,6 +54,30 @@ def test_stale_heartbeats_do_not_count(tmp_path):
         reg.leave()
 
 
+def test_a_worker_between_two_batches_does_not_wait_to_come_back(tmp_path):
+    """A batch that took longer than two periods ends and the next begins at once: the
+    process was sending all along, so its next request goes without a settle period."""
+    spec = BudgetSpec(requests_per_minute=6000, registry=str(tmp_path), refresh_s=0.2)
+    reg = Registry(str(tmp_path), refresh_s=0.2)
+    budget = Budget(spec, reg)
+
+    async def batch_then_next():
+        await budget.acquire(0)  # the first batch asks for its slots at once ...
+        reg._settle_until = 0.0
+        reg._wanted -= 10.0  # ... long ago: the batch ran for many periods
+        await budget.release()  # its last request finishes now
+        started = time.monotonic()
+        await budget.acquire(0)  # the next batch's first request
+        await budget.release()
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(batch_then_next()) < 0.5 * llm_budget.SETTLE_PERIODS * 0.2
+        assert not reg.settling()
+    finally:
+        reg.leave()
+
+
 def test_slow_down_lowers_the_pace_and_it_grows_back(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(llm_budget.time, "monotonic", lambda: clock[0])

@@ -53,12 +53,12 @@ STALE_PERIODS = 3
 SETTLE_PERIODS = 1.5
 MIN_RATE_PER_S = 0.1  # a process told to slow down with nothing answered: one request per 10 s
 DECREASE = 0.9  # a rate-limit answer: send at 90 % of the rate answered in the last seconds
-INCREASE = 0.02  # then 2 % more each second without one,
-FAST_INCREASE = 0.10  # and 10 % a second once FAST_AFTER_S seconds passed without one
+INCREASE = 0.02  # then 2 % more each second while refusals are recent,
+FAST_INCREASE = 0.10  # and 10 % a second once FAST_AFTER_S seconds passed without any
 FAST_AFTER_S = 5.0
 # At most one decrease in this many seconds: a refusal now and then (a provider's 429s are
-# not all about our rate) costs 10 % that the next 5 s of growth give back, never a
-# collapse; a real overshoot is cut by 10 % every 5 s until the refusals stop.
+# not all about our rate) costs 10 % that the next 5 s of growth nearly give back, never
+# a collapse; a real overshoot is cut by 10 % every 5 s until the refusals stop.
 DECREASE_EVERY_S = 5.0
 BURST_S = 0.1
 
@@ -85,7 +85,7 @@ class Registry:
     """Members of the job that are sending, by heartbeat files in a shared folder.
 
     A member's file is `<id>.active.member.json` while it has requests to send (asked for
-    a slot within the last two periods) and `<id>.idle.member.json` otherwise: an idle
+    a slot, or had one finish, within the last two periods) and `<id>.idle.member.json` otherwise: an idle
     process (a skewed stage, a worker between bundles) takes no share from the busy ones.
     """
 
@@ -95,7 +95,7 @@ class Registry:
         self.expected = max(1, expected)
         self.id = member_id or f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:12]}"
         self.joined = time.monotonic()
-        self._wanted = time.monotonic()  # last time this process asked for a slot
+        self._wanted = time.monotonic()  # last time this process asked for or gave back a slot
         self._settle_until = self.joined + SETTLE_PERIODS * refresh_s
         self._state: Optional[str] = None
         self.busy: list = []  # callables: a budget with requests waiting or in flight
@@ -124,6 +124,11 @@ class Registry:
             self._wanted = now
             threading.Thread(target=self.beat, name="llm-budget-beat", daemon=True).start()
         self._wanted = now
+
+    def touch(self) -> None:
+        """A request of this process just finished: it is still sending (a worker between
+        two batches must not count as coming back from idle and wait a period again)."""
+        self._wanted = time.monotonic()
 
     def beat(self) -> None:
         with self._beat_lock:
@@ -247,6 +252,7 @@ class Budget:
         self._cond: Optional[asyncio.Condition] = None
         self._paced: Optional[float] = None  # req/s after a slow-down; None = not paced
         self._last_decrease = float("-inf")
+        self._last_refusal = float("-inf")
         self._last_increase = time.monotonic()
         self._answered: deque[float] = deque()
         self._answered_ever = False
@@ -297,16 +303,16 @@ class Budget:
         return len(self._answered) / max(0.5, min(span, now - self._first_answer))
 
     def _grow(self) -> None:
-        """Once a second without a slow-down: INCREASE a second for FAST_AFTER_S seconds
-        after the last one (near the limit), FAST_INCREASE a second after that (far from
-        it), doubling while nothing has been answered yet (the floor after a refusal at
+        """Once a second: INCREASE a second while refusals came within the last FAST_AFTER_S
+        seconds (near the limit: it is probed slowly, so an overshoot is small),
+        FAST_INCREASE a second once none came for that long (far from it), doubling while nothing has been answered yet (the floor after a refusal at
         start-up). Back at the configured rate, the plain bucket again."""
         now = time.monotonic()
         if self._paced is None or now - self._last_increase < 1.0:
             return
         seconds = now - self._last_increase
         self._last_increase = now
-        since = now - self._last_decrease
+        since = now - self._last_refusal
         if not self._answered_ever:
             factor = 2.0
         elif since < FAST_AFTER_S:
@@ -329,6 +335,7 @@ class Budget:
         once in DECREASE_EVERY_S); with nothing answered, halve the pace (or fall to the floor)."""
         self.rate_limited += 1
         now = time.monotonic()
+        self._last_refusal = now
         if now - self._last_decrease < DECREASE_EVERY_S:
             return
         self._last_decrease = now
@@ -384,6 +391,8 @@ class Budget:
     async def release(self, estimated_tokens: float = 0.0, actual_tokens: Optional[float] = None) -> None:
         if self.spec.tokens_per_minute and actual_tokens is not None:
             self.tokens.give_back(estimated_tokens - actual_tokens)
+        if self.registry is not None:
+            self.registry.touch()
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify()
