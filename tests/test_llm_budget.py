@@ -87,6 +87,9 @@ def test_slow_down_lowers_the_pace_and_it_grows_back(monkeypatch):
         clock[0] += 0.125
         b.on_answer()
     b.on_rate_limited()
+    assert b.request_rate() == 10.0  # one refusal among 40 answers: waited out, no cut
+    b.on_rate_limited()
+    b.on_rate_limited()  # 3 of the last 43 tries refused: over 5 %, a real limit
     assert b.request_rate() == pytest.approx(0.9 * 8, rel=0.05)
     lowered = b.request_rate()
     b.on_rate_limited()  # a second refusal within five seconds: no second cut
@@ -120,6 +123,11 @@ def test_refused_before_any_answer_falls_to_the_floor_not_a_storm(monkeypatch):
     assert b.request_rate() == llm_budget.MIN_RATE_PER_S
     clock[0] += 5
     assert b.request_rate() == pytest.approx(llm_budget.MIN_RATE_PER_S * 2**5, rel=0.01)  # doubles from there
+    for _ in range(100):
+        b.on_answer()
+    b.on_rate_limited()  # a stray refusal among answers: no cut, and the doubling goes on
+    clock[0] += 2
+    assert b.request_rate() == pytest.approx(llm_budget.MIN_RATE_PER_S * 2**7, rel=0.01)
 
 
 def test_requests_are_evenly_spaced_at_the_rate():

@@ -52,14 +52,22 @@ STALE_PERIODS = 3
 # folder at least once since its heartbeat was written, whatever their phases.
 SETTLE_PERIODS = 1.5
 MIN_RATE_PER_S = 0.1  # a process told to slow down with nothing answered: one request per 10 s
+MAX_RATE_PER_S = 1e6  # a pace that grew past any real limit (no rate given) stops growing here
 DECREASE = 0.9  # a rate-limit answer: send at 90 % of the rate answered in the last seconds
-INCREASE = 0.02  # then 2 % more each second while refusals are recent,
-FAST_INCREASE = 0.10  # and 10 % a second once FAST_AFTER_S seconds passed without any
+INCREASE = 0.02  # then 2 % more each second while near the limit,
+FAST_INCREASE = 0.10  # and 10 % a second once FAST_AFTER_S seconds passed and refusals are rare
 FAST_AFTER_S = 5.0
+SEARCH_AFTER_S = 15.0  # and doubling each second after this long far from the limit
 # At most one decrease in this many seconds: a refusal now and then (a provider's 429s are
 # not all about our rate) costs 10 % that the next 5 s of growth nearly give back, never
 # a collapse; a real overshoot is cut by 10 % every 5 s until the refusals stop.
 DECREASE_EVERY_S = 5.0
+# ... unless the refusals are dense: this many at least, and this share of the tries.
+DENSE_REFUSALS = 4
+DENSE_SHARE = 0.25
+# No cut at all while refusals are under this share of the tries of the last SHARE_WINDOW_S.
+MIN_SHARE = 0.05
+SHARE_WINDOW_S = 5.0
 BURST_S = 0.1
 
 
@@ -252,7 +260,9 @@ class Budget:
         self._cond: Optional[asyncio.Condition] = None
         self._paced: Optional[float] = None  # req/s after a slow-down; None = not paced
         self._last_decrease = float("-inf")
-        self._last_refusal = float("-inf")
+        self._refusals: deque[float] = deque()  # refusal times in the last SHARE_WINDOW_S
+        self._slow_start = False  # cut with nothing answered: double each second until the next cut
+        self._last_near = float("-inf")  # last time refusals said the limit was near
         self._last_increase = time.monotonic()
         self._answered: deque[float] = deque()
         self._answered_ever = False
@@ -295,52 +305,75 @@ class Budget:
 
     # -- the controller -----------------------------------------------------------------
     def _answered_rate(self, now: float, span: float = 2.0) -> float:
-        while self._answered and now - self._answered[0] >= span:
-            self._answered.popleft()
-        if not self._answered:
+        recent = sum(1 for t in self._answered if now - t < span)
+        if not recent:
             return 0.0
         # Over the whole span, or since the first answer of all when that is more recent.
-        return len(self._answered) / max(0.5, min(span, now - self._first_answer))
+        return recent / max(0.5, min(span, now - self._first_answer))
 
     def _grow(self) -> None:
-        """Once a second: INCREASE a second while refusals came within the last FAST_AFTER_S
-        seconds (near the limit: it is probed slowly, so an overshoot is small),
-        FAST_INCREASE a second once none came for that long (far from it), doubling while nothing has been answered yet (the floor after a refusal at
-        start-up). Back at the configured rate, the plain bucket again."""
+        """Once a second: INCREASE a second for FAST_AFTER_S seconds after a cut and while
+        refusals are MIN_SHARE or more of the recent tries (near the limit: it is probed
+        slowly, so an overshoot is small), FAST_INCREASE a second after that, doubling
+        once SEARCH_AFTER_S passed so (the limit went up, or the other senders went away),
+        and doubling after a cut that came before any answer (from the floor, until the
+        next cut: TCP's slow start). Back at the configured rate, the plain bucket again."""
         now = time.monotonic()
         if self._paced is None or now - self._last_increase < 1.0:
             return
         seconds = now - self._last_increase
         self._last_increase = now
-        since = now - self._last_refusal
-        if not self._answered_ever:
+        if now - self._last_decrease < FAST_AFTER_S or self._recent(now)[2] >= MIN_SHARE:
+            self._last_near = now
+        quiet = now - self._last_near
+        if self._slow_start or quiet >= SEARCH_AFTER_S:
             factor = 2.0
-        elif since < FAST_AFTER_S:
+        elif quiet < FAST_AFTER_S:
             factor = 1 + INCREASE
         else:
             factor = 1 + FAST_INCREASE
-        self._paced *= factor**seconds
+        self._paced = min(MAX_RATE_PER_S, self._paced * factor ** min(seconds, 60.0))
         configured = self.configured_rate()
         if configured and self._paced >= configured:
             self._paced = None
+
+    def _recent(self, now: float) -> tuple[int, int, float]:
+        """Refusals, answers and the refused share of the tries in the last SHARE_WINDOW_S."""
+        while self._refusals and now - self._refusals[0] >= SHARE_WINDOW_S:
+            self._refusals.popleft()
+        refused = len(self._refusals)
+        answered = sum(1 for t in self._answered if now - t < SHARE_WINDOW_S)
+        return refused, answered, refused / max(1, refused + answered)
 
     def on_answer(self) -> None:
         if not self._answered_ever:
             self._first_answer = time.monotonic()
         self._answered_ever = True
-        self._answered.append(time.monotonic())
+        now = time.monotonic()
+        self._answered.append(now)
+        while now - self._answered[0] >= SHARE_WINDOW_S:  # the longest window looked at
+            self._answered.popleft()
 
     def on_rate_limited(self) -> None:
         """A 429/503: send at DECREASE of the rate this process was answered at (at most
         once in DECREASE_EVERY_S); with nothing answered, halve the pace (or fall to the floor)."""
         self.rate_limited += 1
         now = time.monotonic()
-        self._last_refusal = now
-        if now - self._last_decrease < DECREASE_EVERY_S:
+        self._refusals.append(now)
+        refused, answered_recently, share = self._recent(now)
+        since = now - self._last_decrease
+        # A refusal in a steady stream of answers (a provider's 429s are not all about our
+        # rate) is waited out, not cut for; a real overshoot (a quarter or more of the
+        # tries refused, as at start-up when nothing is known) is cut again after a
+        # second, not five.
+        dense = refused >= DENSE_REFUSALS and share >= DENSE_SHARE
+        lone = refused < 2 and answered_recently > 0
+        if lone or share < MIN_SHARE or (since < DECREASE_EVERY_S and not (dense and since >= 1.0)):
             return
         self._last_decrease = now
         self._last_increase = now
         answered = self._answered_rate(now)
+        self._slow_start = answered <= 0
         if answered > 0:
             paced = DECREASE * answered
         elif self._paced is not None:
