@@ -35,13 +35,27 @@ WORDS = (
 ).split()
 
 
-def make_captions(n: int, seed: int = 0) -> list[str]:
+def make_captions(n: int, seed: int = 0, text: str = "real") -> list[str]:
+    """`n` captions, half of them naming a catalog entity. `real`: human-written text with
+    the lengths of web alt-texts (benchmarks/realtext.py), a title put in at a word
+    boundary; `synthetic`: 3-9 words from a short list (uniform and short: it hides what
+    padding costs; the figures before 2026-12-03 used it)."""
     sys.path.insert(0, ROOT)
     from demo.make_corpus import load_catalog
 
     titles = [e["wikipedia_title"] for e in load_catalog()]
     rng = random.Random(seed)
     out = []
+    if text == "real":
+        from benchmarks.realtext import alt_texts
+
+        for t in alt_texts(n, seed)[0]:
+            if rng.random() < 0.5:
+                words = t.split(" ")
+                words.insert(rng.randrange(len(words) + 1), rng.choice(titles))
+                t = " ".join(words)
+            out.append(t)
+        return out
     for i in range(n):
         words = rng.sample(WORDS, rng.randint(3, 9))
         if rng.random() < 0.5:
@@ -97,6 +111,8 @@ def bare(index_dir: str, corpus: str, k: int, m: int, min_score: float, threads:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--captions", type=int, default=20000)
+    ap.add_argument("--text", choices=("real", "synthetic"), default="real",
+                    help="caption text: real lengths (default) or the old uniform short synthetic captions")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--m", type=int, default=5)
     ap.add_argument("--min_score", type=float, default=0.3)
@@ -111,7 +127,7 @@ def main(argv=None):
         return
     os.makedirs(args.out, exist_ok=True)
     for mult in (1, 2):
-        write_corpus(os.path.join(args.out, f"captions_{mult}x.parquet"), make_captions(args.captions * mult))
+        write_corpus(os.path.join(args.out, f"captions_{mult}x.parquet"), make_captions(args.captions * mult, text=args.text))
     if not os.path.exists(os.path.join(index_dir, "manifest.json")):
         run_child(["-m", "pipelines.build_entity_index", "--entities", os.path.join(ROOT, "demo", "entities.jsonl"), "--output", index_dir])
 
@@ -136,7 +152,11 @@ def main(argv=None):
     bare_rate = n / bare_whole
     pipe_rate = n / seconds[1]
     pipe_steady = n / (seconds[2] - seconds[1])
-    print(f"captions: N={n} (and 2N for the memory check), entities: 322, k={args.k}, m={args.m}, threads={threads}")
+    print(f"captions: N={n} (and 2N for the memory check), {args.text} text, entities: 322, k={args.k}, m={args.m}, threads={threads}")
+    if args.text == "real":
+        from benchmarks.realtext import alt_texts, describe
+
+        print(f"  {alt_texts(0)[1]}; {describe(make_captions(n, text='real'))}")
     print("whole process (imports, model load, read, compute, write):")
     print(f"  bare script                {bare_rate:8.1f} captions/s  ({bare_whole:.1f} s)")
     print(f"  select_candidates          {pipe_rate:8.1f} captions/s  ({seconds[1]:.1f} s)")

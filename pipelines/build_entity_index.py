@@ -78,7 +78,10 @@ def build_parser():
         help="IVF/HNSW: the smallest nprobe/efSearch whose recall@10 against exact search reaches this is stored "
         "in the manifest and used by select_candidates and grounding",
     )
-    p.add_argument("--batch_size", type=int, default=256, help="titles per encoder call")
+    p.add_argument("--batch_size", type=int, default=2048,
+                   help="titles handed to the text encoder at once; it groups them by token length")
+    p.add_argument("--embed_tokens_per_pass", type=int, default=0,
+                   help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
     p.add_argument("--device", default="cpu", help="torch device of the text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +104,8 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
         | "CollapseDuplicates" >> beam.ParDo(CollapseDuplicateQids()).with_outputs(REJECTED, main="entities")
     )
     handler = SentenceTransformerHandler(
-        args.text_model, batch_size=args.batch_size, device=args.device, threads=threads
+        args.text_model, batch_size=args.batch_size, max_tokens_per_batch=args.embed_tokens_per_pass,
+        device=args.device, threads=threads,
     )
     embedded, dlq = (
         deduped.entities
@@ -156,6 +160,8 @@ def check_counts(c: dict) -> list[str]:
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--batch_size", args.batch_size)
+    if args.embed_tokens_per_pass < 0:
+        raise UsageError(f"--embed_tokens_per_pass must be 0 (automatic) or positive, got {args.embed_tokens_per_pass}")
     positive("--train_sample", args.train_sample, minimum=0)
     if not 0.0 < args.target_recall <= 1.0:
         raise UsageError(f"--target_recall is a share in (0, 1], got {args.target_recall}")

@@ -95,7 +95,11 @@ def build_parser():
         default=None,
         help="override the caption encoder; default: the entity index's model (must match)",
     )
-    p.add_argument("--batch_size", type=int, default=256, help="captions per encoder / search call")
+    p.add_argument("--batch_size", type=int, default=256, help="captions per entity-index search call")
+    p.add_argument("--embed_chunk", type=int, default=2048,
+                   help="captions handed to the text encoder at once; it groups them by token length")
+    p.add_argument("--embed_tokens_per_pass", type=int, default=0,
+                   help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
     p.add_argument("--device", default="cpu", help="torch device of the text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
     p.add_argument(
@@ -126,6 +130,9 @@ def validate(args, manifest) -> None:
     positive("--k", args.k)
     positive("--per_caption_entities", args.per_caption_entities)
     positive("--batch_size", args.batch_size)
+    positive("--embed_chunk", args.embed_chunk)
+    if args.embed_tokens_per_pass < 0:
+        raise UsageError(f"--embed_tokens_per_pass must be 0 (automatic) or positive, got {args.embed_tokens_per_pass}")
     positive("--max_caption_chars", args.max_caption_chars)
     if not -1.0 <= args.min_score <= 1.0:
         raise UsageError(f"--min_score is a cosine in [-1, 1], got {args.min_score}")
@@ -179,7 +186,8 @@ def build_pipeline(p, args, manifest, threads, share_index):
     captions, rejects = read_captions(p, args, columns)
     text_handler = SentenceTransformerHandler(
         args.text_model or manifest["model"],
-        batch_size=args.batch_size,
+        batch_size=args.embed_chunk,
+        max_tokens_per_batch=args.embed_tokens_per_pass,
         device=args.device,
         threads=threads,
     )

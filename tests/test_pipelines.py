@@ -141,6 +141,9 @@ def test_misuse_gives_clear_errors(tmp_path, entity_index):
         select_candidates.run(["--entity_index", entity_index, "--captions", str(tmp_path / "none*.parquet"), "--output", str(tmp_path / "o")])
     with pytest.raises(UsageError, match="--k must be >= 1"):
         select_candidates.run(["--entity_index", entity_index, "--captions", "x", "--k", "0", "--output", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="--embed_tokens_per_pass must be 0"):
+        select_candidates.run(["--entity_index", entity_index, "--captions", "x", "--embed_tokens_per_pass", "-1",
+                               "--output", str(tmp_path / "o")])
     # From the command line: an unknown flag names itself and exits 2, no traceback.
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.select_candidates", "--entity_index", entity_index,

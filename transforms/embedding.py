@@ -71,21 +71,63 @@ def text_dimension(name: str) -> int:
     return int(get())
 
 
+def token_lengths(model, texts: Sequence[str]) -> np.ndarray:
+    """Tokens each text takes in `model` (special tokens included, cut at the model's
+    maximum), from its fast tokenizer; characters / 4 where the model has none that can
+    be called this way (a static-embedding model, say)."""
+    limit = int(getattr(model, "max_seq_length", 0) or 0) or 512
+    tok = getattr(model, "tokenizer", None)
+    try:
+        ids = tok(list(texts), add_special_tokens=True, truncation=True, max_length=limit,
+                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return np.fromiter((len(i) for i in ids), dtype=np.int64, count=len(texts))
+    except Exception:  # noqa: BLE001 - any tokenizer API mismatch: fall back to a length proxy
+        return np.minimum(np.fromiter((len(t) // 4 + 2 for t in texts), dtype=np.int64, count=len(texts)), limit)
+
+
+def length_groups(lengths: np.ndarray, max_texts: int, max_tokens: int) -> list[np.ndarray]:
+    """Positions of `lengths` in forward passes: sorted by length, each pass as many texts
+    as fit in `max_tokens` padded tokens (count x longest), at most `max_texts`, at least one.
+    Short captions go in large passes, a long one with few others, so no pass pads 255
+    captions to the length of one."""
+    order = np.argsort(lengths, kind="stable")
+    groups = []
+    i, n = 0, len(order)
+    while i < n:
+        j = i + 1
+        while j < n and j - i < max_texts and (j - i + 1) * int(lengths[order[j]]) <= max_tokens:
+            j += 1
+        groups.append(order[i:j])
+        i = j
+    return groups
+
+
 class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
-    """str -> L2-normalised float32 embedding."""
+    """str -> L2-normalised float32 embedding.
+
+    Beam hands the handler `batch_size` texts at a time (a large chunk: the more texts, the
+    better they group by length); the handler runs them through the model in forward passes
+    of similar token lengths, each at most `max_tokens_per_batch` padded tokens (0: 2,048
+    on CPU, 65,536 on a GPU) and `encode_batch_size` texts. The vectors are the model's own (`SentenceTransformer.encode`
+    on each pass), in the order of the batch.
+    """
 
     def __init__(
         self,
         model_name: str = DEFAULT_TEXT_MODEL,
         *,
-        batch_size: int = 256,
-        encode_batch_size: int = 64,
+        batch_size: int = 2048,
+        encode_batch_size: int = 256,
+        max_tokens_per_batch: int = 0,
         device: str = "cpu",
         threads: int = 0,
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self.model_name = model_name
         self.encode_batch_size = encode_batch_size
+        # Small passes are fastest on CPU (measured: benchmarks/encoder_bench.py); a GPU
+        # wants large ones to fill it.
+        self.max_tokens_per_batch = max_tokens_per_batch or (2048 if device == "cpu" else 65536)
         self.device = device
         self.threads = threads
 
@@ -95,14 +137,9 @@ class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
     def run_inference(
         self, batch: Sequence[str], model, inference_args: Optional[dict] = None
     ) -> Iterable[PredictionResult]:
-        vectors = model.encode(
-            list(batch),
-            batch_size=self.encode_batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32, copy=False)
-        for text, vec in zip(batch, vectors):
+        texts = list(batch)
+        vectors = encode_by_length(model, texts, self.encode_batch_size, self.max_tokens_per_batch)
+        for text, vec in zip(texts, vectors):
             yield PredictionResult(text, vec, self.model_name)
 
     def get_num_bytes(self, batch: Sequence[str]) -> int:
@@ -110,6 +147,28 @@ class SentenceTransformerHandler(ModelHandler[str, np.ndarray, Any]):
 
     def get_metrics_namespace(self) -> str:
         return "sentence_transformer"
+
+
+def encode_by_length(model, texts: Sequence[str], max_texts: int = 256, max_tokens: int = 4096) -> np.ndarray:
+    """L2-normalised float32 embeddings of `texts` (in their order), encoded in passes of
+    similar token length (`length_groups`)."""
+    if not texts:
+        dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return np.zeros((0, int(dim())), dtype=np.float32)
+    lengths = token_lengths(model, texts)
+    out: Optional[np.ndarray] = None
+    for group in length_groups(lengths, max_texts, max_tokens):
+        vecs = model.encode(
+            [texts[i] for i in group],
+            batch_size=len(group),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
+        if out is None:
+            out = np.empty((len(texts), vecs.shape[1]), dtype=np.float32)
+        out[group] = vecs
+    return out
 
 
 def set_faiss_threads(threads) -> None:
