@@ -38,6 +38,7 @@ setup(
     package_data={
         "prompts": ["**/*.txt", "**/*.json"],
         "demo": ["*.jsonl", "*.txt", "*.json"],
+        "pipelines": ["plan_data/*.json"],
     },
     include_package_data=True,
     install_requires=runtime_requirements(),
