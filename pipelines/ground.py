@@ -31,6 +31,7 @@ from transforms.common import (
     worker_processes,
 )
 from transforms.entity_index import read_manifest
+from transforms.onnx_encoder import index_encoder
 from transforms.options import cli_main, new_parser, parse
 from transforms.readers import ListFiles
 from transforms.refine import GroundingHandler, json_item
@@ -90,7 +91,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     )
     share = {"yes": True, "no": False}.get(args.share_grounding, worker_processes(options) != 1)
     handler = GroundingHandler(
-        args.entity_index, manifest["model"], args.min_ground_score, threads, item_fn=json_item, share_across_processes=share
+        args.entity_index, index_encoder(manifest, args.entity_index), args.min_ground_score, threads, item_fn=json_item, share_across_processes=share
     )
     _ = (
         parsed.names

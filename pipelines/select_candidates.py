@@ -47,6 +47,7 @@ from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 from transforms.formats.keys import input_root
 from transforms.formats.webdataset import TAR_SUFFIXES
+from transforms.onnx_encoder import BACKENDS, check_backend, index_encoder
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
     CAPTION_FORMATS,
@@ -96,6 +97,8 @@ def build_parser():
         help="override the caption encoder; default: the entity index's model (must match)",
     )
     p.add_argument("--batch_size", type=int, default=256, help="captions per entity-index search call")
+    p.add_argument("--text_backend", choices=BACKENDS, default=None,
+                   help="the text encoder's runtime; default (and the only one allowed): the one the entity index was built with")
     p.add_argument("--embed_chunk", type=int, default=2048,
                    help="captions handed to the text encoder at once; it groups them by token length")
     p.add_argument("--embed_tokens_per_pass", type=int, default=0,
@@ -136,6 +139,7 @@ def validate(args, manifest) -> None:
     positive("--max_caption_chars", args.max_caption_chars)
     if not -1.0 <= args.min_score <= 1.0:
         raise UsageError(f"--min_score is a cosine in [-1, 1], got {args.min_score}")
+    check_backend(args.text_backend, manifest)
     if args.text_model and args.text_model != manifest["model"]:
         log.warning(
             "--text_model %s differs from the entity index's model %s: scores are only "
@@ -185,7 +189,7 @@ def build_pipeline(p, args, manifest, threads, share_index):
     )
     captions, rejects = read_captions(p, args, columns)
     text_handler = SentenceTransformerHandler(
-        args.text_model or manifest["model"],
+        args.text_model or index_encoder(manifest, args.entity_index),
         batch_size=args.embed_chunk,
         max_tokens_per_batch=args.embed_tokens_per_pass,
         device=args.device,

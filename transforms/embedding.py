@@ -41,12 +41,20 @@ def resolve_text_model(name: str) -> str:
 
 
 def load_sentence_transformer(name: str, device: str = "cpu", threads=0):
+    """A sentence-transformers model by id or path, or an exported ONNX encoder folder
+    (`transforms/onnx_encoder.py`: an entity index's `text_encoder/`), which answers the
+    same `encode` / `tokenizer` calls."""
+    from transforms.common import resolve_threads
+    from transforms.onnx_encoder import is_encoder_dir, load_encoder_dir
+
+    threads = resolve_threads(threads)
+    if is_encoder_dir(name):
+        if device != "cpu":
+            log.warning("the ONNX text encoder %s runs on CPU (onnxruntime's CPU provider), not %s", name, device)
+        return load_encoder_dir(name, threads)
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from transforms.common import resolve_threads
-
-    threads = resolve_threads(threads)
     if threads > 0:
         torch.set_num_threads(threads)
     path = resolve_text_model(name)
