@@ -120,7 +120,7 @@ def exported(backend: str, threads: int):
     import tempfile
 
     from transforms.embedding import DEFAULT_TEXT_MODEL
-    from transforms.onnx_encoder import OnnxEncoder, export_encoder
+    from transforms.text_encoders import OnnxEncoder, export_encoder
 
     if backend not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix=f"bench-{backend}-")

@@ -45,10 +45,10 @@ from transforms.entity_index import (
     title_text,
 )
 from transforms.formats.shards import count_records
-from transforms.onnx_encoder import BACKENDS, ENCODER_DIR, export_encoder
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import REJECTED, ReadCatalogFile
 from transforms.sinks import DeadLetters, WriteRejects
+from transforms.text_encoders import BACKENDS, ENCODER_DIR, export_encoder
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def build_parser():
     )
     p.add_argument("--text_backend", choices=BACKENDS, default="torch",
                    help="torch: sentence-transformers; onnx / onnx-int8: the model exported to ONNX (int8: quantised "
-                        "weights) into <output>/text_encoder/, run with onnxruntime here and by every job that uses the index")
+                        "weights) and run with onnxruntime; static: a static-embedding model distilled from it. The "
+                        "encoder goes into <output>/text_encoder/ and every job that uses the index embeds with it")
     p.add_argument("--index_factory", default="Flat", help="faiss index_factory string")
     p.add_argument(
         "--train_sample",
@@ -194,7 +195,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     base["text_backend"] = args.text_backend
     if encoder is not None:
         base["text_encoder"] = ENCODER_DIR
-        base["text_encoder_sha256"] = encoder["onnx_sha256"]
+        base["text_encoder_sha256"] = encoder["sha256"]
     table_rows = count_records(f"{args.output.rstrip('/')}/{ENTITIES_FILE}")
 
     def check(c: dict) -> list[str]:

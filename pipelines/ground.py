@@ -31,11 +31,11 @@ from transforms.common import (
     worker_processes,
 )
 from transforms.entity_index import read_manifest
-from transforms.onnx_encoder import index_encoder
 from transforms.options import cli_main, new_parser, parse
 from transforms.readers import ListFiles
 from transforms.refine import GroundingHandler, json_item
 from transforms.schema import Reject
+from transforms.text_encoders import index_encoder
 
 
 def build_parser():

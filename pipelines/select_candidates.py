@@ -47,7 +47,6 @@ from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 from transforms.formats.keys import input_root
 from transforms.formats.webdataset import TAR_SUFFIXES
-from transforms.onnx_encoder import BACKENDS, check_backend, index_encoder
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
     CAPTION_FORMATS,
@@ -61,6 +60,7 @@ from transforms.readers import (
 from transforms.schema import Candidate
 from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults
 from transforms.sinks import CountWritten, WriteRecordsToParquet, WriteRejects
+from transforms.text_encoders import BACKENDS, check_backend, index_encoder
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ def resolve_text_model(name: str) -> str:
 
 def load_sentence_transformer(name: str, device: str = "cpu", threads=0):
     """A sentence-transformers model by id or path, or an exported ONNX encoder folder
-    (`transforms/onnx_encoder.py`: an entity index's `text_encoder/`), which answers the
+    (`transforms/text_encoders.py`: an entity index's `text_encoder/`), which answers the
     same `encode` / `tokenizer` calls."""
     from transforms.common import resolve_threads
-    from transforms.onnx_encoder import is_encoder_dir, load_encoder_dir
+    from transforms.text_encoders import is_encoder_dir, load_encoder_dir
 
     threads = resolve_threads(threads)
     if is_encoder_dir(name):
@@ -83,7 +83,8 @@ def token_lengths(model, texts: Sequence[str]) -> np.ndarray:
     """Tokens each text takes in `model` (special tokens included, cut at the model's
     maximum), from its fast tokenizer; characters / 4 where the model has none that can
     be called this way (a static-embedding model, say)."""
-    limit = int(getattr(model, "max_seq_length", 0) or 0) or 512
+    msl = getattr(model, "max_seq_length", None)
+    limit = int(msl) if isinstance(msl, (int, float)) and 0 < msl < float("inf") else 512
     tok = getattr(model, "tokenizer", None)
     try:
         ids = tok(list(texts), add_special_tokens=True, truncation=True, max_length=limit,

@@ -358,7 +358,7 @@ def load_grounder(entity_index: str, text_model: Optional[str] = None, threads=0
     manifest = read_manifest(entity_index)
     with open_read(f"{entity_index}/{ENTITIES_FILE}") as f:
         table = pq.read_table(f, columns=["int_id", "qid", "title"])
-    from transforms.onnx_encoder import index_encoder
+    from transforms.text_encoders import index_encoder
 
     model = load_sentence_transformer(text_model or index_encoder(manifest, entity_index), threads=threads)
     index = load_faiss_index(f"{entity_index}/{INDEX_FILE}", threads, params=manifest.get("search", {}).get("params", {}))

@@ -13,7 +13,7 @@ from tests.helpers import read_candidates, write_parquet
 from tests.test_pipelines import EXACT_TITLE_CASES
 from transforms.common import UsageError
 from transforms.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
-from transforms.onnx_encoder import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder, export_encoder
+from transforms.text_encoders import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder, export_encoder
 
 TEXTS = [
     "Eiffel Tower",
@@ -86,7 +86,7 @@ def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["text_backend"] == "onnx-int8" and manifest["text_encoder"] == "text_encoder"
     config = json.loads((index / "text_encoder" / ENCODER_CONFIG).read_text())
-    assert manifest["text_encoder_sha256"] == config["onnx_sha256"]
+    assert manifest["text_encoder_sha256"] == config["sha256"]
     # The stored title vectors are the int8 encoder's, not the torch model's. (int8 quantises
     # activations per pass, so a vector depends a little on its pass-mates: compare with the
     # same passes the handler ran, all 16 short titles in one.)
@@ -113,3 +113,29 @@ def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
     with pytest.raises(UsageError, match="--text_backend torch: the entity index was embedded with the onnx-int8 encoder"):
         select_candidates.run(["--entity_index", str(index), "--captions", captions, "--output", str(out),
                                "--text_backend", "torch"])
+
+
+def test_static_distillation_is_the_mean_of_token_vectors(tmp_path):
+    from transforms.text_encoders import STATIC_DIR, distill_static, load_encoder_dir
+
+    folder = tmp_path / "static"
+    # A slice of the vocabulary keeps the test fast (the product distils all 30,522 tokens).
+    config = distill_static(DEFAULT_TEXT_MODEL, str(folder), vocabulary=3000)
+    assert config["backend"] == "static" and config["vocabulary"] == 30522
+    enc = load_encoder_dir(str(folder), threads=1)
+    weights = enc[0].embedding.weight.detach().numpy()
+    assert np.abs(weights[3000:]).max() == 0 and np.linalg.norm(weights[1996]) == pytest.approx(1.0, abs=1e-4)
+    text = "the of and in"
+    ids = enc[0].tokenizer.encode(text, add_special_tokens=False).ids
+    assert all(i < 3000 for i in ids) and len(ids) == 4
+    want = weights[ids].mean(0)
+    want /= np.linalg.norm(want)
+    got = encode_by_length(enc, [text, "and", text])  # no attention: a text's tokens alone decide
+    assert np.abs(got[0] - want).max() < 1e-5 and np.abs(got[2] - want).max() < 1e-5
+    # A damaged copy is refused.
+    victim = next(p for p in (folder / STATIC_DIR).rglob("*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="sha256"):
+        load_encoder_dir(str(folder))

@@ -1,4 +1,10 @@
-"""A sentence-transformer exported to ONNX (optionally int8), run with onnxruntime.
+"""Faster text encoders derived from a sentence-transformer, carried by the entity index.
+
+* `onnx` / `onnx-int8`: the model exported to ONNX (int8: weights quantised, activations
+  quantised per pass at run time), run with onnxruntime;
+* `static`: a static-embedding model distilled here from the model (each vocabulary
+  token's output vector, averaged over a text's tokens: no attention, ~100x cheaper), run
+  by sentence-transformers' own `StaticEmbedding`.
 
 `build_entity_index --text_backend onnx|onnx-int8` exports the model once, on the launcher,
 into the index's `text_encoder/` folder: `model.onnx` (the transformer, mean or CLS
@@ -31,7 +37,8 @@ from apache_beam.io.filesystems import FileSystems
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "static")
+STATIC_DIR = "static"
 ENCODER_DIR = "text_encoder"
 ENCODER_CONFIG = "encoder.json"
 ONNX_FILE = "model.onnx"
@@ -61,6 +68,8 @@ def export_encoder(model_name: str, output_dir: str, backend: str) -> dict:
     from transforms.common import UsageError
     from transforms.embedding import load_sentence_transformer
 
+    if backend == "static":
+        return distill_static(model_name, output_dir)
     if backend not in ("onnx", "onnx-int8"):
         raise ValueError(backend)
     model = load_sentence_transformer(model_name, threads=1)
@@ -134,7 +143,7 @@ def export_encoder(model_name: str, output_dir: str, backend: str) -> dict:
             "max_seq_length": int(model.max_seq_length),
             "dimension": int(get_dim()),
             "pad_id": int(model.tokenizer.pad_token_id or 0),
-            "onnx_sha256": _sha256(final),
+            "sha256": _sha256(final),
         }
         with open(os.path.join(tmp, ENCODER_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
@@ -179,7 +188,7 @@ class OnnxEncoder:
         try:
             with open(os.path.join(local, ENCODER_CONFIG)) as f:
                 self.config = json.load(f)
-            if _sha256(os.path.join(local, ONNX_FILE)) != self.config["onnx_sha256"]:
+            if _sha256(os.path.join(local, ONNX_FILE)) != self.config["sha256"]:
                 raise OSError(f"{folder}/{ONNX_FILE} does not match the sha256 in {ENCODER_CONFIG}: a damaged copy")
             self.max_seq_length = int(self.config["max_seq_length"])
             tok = Tokenizer.from_file(os.path.join(local, TOKENIZER_FILE))
@@ -218,7 +227,89 @@ class OnnxEncoder:
         return out
 
 
-def load_encoder_dir(folder: str, threads: int = 0) -> OnnxEncoder:
+def distill_static(model_name: str, output_dir: str, batch: int = 512, vocabulary: int = 0) -> dict:
+    """Each vocabulary token through the model on its own ([CLS] token [SEP], the model's
+    pooling, normalised): the token's static vector. A text is then the mean of its tokens'
+    vectors, normalised (model2vec's idea, without its PCA and weighting)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, StaticEmbedding
+
+    from transforms.embedding import load_sentence_transformer
+
+    model = load_sentence_transformer(model_name, threads=0)
+    tok = model.tokenizer
+    size = len(tok.get_vocab())
+    todo = min(size, vocabulary) if vocabulary else size  # tests distil a slice; the rest stays zero
+    cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+    get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    weights = np.zeros((size, int(get_dim())), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, todo, batch):
+            ids = torch.arange(start, min(todo, start + batch)).unsqueeze(1)
+            parts = [ids] if cls_id is None else [torch.full_like(ids, cls_id), ids, torch.full_like(ids, sep_id)]
+            input_ids = torch.cat(parts, dim=1)
+            features = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                        "token_type_ids": torch.zeros_like(input_ids)}
+            weights[start : start + len(ids)] = model.forward(features)["sentence_embedding"].float().numpy()
+    static = SentenceTransformer(modules=[StaticEmbedding(tok.backend_tokenizer, embedding_weights=weights), Normalize()],
+                                 device="cpu")
+    tmp = tempfile.mkdtemp(prefix="static-encoder-")
+    try:
+        static.save(os.path.join(tmp, STATIC_DIR))
+        config = {"backend": "static", "source_model": model_name, "dimension": int(weights.shape[1]),
+                  "vocabulary": size, "sha256": _tree_sha256(os.path.join(tmp, STATIC_DIR))}
+        with open(os.path.join(tmp, ENCODER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), tmp)
+                _copy_out(os.path.join(root, name), FileSystems.join(output_dir, *rel.split(os.sep)))
+        return config
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tree_sha256(folder: str) -> str:
+    """One digest over a folder's files (names and contents)."""
+    digest = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode() + _sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _load_static(folder: str, threads: int, expected: str):
+    from sentence_transformers import SentenceTransformer
+
+    local, tmp = folder, None
+    if "://" in folder:
+        tmp = local = tempfile.mkdtemp(prefix="static-encoder-")
+        prefix = FileSystems.join(folder, STATIC_DIR)
+        for m in FileSystems.match([prefix + "/**"])[0].metadata_list:
+            rel = m.path[len(folder.rstrip("/")) + 1 :]
+            os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+            with FileSystems.open(m.path) as src, open(os.path.join(local, rel), "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+    try:
+        if threads and threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        if _tree_sha256(os.path.join(local, STATIC_DIR)) != expected:
+            raise OSError(f"{folder}/{STATIC_DIR} does not match the sha256 in {ENCODER_CONFIG}: a damaged copy")
+        return SentenceTransformer(os.path.join(local, STATIC_DIR), device="cpu")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_encoder_dir(folder: str, threads: int = 0):
+    with FileSystems.open(FileSystems.join(folder, ENCODER_CONFIG)) as f:
+        config = json.load(f)
+    if config.get("backend") == "static":
+        return _load_static(folder, threads, config["sha256"])
     return OnnxEncoder(folder, threads)
 
 
