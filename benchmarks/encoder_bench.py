@@ -120,13 +120,13 @@ def exported(backend: str, threads: int):
     import tempfile
 
     from transforms.embedding import DEFAULT_TEXT_MODEL
-    from transforms.text_encoders import OnnxEncoder, export_encoder
+    from transforms.text_encoders import export_encoder, load_encoder_dir
 
     if backend not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix=f"bench-{backend}-")
         export_encoder(DEFAULT_TEXT_MODEL, folder, backend)
         _EXPORTS[backend] = folder
-    return OnnxEncoder(_EXPORTS[backend], threads)
+    return load_encoder_dir(_EXPORTS[backend], threads)
 
 
 def select_pairs(cap_vecs, ent_vecs, k: int, m: int, min_score: float) -> set:
