@@ -57,6 +57,7 @@ from transforms.clip import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
     OpenClipImageHandler,
+    clip_input_side,
     validate_clip_args,
 )
 from transforms.common import (
@@ -141,6 +142,15 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="torch device of the CLIP model")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = cores / processes")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    p.add_argument(
+        "--decode_draft",
+        choices=("yes", "no"),
+        default="yes",
+        help="decode each JPEG at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still at least the "
+        "CLIP input side (Pillow's draft mode), on evaluation images and candidates alike: ~1.9x faster host "
+        "decode of web photos, a pixel change half that of a re-encoded copy (benchmarks/README.md). An "
+        "--eval_embeddings folder must have been made with the same setting",
+    )
     p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
     p.add_argument(
         "--share_clip",
@@ -171,6 +181,17 @@ def _eval_vector(kv):
     return eval_id, vec
 
 
+def decode_side(args) -> int:
+    """The draft size JPEGs decode at (0: full size)."""
+    if args.decode_draft != "yes":
+        return 0
+    return clip_input_side(args.clip_model) or 0
+
+
+def decode_record(args) -> dict:
+    return {"draft": args.decode_draft == "yes", "draft_side": decode_side(args)}
+
+
 def clip_handler(args, threads, share: bool = False):
     return OpenClipImageHandler(
         args.clip_model, args.clip_pretrained, batch_size=args.batch_size, device=args.device, threads=threads,
@@ -187,7 +208,8 @@ def build_eval_pipeline(p, args, eval_dir: str, threads, share_clip: bool = Fals
         | "SpreadEval" >> beam.Reshuffle()
         | "ReadEval" >> beam.ParDo(ReadEvalImage()).with_outputs(REJECTED, main="images")
     )
-    decoded = read.images | "DecodeEval" >> beam.ParDo(DecodeImages("eval_images", args.max_pixels)).with_outputs(
+    decoder = DecodeImages("eval_images", args.max_pixels, decode_side(args))
+    decoded = read.images | "DecodeEval" >> beam.ParDo(decoder).with_outputs(
         REJECTED, main="images"
     )
     embedded, dlq = (
@@ -269,7 +291,8 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadCandidates" >> beam.ParDo(ReadCandidateImages(input_root(args.input))).with_outputs(REJECTED, main="candidates")
     )
-    decoded = read.candidates | "Decode" >> beam.ParDo(DecodeImages("decode", args.max_pixels)).with_outputs(
+    decoder = DecodeImages("decode", args.max_pixels, decode_side(args))
+    decoded = read.candidates | "Decode" >> beam.ParDo(decoder).with_outputs(
         REJECTED, main="images"
     )
     embedded, cand_dlq = (
@@ -346,6 +369,15 @@ def reused_eval_set(args) -> tuple[str, dict]:
             f"--eval_embeddings {folder!r} was embedded with {clip.get('model')}/{clip.get('pretrained')}, "
             f"this run uses {args.clip_model}/{args.clip_pretrained}: vectors of two models cannot be compared"
         )
+    # Eval sets made before --decode_draft existed decoded at full size.
+    theirs = manifest.get("decode", {"draft": False, "draft_side": 0})
+    if theirs != decode_record(args):
+        raise UsageError(
+            f"--eval_embeddings {folder!r} decoded its images with draft={'yes' if theirs.get('draft') else 'no'} "
+            f"(side {theirs.get('draft_side', 0)}), this run with --decode_draft {args.decode_draft} "
+            f"(side {decode_side(args)}): pass --decode_draft {'yes' if theirs.get('draft') else 'no'} "
+            "or embed the evaluation images again (--eval_images)"
+        )
     return folder, manifest
 
 
@@ -388,6 +420,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
                     "eval_images": args.eval_images,
                     "eval_image_root": args.eval_image_root,
                     "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
+                    "decode": decode_record(args),
                     "files": [EVAL_VECTORS_FILE, EVAL_IDS_FILE],
                 },
             )
@@ -428,6 +461,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             },
             "threshold": args.threshold,
             "clip": {"model": args.clip_model, "pretrained": args.clip_pretrained},
+            "decode": decode_record(args),
             "formats": list(formats),
             "shards": f"{SHARD_NAME}-SSSSS-of-NNNNN.{{parquet,tfrecord,tar}}",
             "options": vars(args),

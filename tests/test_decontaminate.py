@@ -221,6 +221,43 @@ def test_pipeline_drops_exactly_what_open_clip_says(corpus, checkpoint):
                            "--output", str(tmp_path / "x"), "--clip_model", ARCH, "--clip_pretrained", "none"])
 
 
+def test_draft_decode_on_both_sides_matches_the_oracle(tmp_path, checkpoint):
+    """--decode_draft yes (the default): large JPEGs decode at a reduced DCT scale on the
+    evaluation and candidate sides alike; similarities equal open_clip on draft-decoded
+    pixels, a resized copy of an evaluation image is still caught, the shards keep the
+    stored size, and an eval set made the other way cannot be reused silently."""
+    big = photo(7, (1200, 800))
+    other = photo(8, (1000, 700))
+    os.makedirs(tmp_path / "eval")
+    (tmp_path / "eval" / "e0.jpg").write_bytes(jpeg(big.resize((900, 600), Image.BICUBIC), quality=85))
+    (tmp_path / "eval" / "e1.jpg").write_bytes(jpeg(photo(9, (700, 500))))
+    cands = [Candidate(key="c0", url="http://c0", caption="c", qid="Q1", title="T", image=jpeg(big)),
+             Candidate(key="c1", url="http://c1", caption="c", qid="Q1", title="T", image=jpeg(other))]
+    pq.write_table(pa.Table.from_pylist([to_row(c) for c in cands], schema=arrow_schema(Candidate)), tmp_path / "c.parquet")
+    args = ["--input", str(tmp_path / "c.parquet"), "--clip_model", ARCH, "--clip_pretrained", checkpoint,
+            "--threshold", "0.99", "--formats", "parquet"]
+    summary = decontaminate.run([*args, "--eval_images", str(tmp_path / "eval"), "--output", str(tmp_path / "out")])
+    assert summary["decode"] == {"draft": True, "draft_side": 224}
+    drafted = [decode_image(c.image, draft=(224, 224)).image for c in cands]
+    assert [im.size for im in drafted] == [(600, 400), (500, 350)]  # the draft did apply (1/2)
+    E = bare_embed(checkpoint, [decode_image(open(tmp_path / "eval" / f, "rb").read(), draft=(224, 224)).image
+                                for f in ("e0.jpg", "e1.jpg")])
+    S = bare_embed(checkpoint, drafted) @ E.T
+    assert S[0, 0] > 0.99  # the resized copy is caught
+    rejects = {r["key"]: json.loads(r["record_json"]) for r in read_rejects(tmp_path / "out")}
+    assert set(rejects) == {k for k, i in (("c0", 0), ("c1", 1)) if S[i].max() > np.float32(0.99)}
+    assert abs(rejects["c0"]["similarity"] - float(S[0].max())) < 1e-4
+    kept = pq.read_table(glob.glob(str(tmp_path / "out" / "samples-*.parquet"))).to_pylist()
+    assert [r["key"] for r in kept] == ["c1"]
+    for r in kept:
+        i = int(r["key"][1:])
+        assert abs(r["max_eval_similarity"] - float(S[i].max())) < 1e-4
+        assert (r["width"], r["height"]) == ((1200, 800), (1000, 700))[i]
+    with pytest.raises(UsageError, match="--decode_draft yes"):
+        decontaminate.run([*args, "--eval_embeddings", str(tmp_path / "out" / "eval_set"), "--output",
+                           str(tmp_path / "again"), "--decode_draft", "no"])
+
+
 def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
     """img2dataset shards downloaded from select_candidates' caption-only output, and OVEN
     annotation lines with images in two-digit sub-folders."""

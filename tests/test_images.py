@@ -85,6 +85,25 @@ def test_exif_orientation_is_applied():
     assert (decoded.width, decoded.height) == (20, 40)
 
 
+def test_draft_decodes_smaller_but_reports_the_stored_size():
+    """A draft decode reads a 1/2, 1/4 or 1/8 scale that is still >= the asked size; the
+    reported size stays the stored one, turned like the pixels; non-JPEGs are untouched."""
+    img = gradient((1000, 480))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW to display: the displayed image is 480 x 1000
+    full = decode_image(encode(img, "JPEG", quality=92, exif=exif.tobytes()))
+    small = decode_image(encode(img, "JPEG", quality=92, exif=exif.tobytes()), draft=(224, 224))
+    assert (full.width, full.height) == full.image.size == (480, 1000)
+    assert (small.width, small.height) == (480, 1000)
+    assert small.image.size == (240, 500)  # 1/2: 1/4 would make the short side 120 < 224
+    # The same picture: the draft is close to a resize of the full decode.
+    ref = np.asarray(full.image.resize(small.image.size, Image.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small.image, dtype=np.float32) - ref).mean() < 3.0
+    assert decode_image(encode(gradient((1000, 480)), "JPEG"), draft=(600, 600)).image.size == (1000, 480)
+    png = decode_image(encode(gradient((1000, 480)), "PNG"), draft=(224, 224))
+    assert png.image.size == (png.width, png.height) == (1000, 480)
+
+
 @pytest.mark.parametrize(
     "data,reason",
     [

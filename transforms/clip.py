@@ -48,6 +48,19 @@ def load_open_clip(model_name: str, pretrained: Optional[str], device: str = "cp
     return model, preprocess
 
 
+def clip_input_side(model_name: str) -> Optional[int]:
+    """The shorter side open_clip's preprocess resizes an image to (224 for ViT-L/14), read
+    from the architecture's config without loading weights; None when the config is not
+    local (hf-hub:, local-dir:)."""
+    import open_clip
+
+    config = open_clip.get_model_config(model_name) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = max(size)
+    return int(size) if size else None
+
+
 def validate_clip_args(model_name: str, pretrained: Optional[str]) -> None:
     """Fail before the run on an unknown architecture or a missing checkpoint file."""
     import open_clip

@@ -298,11 +298,13 @@ class ReadEvalImage(beam.DoFn):
 
 class DecodeImages(beam.DoFn):
     """(id, bytes) -> (id, DecodedImage); Candidate -> (Candidate, DecodedImage); a bad image
-    is a Reject with the decoder's reason."""
+    is a Reject with the decoder's reason. `draft` > 0: JPEGs decode at the smallest DCT
+    scale whose shorter side is still >= `draft` (the model's input side)."""
 
-    def __init__(self, stage: str, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, stage: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0):
         self.stage = stage
         self.max_pixels = max_pixels
+        self.draft = (draft, draft) if draft and draft > 0 else None
 
     def process(self, item):
         if isinstance(item, Candidate):
@@ -311,7 +313,7 @@ class DecodeImages(beam.DoFn):
             key, data = item
             source = None
         try:
-            decoded = decode_image(data, self.max_pixels)
+            decoded = decode_image(data, self.max_pixels, draft=self.draft)
         except ImageError as e:
             yield beam.pvalue.TaggedOutput(
                 REJECTED,

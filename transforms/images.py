@@ -39,9 +39,9 @@ class ImageError(ValueError):
 
 @dataclass
 class DecodedImage:
-    image: Image.Image  # RGB, orientation applied
+    image: Image.Image  # RGB, orientation applied; smaller than width x height after a draft decode
     format: str  # container format as Pillow identified it from the bytes
-    width: int  # after orientation
+    width: int  # the stored image's size, after orientation (not the draft's)
     height: int
     frames: int  # >1 for animations (the first frame is used)
 
@@ -122,7 +122,9 @@ def probe_size(data: bytes) -> tuple[int, int, str]:
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optional[tuple[int, int]] = None) -> DecodedImage:
     """Decode by content (see the module docstring). `draft=(w, h)` lets a JPEG decode at a
-    reduced scale that is still at least that size (much faster for training inputs)."""
+    reduced scale (1/2, 1/4 or 1/8, in the DCT domain) that is still at least that size:
+    much faster for model inputs that are resized down anyway. `width` / `height` are the
+    stored image's size either way."""
     if data is None or len(data) == 0:
         raise ImageError("empty_image", "no image bytes")
     try:
@@ -149,9 +151,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optio
             if draft is not None and fmt == "JPEG":
                 img.draft("RGB", draft)
             img.load()
+            loaded = img.size
             img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb(img)
             rgb.load()
+            # The stored size, turned as the orientation turned the pixels.
+            turned = rgb.size != loaded
+            width, height = (h, w) if turned else (w, h)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
@@ -162,7 +168,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: Optio
         raise ImageError(reason, text[:300]) from e
     except Exception as e:  # noqa: BLE001 - Pillow raises many types on hostile input
         raise ImageError("corrupt_image", f"{type(e).__name__}: {e}"[:300]) from e
-    return DecodedImage(rgb, fmt, rgb.size[0], rgb.size[1], frames)
+    return DecodedImage(rgb, fmt, width, height, frames)
 
 
 # What current VLM endpoints accept as image parts without conversion.

@@ -1,0 +1,176 @@
+"""Reduced-scale JPEG decoding (Pillow's `draft`) for CLIP inputs: what it saves in host
+decode time and what it changes in the pixels and embeddings decontamination compares.
+
+    .venv/bin/python benchmarks/draft_bench.py [--images 600] [--photos 'DIR/*.jpg,...'] [--clip_model ViT-S-32]
+
+Photos: the real photographs installed on this machine (scikit-learn's, matplotlib's and,
+when installed, scikit-image's sample photos; `--photos` adds others), cut into web-sized
+JPEGs: a random crop of 70-100% of each side, resized so its longer side follows a
+log-normal around 680 px (the median web photo is ~680 x 451), saved at JPEG quality 75-95.
+A share of them had to be upscaled from the small sample photos: upscaled pixels are
+smoother than a camera's, which the report states.
+
+For every JPEG: decode at full size vs `draft` at the model's input size (a DCT-domain
+1/2, 1/4 or 1/8 scale that keeps both sides >= the input size; Pillow then reads less),
+each followed by open_clip's own preprocess. Printed:
+
+* host throughput (1 thread): decode + preprocess images/s, full vs draft, and the share
+  of JPEGs where draft applies (both sides >= 2 x the input size);
+* pixels: mean |difference| of the preprocessed tensors (normalised units), draft vs full,
+  next to the difference a near-duplicate already has (the same photo at 0.6-0.9x its size,
+  re-encoded at another quality, full decode on both) which decontamination must match;
+* embeddings (random-weight CLIP, same compute as real weights; the similarities of a
+  random network are not those of a trained one, so read them as a second opinion on the
+  pixel figures): cosine(full, draft) of each image; cosine of each near-duplicate pair
+  with full decode on both sides and with draft on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+
+def installed_photos() -> list[str]:
+    import importlib.util
+
+    found = []
+    for pkg, pattern in (
+        ("sklearn", "datasets/images/*.jpg"),
+        ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+        ("skimage", "data/*.png"),
+        ("skimage", "data/*.jpg"),
+    ):
+        spec = importlib.util.find_spec(pkg)
+        if spec and spec.submodule_search_locations:
+            found += glob.glob(os.path.join(list(spec.submodule_search_locations)[0], pattern))
+    return found
+
+
+def load_photos(paths: list[str]) -> list:
+    from PIL import Image
+
+    out = []
+    for p in sorted(set(paths)):
+        try:
+            img = Image.open(p)
+            if img.mode not in ("RGB", "RGBA") or min(img.size) < 256:
+                continue  # grey scans, masks, icons: not colour photographs
+            out.append((os.path.basename(p), img.convert("RGB")))
+        except OSError:
+            continue
+    return out
+
+
+def web_jpegs(photos: list, n: int, seed: int = 0) -> tuple[list[bytes], list[bytes], float]:
+    """`n` web-sized JPEGs and a near-duplicate of each; the share that was upscaled."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    jpegs, dups, upscaled = [], [], 0
+    for i in range(n):
+        _, img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        long_side = float(np.clip(rng.lognormal(np.log(680), 0.35), 320, 1600))
+        scale = long_side / max(crop.size)
+        upscaled += scale > 1
+        crop = crop.resize((max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale))), Image.LANCZOS)
+        buf = io.BytesIO()
+        crop.save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+        jpegs.append(buf.getvalue())
+        f = rng.uniform(0.6, 0.9)
+        dup = crop.resize((max(1, round(crop.size[0] * f)), max(1, round(crop.size[1] * f))), Image.BICUBIC)
+        buf = io.BytesIO()
+        dup.save(buf, "JPEG", quality=int(rng.integers(70, 96)))
+        dups.append(buf.getvalue())
+    return jpegs, dups, upscaled / n
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--photos", default="", help="comma list of extra photo globs")
+    ap.add_argument("--clip_model", default="ViT-S-32")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from transforms.clip import load_open_clip
+    from transforms.images import decode_image
+
+    paths = installed_photos() + [p for g in args.photos.split(",") if g for p in glob.glob(g)]
+    photos = load_photos(paths)
+    if not photos:
+        raise SystemExit("no colour photographs found; pass --photos 'DIR/*.jpg'")
+    jpegs, dups, upscaled = web_jpegs(photos, args.images)
+    torch.manual_seed(0)
+    model, preprocess = load_open_clip(args.clip_model, None, "cpu", threads=1)
+    size = model.visual.image_size
+    side = int(size[0] if isinstance(size, (tuple, list)) else size)
+    sizes = np.array([decode_image(j).image.size for j in jpegs])
+    applies = float(np.mean(np.min(sizes, axis=1) >= 2 * side))
+    print(f"{len(jpegs)} web-sized JPEGs cut from {len(photos)} real photos ({', '.join(n for n, _ in photos)}); "
+          f"median {int(np.median(sizes[:, 0]))} x {int(np.median(sizes[:, 1]))}, {upscaled:.0%} upscaled from the "
+          f"sample photos; {args.clip_model} input {side} px; draft applies to {applies:.0%}", flush=True)
+
+    def pixels(blobs, draft):
+        return [preprocess(decode_image(b, draft=(side, side) if draft else None).image) for b in blobs]
+
+    speed = {}
+    for draft in (False, True, False, True):
+        t0 = time.perf_counter()
+        pixels(jpegs, draft)
+        speed.setdefault(draft, []).append(len(jpegs) / (time.perf_counter() - t0))
+    full_px, draft_px = pixels(jpegs, False), pixels(jpegs, True)
+    dup_full_px, dup_draft_px = pixels(dups, False), pixels(dups, True)
+    d_draft = np.array([float((a - b).abs().mean()) for a, b in zip(full_px, draft_px)])
+    d_dup = np.array([float((a - b).abs().mean()) for a, b in zip(full_px, dup_full_px)])
+    full_s, draft_s = max(speed[False]), max(speed[True])
+    print("host decode + preprocess, 1 thread (best of 2):")
+    print(f"  full decode        {full_s:7.1f} images/s")
+    print(f"  draft decode       {draft_s:7.1f} images/s   ratio {draft_s / full_s:.2f}")
+    print("preprocessed pixels, mean |difference| (normalised units), median / 95th percentile:")
+    print(f"  draft vs full, same JPEG                      {np.median(d_draft):.4f} / {np.percentile(d_draft, 95):.4f}")
+    print(f"  near-duplicate vs original, full decode       {np.median(d_dup):.4f} / {np.percentile(d_dup, 95):.4f}")
+
+    def embed(px):
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(px), 32):
+                out.append(torch.nn.functional.normalize(model.encode_image(torch.stack(px[s : s + 32])).float(), dim=-1))
+        return torch.cat(out).numpy()
+
+    torch.set_num_threads(2)
+    e_full, e_draft, e_dup_full, e_dup_draft = embed(full_px), embed(draft_px), embed(dup_full_px), embed(dup_draft_px)
+    same = np.sum(e_full * e_draft, axis=1)
+    dup_ff = np.sum(e_full * e_dup_full, axis=1)
+    dup_dd = np.sum(e_draft * e_dup_draft, axis=1)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(len(e_full))
+    other = np.sum(e_full * e_full[perm], axis=1)[perm != np.arange(len(perm))]
+    print(f"random-weight {args.clip_model} cosines, median / 5th percentile:")
+    print(f"  same JPEG, draft vs full                      {np.median(same):.4f} / {np.percentile(same, 5):.4f}")
+    print(f"  near-duplicate pair, full decode both sides   {np.median(dup_ff):.4f} / {np.percentile(dup_ff, 5):.4f}")
+    print(f"  near-duplicate pair, draft both sides         {np.median(dup_dd):.4f} / {np.percentile(dup_dd, 5):.4f}")
+    print(f"  different photos (for scale)                  {np.median(other):.4f} / {np.percentile(other, 5):.4f}")
+    for t in (0.95,):
+        print(f"  near-duplicate pairs above {t}: full {np.mean(dup_ff > t):.3f}, draft {np.mean(dup_dd > t):.3f}")
+
+
+if __name__ == "__main__":
+    main()
