@@ -42,10 +42,17 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def titles(n: int, seed: int = 0) -> list[str]:
+KINDS = ["river", "album", "film", "village", "footballer", "band", "ship", "company", "politician", "novel"]
+
+
+def titles(n: int, seed: int = 0, unique: bool = False) -> list[str]:
+    """`n` generated titles. `unique`: a title drawn twice is disambiguated the way
+    Wikipedia does ("Alder Basin (village, 1874)"), so the catalog has n distinct titles as
+    a real one does (without it, ~half of 1M titles repeat: the vocabulary is small)."""
     rng = np.random.default_rng(seed)
     words = vocabulary()
     out = []
+    seen: set[str] = set()
     for _ in range(n):
         kind = rng.integers(0, 3)
         if kind == 0:
@@ -54,7 +61,15 @@ def titles(n: int, seed: int = 0) -> list[str]:
             t = f"{words[rng.integers(len(words))]} {PLACES[rng.integers(len(PLACES))]}"
         else:
             t = " ".join(words[j] for j in rng.integers(0, len(words), rng.integers(1, 4)))
-        out.append(t + SUFFIXES[rng.integers(len(SUFFIXES))])
+        t = t + SUFFIXES[rng.integers(len(SUFFIXES))]
+        while unique and t in seen:
+            base = t.split(" (")[0]
+            t = f"{base} ({KINDS[rng.integers(len(KINDS))]}, {int(rng.integers(1700, 2025))})"
+            if t in seen:
+                t = f"{base} {words[rng.integers(len(words))]}"
+        if unique:
+            seen.add(t)
+        out.append(t)
     return out
 
 

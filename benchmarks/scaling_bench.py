@@ -8,8 +8,8 @@ log-log plot.
 
 Points (each a whole command in a fresh process on the DirectRunner, 2 threads):
 
-* build_entity_index at each `--entities` size: a Wikipedia-shaped catalog of generated
-  titles (`benchmarks/ivf_recall_bench.py`) with ~300-character summaries, `--index_factory
+* build_entity_index at each `--entities` size: a Wikipedia-shaped catalog of distinct
+  generated titles (`benchmarks/ivf_recall_bench.py`) with ~300-character summaries, `--index_factory
   IVF4096,Flat` at every size (the same index type, so the k-means cost is linear in the
   catalog), nprobe calibrated to recall@10 >= 0.95.
 * select_candidates at each `--captions` size against the largest index: real-length
@@ -59,7 +59,7 @@ def write_catalog(path: str, n: int) -> list[str]:
     """A JSON-lines catalog of `n` generated entities; returns their titles."""
     from benchmarks.ivf_recall_bench import titles
 
-    names = titles(n, seed=7)
+    names = titles(n, seed=7, unique=True)
     if not os.path.exists(path):
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             for i, t in enumerate(names):

@@ -82,8 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per_caption_entities", type=int, default=5, help="M of select_candidates")
     p.add_argument("--proposal_share", type=float, default=0.05,
                    help="share of captions with at least one entity above --min_score (assumption)")
-    p.add_argument("--nlist", type=int, default=0, help="IVF lists of the entity index (default: 4 x sqrt(entities))")
+    p.add_argument("--nlist", type=int, default=0,
+                   help="IVF lists of the entity index (default: the power of two at or above 4 x sqrt(entities))")
     p.add_argument("--nprobe", type=int, default=64)
+    p.add_argument("--index_codes", choices=("sq8", "flat"), default="sq8",
+                   help="how the index stores its vectors: IVF<nlist>,SQ8 (the recommended index, 1 byte a dimension) "
+                        "or IVF<nlist>,Flat (4 bytes)")
     p.add_argument("--title_tokens", type=float, default=8.0)
     p.add_argument("--caption_tokens", type=float, default=18.0, help="mean tokens per caption (alt-texts: ~60 characters)")
     p.add_argument("--caption_row_bytes", type=float, default=100.0, help="bytes of caption metadata read per caption")
@@ -140,6 +144,9 @@ class Planner:
 
     # -- helpers --------------------------------------------------------------------------
     def rate(self, key: str) -> float:
+        if key not in self.rates:
+            raise UsageError(f"--throughputs {self.a.throughputs}: no entry {key!r} (copy it from the bundled "
+                             f"pipelines/plan_data/throughputs.json)")
         r = self.rates[key]
         self.used[key] = f"{r['rate']:g} {r['unit']} per {r['per']} ({r['source']}, {r['hardware']}, {r['date']}: {r['command']})"
         return float(r["rate"])
@@ -172,7 +179,7 @@ class Planner:
                      self.cpu_limit(flops, read, seconds))
 
     def nlist(self) -> int:
-        return self.a.nlist or max(1, int(4 * math.sqrt(self.a.entities)))
+        return self.a.nlist or 2 ** max(0, math.ceil(math.log2(4 * math.sqrt(self.a.entities))))
 
     def select(self) -> Stage:
         a = self.a
@@ -180,7 +187,8 @@ class Planner:
         nlist = self.nlist()
         scanned = nlist + min(a.nprobe, nlist) * a.entities / nlist
         encode_s = c / (self.rate("select_captions") * self.vcpus)
-        search_s = c * scanned / (self.rate("ivf_scan") * self.vcpus)
+        scan_rate = "ivf_scan_sq8" if a.index_codes == "sq8" else "ivf_scan"
+        search_s = c * scanned / (self.rate(scan_rate) * self.vcpus)
         seconds = encode_s + search_s
         flops = c * a.caption_tokens * 2 * MINILM_PARAMS + c * scanned * 2 * DIM
         read = c * a.caption_row_bytes
@@ -191,7 +199,8 @@ class Planner:
         shuffle = combined * 120 + self.images * 300  # proposals, then kept candidates grouped by file
         work = {"items": c, "unit": "captions", "flops": flops, "bytes_read": read, "bytes_shuffled": shuffle,
                 "proposals": proposals, "vectors_scanned_per_caption": scanned}
-        notes = [f"IVF{nlist},Flat nprobe {a.nprobe}: {scanned:,.0f} vectors scanned per caption; "
+        notes = [f"IVF{nlist},{'SQ8' if a.index_codes == 'sq8' else 'Flat'} nprobe {a.nprobe}: {scanned:,.0f} vectors "
+                 "scanned per caption; "
                  f"encoding {encode_s / seconds:.0%} of the time, search {search_s / seconds:.0%}"]
         return Stage("select_candidates", work, self.cpu_hw(), seconds, self.cpu_dollars(seconds, shuffle),
                      self.cpu_limit(flops, read, seconds), notes)

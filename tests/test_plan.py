@@ -18,7 +18,8 @@ def data(tmp_path):
     rate = lambda r, unit="items/s", per="vcpu": {"rate": r, "unit": unit, "per": per, "hardware": "h", "date": "d",  # noqa: E731
                                                   "source": "ours", "command": "c"}
     throughputs = {
-        "text_encoder_titles": rate(10), "select_captions": rate(5), "ivf_scan": rate(1000), "jpeg_decode_draft": rate(50),
+        "text_encoder_titles": rate(10), "select_captions": rate(5), "ivf_scan": rate(1000), "ivf_scan_sq8": rate(2000),
+        "jpeg_decode_draft": rate(50),
         "jpeg_decode_full": rate(25), "clip_vit_s32_cpu": rate(1), "image_download": rate(2), "gpu_utilisation": rate(0.5, per="gpu"),
     }
     prices = {
@@ -51,10 +52,14 @@ def test_plan_arithmetic_matches_a_hand_computation(data, capsys):
     assert ix["limit"]["bound"] == "compute" and ix["limit"]["seconds"] == pytest.approx(floor)
     assert ix["limit"]["share_of_peak"] == pytest.approx(floor / (100 / 60))
 
-    # IVF10 with nprobe 2 over 100 entities: 10 centroids + 2 lists of 10 = 30 vectors a caption.
+    # IVF10 with nprobe 2 over 100 entities: 10 centroids + 2 lists of 10 = 30 vectors a caption,
+    # scanned at the SQ8 rate (the default codes), or the Flat one.
     sel = stages["select_candidates"]
     assert sel["work"]["vectors_scanned_per_caption"] == pytest.approx(30)
-    assert sel["seconds"] == pytest.approx(1000 / (5 * 6) + 1000 * 30 / (1000 * 6))
+    assert sel["seconds"] == pytest.approx(1000 / (5 * 6) + 1000 * 30 / (2000 * 6))
+    flat = {s["name"]: s for s in plan.run([*data, "--index_codes", "flat"])["stages"]}["select_candidates"]
+    assert flat["seconds"] == pytest.approx(1000 / (5 * 6) + 1000 * 30 / (1000 * 6))
+    assert "IVF10,Flat" in flat["notes"][0] and "IVF10,SQ8" in sel["notes"][0]
     assert sel["work"]["flops"] == pytest.approx(1000 * 18 * 2 * 10.6e6 + 1000 * 30 * 2 * 384)
     # Proposals: 5 % of captions x M=5 = 250 (under the combiner's bound); 200 kept images.
     assert sel["work"]["bytes_shuffled"] == pytest.approx(250 * 120 + 200 * 300)
@@ -104,6 +109,11 @@ def test_misuse_names_the_flag(data, capsys):
         plan.run(data + ["--llm", "gpt-9"])
     with pytest.raises(UsageError, match="--prices: .* does not exist"):
         plan.run(data + ["--prices", "/nonexistent/prices.json"])
+    with pytest.raises(UsageError, match="no entry 'ivf_scan_sq8'"):
+        rates = json.load(open(data[data.index("--throughputs") + 1]))
+        del rates["ivf_scan_sq8"]
+        json.dump(rates, open(data[data.index("--throughputs") + 1], "w"))
+        plan.run(data)
     assert plan.main(data + ["--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
 
@@ -111,4 +121,7 @@ def test_misuse_names_the_flag(data, capsys):
 def test_the_shipped_data_files_plan_the_full_job():
     p = plan.run(["--entities", "6063945", "--captions", "2.3e9", "--k", "100", "--images", "50e6"])
     assert all(s["seconds"] > 0 and s["dollars"] >= 0 for s in p["stages"])
-    assert {k for k in p["assumptions"]} >= {"select_captions", "ivf_scan", "text_encoder_titles"}
+    assert {k for k in p["assumptions"]} >= {"select_captions", "ivf_scan_sq8", "text_encoder_titles"}
+    # nlist: the power of two at or above 4 x sqrt(6,063,945) = 9,850, the README's IVF16384,SQ8.
+    sel = {s["name"]: s for s in p["stages"]}["select_candidates"]
+    assert sel["notes"][0].startswith("IVF16384,SQ8 nprobe 64: 40,071 vectors")
