@@ -113,6 +113,10 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--photos", default="", help="comma list of extra photo globs")
     ap.add_argument("--clip_model", default="ViT-S-32")
+    ap.add_argument("--pipeline", type=int, default=400,
+                    help="also run decontaminate with --decode_draft yes and no on this many of the JPEGs as "
+                         "candidates (and a tenth as evaluation images); 0 = skip")
+    ap.add_argument("--out", default="/tmp/entityforge-draft")
     args = ap.parse_args(argv)
 
     import torch
@@ -177,6 +181,51 @@ def main(argv=None) -> None:
     print(f"  different photos (for scale)                  {np.median(other):.4f} / {np.percentile(other, 5):.4f}")
     for t in (0.95,):
         print(f"  near-duplicate pairs above {t}: full {np.mean(dup_ff > t):.3f}, draft {np.mean(dup_dd > t):.3f}")
+    if args.pipeline:
+        pipeline_speed(args, jpegs[: args.pipeline], dups[: max(1, args.pipeline // 10)])
+
+
+def pipeline_speed(args, cands: list[bytes], evals: list[bytes]) -> None:
+    """decontaminate on the DirectRunner (2 threads), --decode_draft yes vs no, same inputs:
+    the whole command in a fresh process each time."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from benchmarks._common import run_child
+    from transforms.schema import Candidate, arrow_schema, to_row
+
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.makedirs(os.path.join(args.out, "eval"))
+    for j, b in enumerate(evals):
+        with open(os.path.join(args.out, "eval", f"e{j:05d}.jpg"), "wb") as f:
+            f.write(b)
+    rows = [to_row(Candidate(key=f"k{i:06d}", url=f"http://b/{i}", caption="c", qid="Q1", title="T", image=b))
+            for i, b in enumerate(cands)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Candidate)), os.path.join(args.out, "c.parquet"),
+                   row_group_size=64)
+    print(f"decontaminate, {len(cands)} candidates + {len(evals)} evaluation images (near-duplicates of the first "
+          f"{len(evals)}), {args.clip_model} random weights, 2 threads, whole command:")
+    result = {}
+    for draft in ("no", "yes", "no", "yes"):
+        out = os.path.join(args.out, f"out_{draft}")
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, rss, _ = run_child(["-m", "pipelines.decontaminate", "--input", os.path.join(args.out, "c.parquet"),
+                                     "--eval_images", os.path.join(args.out, "eval"), "--output", out,
+                                     "--clip_model", args.clip_model, "--clip_pretrained", "none",
+                                     "--formats", "parquet", "--threads", "2", "--decode_draft", draft])
+        with open(os.path.join(out, "manifest.json")) as f:
+            dropped = json.load(f)["counters"].get("decontaminate_dropped", 0)
+        best = result.get(draft)
+        if best is None or seconds < best[0]:
+            result[draft] = (seconds, rss, dropped)
+    for draft in ("no", "yes"):
+        seconds, rss, dropped = result[draft]
+        print(f"  --decode_draft {draft:<3}  {(len(cands) + len(evals)) / seconds:6.1f} images/s  ({seconds:.1f} s, "
+              f"peak RSS {rss} MiB, {dropped} dropped as near-duplicates)")
+    print(f"  ratio yes / no  {result['no'][0] / result['yes'][0]:.2f}")
 
 
 if __name__ == "__main__":

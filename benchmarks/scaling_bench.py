@@ -16,7 +16,9 @@ Points (each a whole command in a fresh process on the DirectRunner, 2 threads):
   caption text (`benchmarks/realtext.py`) with a catalog title put into half of them, K = 10,
   M = 5.
 * decontaminate at each `candidates x evaluation images` pair: 256 x 256 JPEGs,
-  random-weight ViT-S-32 (the compute of real weights), threshold 0.95.
+  random-weight ViT-S-32 (the compute of real weights), threshold 1.0 so that every
+  candidate is kept and written with its image (a random network finds every pair of these
+  smooth synthetic images "near-duplicate" at 0.95).
 
 The text encoder is `--text_backend static` by default (the distilled static-embedding
 model, ~40x the default encoder's speed on CPU): the encoder's own cost is linear per
@@ -120,9 +122,13 @@ def write_images(folder: str, n_cand: int, n_eval: int) -> tuple[str, str]:
 
 
 def shuffle_bytes(output: str) -> tuple[dict, int]:
+    """The run's shuffles (decontaminate: its evaluation-set job's too, prefixed eval_set/)."""
     with open(os.path.join(output, "manifest.json")) as f:
-        manifest = json.load(f)
-    shuffles = manifest.get("shuffles", {})
+        shuffles = dict(json.load(f).get("shuffles", {}))
+    eval_manifest = os.path.join(output, "eval_set", "manifest.json")
+    if os.path.exists(eval_manifest):
+        with open(eval_manifest) as f:
+            shuffles.update({f"eval_set/{k}": v for k, v in json.load(f).get("shuffles", {}).items()})
     return shuffles, sum(v.get("bytes", 0) for v in shuffles.values())
 
 
@@ -207,7 +213,7 @@ def main(argv=None) -> None:
             out = os.path.join(args.out, f"decon_{n_cand}x{n_eval}")
             record(point("decontaminate", n_cand, ["--input", cands, "--eval_images", evals, "--output", out,
                                                    "--clip_model", args.clip_model, "--clip_pretrained", "none",
-                                                   "--formats", "parquet", "--num_shards", "4", *common],
+                                                   "--threshold", "1.0", "--formats", "parquet", "--num_shards", "4", *common],
                          out, eval=n_eval))
 
     print_table(results)

@@ -9,8 +9,8 @@ Output (see transforms/entity_index.py): entities.parquet, embeddings.npy, entit
 manifest.json, and rejected/<stage>/ for unusable rows and collapsed duplicate QIDs.
 
 Runtime: the 320-entity demo catalog takes ~20 s on 2 CPU cores; all-MiniLM-L6-v2 embeds
-roughly 1-2k titles/s per core, so the 6M OVEN catalog wants a Dataflow job (or a GPU with
---device cuda) and `--index_factory IVF65536,Flat` (flat: 9.2 GB of vectors).
+roughly 350-500 titles/s per core, so the 6M OVEN catalog wants a Dataflow job (or a GPU
+with --device cuda) and `--index_factory IVF16384,SQ8` (2.25 GiB; flat: 8.7 GiB).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def new_faiss_index(dim: int, factory: str):
         reason = str(e).strip().splitlines()[-1][:200]
         raise UsageError(
             f"--index_factory {factory!r} is not a valid faiss index string for {dim}-d vectors "
-            f"({reason}). Examples: Flat, IVF4096,Flat, IVF65536,PQ64 (dim divisible by 64), HNSW32"
+            f"({reason}). Examples: Flat, IVF4096,Flat, IVF16384,SQ8, IVF4096,PQ48 (dim divisible by 48), HNSW32"
         ) from e
 
 
