@@ -50,13 +50,14 @@ log = logging.getLogger(__name__)
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.build_codes")
     p.add_argument("--entities", required=True, help="catalog: JSONL(.gz) or Parquet")
     p.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, a local folder or a Hugging Face id")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--code_length", type=int, default=4, help="L: tokens per code, EOS included")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strategy", choices=STRATEGIES, default="ald")
+    p.add_argument("--seed", type=int, default=0, help="seed of the collision order, random tokens and hkc k-means")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ald",
+                   help="ald: GER's rarest title tokens; caption: title tokens in order; atomic: random unique tokens; hkc: hierarchical k-means of the index embeddings")
     p.add_argument("--entity_index", default=None, help="entity index whose embeddings hkc clusters (required for hkc)")
     return p
 

@@ -56,7 +56,7 @@ STAGES = ["read_catalog", "dedup", "embed"]
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.build_entity_index")
     p.add_argument("--entities", required=True, help="catalog: JSONL(.gz) or Parquet; path, dir or glob")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument(
@@ -89,7 +89,7 @@ def build_parser():
                    help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
     p.add_argument("--device", default="cpu", help="torch device of the text encoder")
     p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the IVF/PQ training sample and the calibration queries")
     return p
 
 

@@ -107,7 +107,7 @@ class EvalCoverageError(UsageError):
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.decontaminate")
     p.add_argument("--input", required=True, help="candidate shards: Parquet (image column) and/or webdataset .tar")
     p.add_argument(
         "--allow_unfinished_input",

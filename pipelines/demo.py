@@ -29,10 +29,10 @@ Takes about 90 s on 2 cores (after the install). Prints where every output is an
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 
@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 from demo.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
 from demo.rew_answers import DEMO_MODEL, build_demo_cache
 from pipelines import build_entity_index, decontaminate, refine, select_candidates
+from transforms.cli import Parser
+from transforms.options import split_args
 
 
 def _show_candidates(out_dir: str, n_entities: int = 6) -> None:
@@ -104,15 +106,19 @@ def _show_refined(rew_dir: str) -> None:
         print(f"  rationale: {r['rationale'][:110]}\n  QA: {qa['question']} -> {qa['answer']}")
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    ap = Parser("pipelines.demo", __doc__.split("\n\n")[0], beam=True)
     ap.add_argument("--output", default="demo_output", help="folder for data and outputs")
     ap.add_argument("--k", type=int, default=10, help="images per entity")
-    ap.add_argument("--clip_model", default="ViT-S-32")
+    ap.add_argument("--clip_model", default="ViT-S-32", help="open_clip architecture of decontamination")
     ap.add_argument("--clip_pretrained", default="none", help="'none' = random weights (offline)")
     ap.add_argument("--threshold", type=float, default=0.999, help="0.95 with real CLIP weights")
     ap.add_argument("--train_steps", type=int, default=300, help="tiny GIT training steps (0 skips training)")
-    args, beam_args = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args, beam_args = split_args(build_parser(), sys.argv[1:] if argv is None else argv)
     out = os.path.abspath(args.output)
     started = time.time()
     data = write_corpus(os.path.join(out, "data"))

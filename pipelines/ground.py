@@ -39,12 +39,12 @@ from transforms.text_encoders import index_encoder
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--entity_index", required=True)
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.ground")
+    p.add_argument("--entity_index", required=True, help="directory written by build_entity_index")
     p.add_argument("--input", required=True, help="JSON lines with a 'text' field")
     p.add_argument("--output", required=True, help="output JSON lines file")
     p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding fallback floor (cosine)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
     p.add_argument(
         "--share_grounding",
         choices=("auto", "yes", "no"),

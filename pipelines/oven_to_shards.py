@@ -55,15 +55,15 @@ def _counter(name: str):
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.oven_to_shards")
     p.add_argument("--oven", required=True, help="OVEN annotation JSON lines (glob or comma list)")
     p.add_argument("--images", required=True, help="folder of IMAGE_ID.<ext>, flat or one level of sub-folders")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--entities", default=None, help="catalog: titles from it instead of entity_text")
     p.add_argument("--splits", default="", help="keep only these data_split values (comma list; default all)")
     p.add_argument("--formats", default="parquet", help=f"comma list of {', '.join(SHARD_FORMATS)}")
-    p.add_argument("--num_shards", type=int, default=0)
-    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides (no shuffle)")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     return p
 
 

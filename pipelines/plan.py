@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from transforms.cli import Parser
 from transforms.common import UsageError
 from transforms.llm_cost import image_tokens
 
@@ -72,7 +73,11 @@ def load(path: str, what: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.plan", description=__doc__.split("\n\n")[0])
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> Parser:
+    p = Parser("pipelines.plan", __doc__.split("\n\n")[0])
     p.add_argument("--entities", type=float, required=True, help="catalog size (OVEN/Wiki6M: 6063945)")
     p.add_argument("--captions", type=float, required=True, help="caption corpus size (LAION-2B-en: 2.3e9)")
     p.add_argument("--k", type=int, default=100, help="images kept per entity (select_candidates --k)")
@@ -84,18 +89,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of captions with at least one entity above --min_score (assumption)")
     p.add_argument("--nlist", type=int, default=0,
                    help="IVF lists of the entity index (default: the power of two at or above 4 x sqrt(entities))")
-    p.add_argument("--nprobe", type=int, default=64)
+    p.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per caption (build_entity_index calibrates it)")
     p.add_argument("--index_codes", choices=("sq8", "flat"), default="sq8",
                    help="how the index stores its vectors: IVF<nlist>,SQ8 (the recommended index, 1 byte a dimension) "
                         "or IVF<nlist>,Flat (4 bytes)")
-    p.add_argument("--title_tokens", type=float, default=8.0)
+    p.add_argument("--title_tokens", type=float, default=8.0, help="mean tokens per entity title")
     p.add_argument("--caption_tokens", type=float, default=18.0, help="mean tokens per caption (alt-texts: ~60 characters)")
     p.add_argument("--caption_row_bytes", type=float, default=100.0, help="bytes of caption metadata read per caption")
-    p.add_argument("--entity_row_bytes", type=float, default=1000.0)
+    p.add_argument("--entity_row_bytes", type=float, default=1000.0, help="bytes read per catalog row (title, summary, fields)")
     p.add_argument("--image_bytes", type=float, default=50e3, help="mean bytes of a downloaded image")
     p.add_argument("--draft_decode", choices=("yes", "no"), default="yes", help="reduced-scale JPEG decode for CLIP")
     p.add_argument("--llm", default="gpt-4.1-mini", help="a model in prices.json llm_per_million_tokens, or 'none'")
-    p.add_argument("--llm_backend", choices=("online", "batch"), default="batch")
+    p.add_argument("--llm_backend", choices=("online", "batch"), default="batch", help="price and time of refine's LLM calls")
     p.add_argument("--requests_per_sample", type=float, default=2.0, help="verify + rationale/QA")
     p.add_argument("--prompt_tokens", type=float, default=400.0, help="text tokens per request (prompt + caption)")
     p.add_argument("--output_tokens", type=float, default=205.0, help="mean output tokens per request (60 verify, 350 rationale)")
@@ -103,15 +108,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--llm_rpm", type=float, default=30000.0, help="requests per minute the provider allows the job")
     p.add_argument("--train_epochs", type=float, default=1.0, help="0: no training stage")
     p.add_argument("--workers", type=int, default=100, help="Dataflow workers for the CPU stages")
-    p.add_argument("--cpu_machine", default="n2-standard-4")
+    p.add_argument("--cpu_machine", default="n2-standard-4", help="Dataflow worker type of the CPU stages (hardware.json)")
     p.add_argument("--gpu", default="H100-80GB", help="GPU for decontamination and training, or 'none' (CPU workers)")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of decontamination and training")
     p.add_argument("--gpu_utilisation", type=float, default=0.0, help="model FLOP utilisation (default: throughputs.json)")
-    p.add_argument("--throughputs", default=os.path.join(DATA, "throughputs.json"))
-    p.add_argument("--hardware", default=os.path.join(DATA, "hardware.json"))
-    p.add_argument("--prices", default=os.path.join(DATA, "prices.json"))
+    p.add_argument("--throughputs", default=os.path.join(DATA, "throughputs.json"), help="measured rates (JSON)")
+    p.add_argument("--hardware", default=os.path.join(DATA, "hardware.json"), help="machine types and their limits (JSON)")
+    p.add_argument("--prices", default=os.path.join(DATA, "prices.json"), help="prices to edit (JSON)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return p.parse_args(argv)
+    return p
 
 
 class Planner:

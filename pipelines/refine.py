@@ -85,7 +85,7 @@ BACKENDS = ("openai", "openai_batch", "vllm", "replay")
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.refine")
     p.add_argument("--input", required=True, help="decontaminate shards: Parquet and/or webdataset .tar")
     p.add_argument(
         "--allow_unfinished_input",
@@ -95,7 +95,7 @@ def build_parser():
     )
     p.add_argument("--entities", required=True, help="the catalog (for Wikipedia summaries)")
     p.add_argument("--entity_index", default=None, help="entity index (grounding); required unless --estimate_only")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--llm_backend", choices=BACKENDS, default=None, help="required unless --estimate_only")
     p.add_argument("--model", required=True, help="model id sent to the endpoint (and part of the cache key)")
     p.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
@@ -129,8 +129,8 @@ def build_parser():
     p.add_argument("--cache", default=None, help="response cache folder (local or gs://)")
     p.add_argument("--mode", choices=MODES, default="correct", help="direct = ask without the candidate (ablation)")
     p.add_argument("--context", choices=CONTEXTS, default="wiki_caption", help="none = no caption / summary (ablation)")
-    p.add_argument("--verify_prompt", default="v1")
-    p.add_argument("--rationale_prompt", default="v1")
+    p.add_argument("--verify_prompt", default="v1", help="version of the verify prompt in prompts/ (recorded in the manifest)")
+    p.add_argument("--rationale_prompt", default="v1", help="version of the rationale + QA prompt in prompts/")
     p.add_argument("--max_concurrency", type=int, default=16, help="requests in flight per SDK process (a cap)")
     p.add_argument(
         "--max_total_concurrency",
@@ -170,8 +170,8 @@ def build_parser():
     p.add_argument("--retry_backoff", type=float, default=1.0, help="first retry delay in seconds (doubles, full jitter)")
     p.add_argument("--max_reasks", type=int, default=1, help="re-asks after an answer that fails the schema")
     p.add_argument("--structured_output", choices=DIALECTS, default="json_schema", help="first form tried; falls back")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max_tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every LLM request")
+    p.add_argument("--max_tokens", type=int, default=512, help="output token cap of every LLM request")
     p.add_argument(
         "--max_image_side",
         type=int,
@@ -179,7 +179,7 @@ def build_parser():
         help="downscale images whose longer side is larger before sending them (JPEG q90; the cache key "
         "is computed on what is sent); 0 = send as stored",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed sent with each request (where the backend honours it)")
     p.add_argument("--min_ground_score", type=float, default=0.8, help="embedding grounding floor (cosine)")
     p.add_argument("--usd_per_million_input_tokens", type=float, default=None, help="online price (manifest and estimate)")
     p.add_argument("--usd_per_million_output_tokens", type=float, default=None, help="online price (manifest and estimate)")
@@ -193,8 +193,8 @@ def build_parser():
     )
     p.add_argument("--expected_verify_tokens", type=int, default=60, help="estimate: output tokens of a verify answer")
     p.add_argument("--expected_rationale_tokens", type=int, default=350, help="estimate: output tokens of a rationale + QA answer")
-    p.add_argument("--formats", default=",".join(SHARD_FORMATS))
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--formats", default=",".join(SHARD_FORMATS), help=f"comma list of {SHARD_FORMATS}")
+    p.add_argument("--threads", type=int, default=0, help="torch/faiss threads of the grounder; 0 = cores / processes")
     p.add_argument(
         "--share_grounding",
         choices=("auto", "yes", "no"),
@@ -202,7 +202,7 @@ def build_parser():
         help="hold the grounding tables, the faiss index and the text encoder once per machine and "
         "serve them to every SDK process (auto: when the runner starts more than one process per machine)",
     )
-    p.add_argument("--num_shards", type=int, default=0)
+    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides (no shuffle)")
     return p
 
 

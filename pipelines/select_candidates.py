@@ -72,12 +72,13 @@ IMG2DATASET_EXTRA = ["qid", "title", "score", "rank", "entity_id"]
 
 
 def build_parser():
-    p = new_parser(__doc__.split("\n\n")[0])
+    p = new_parser(__doc__.split("\n\n")[0], "pipelines.select_candidates")
     p.add_argument("--entity_index", required=True, help="directory written by build_entity_index")
     p.add_argument("--captions", required=True, help="caption shards: path, dir, glob or comma list")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--k", type=int, default=50, help="images kept per entity (top-K captions)")
-    p.add_argument("--caption_format", choices=CAPTION_FORMATS, default="laion_parquet")
+    p.add_argument("--caption_format", choices=CAPTION_FORMATS, default="laion_parquet",
+                   help="laion_parquet: URL/TEXT metadata; webdataset: img2dataset .tar shards; parquet: caption + image columns")
     p.add_argument(
         "--per_caption_entities",
         type=int,

@@ -37,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.cli import Parser
 from transforms.common import UsageError
 from transforms.formats.media import IMAGE_SUFFIXES
 
@@ -45,22 +46,17 @@ log = logging.getLogger("trainer.predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.predict",
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = Parser("trainer.predict", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a trainer.train --output")
     p.add_argument("--oven", required=True, help="OVEN annotation JSON lines (data_id, image_id, question, ...)")
     p.add_argument("--images", required=True, help="folder with IMAGE_ID.<ext>, flat or in sub-folders")
     p.add_argument("--output", required=True, help="predictions JSON lines")
-    p.add_argument("--decoding", choices=("constrained", "free"), default="constrained")
-    p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--decoding", choices=("constrained", "free"), default="constrained", help="constrained: only valid entity codes")
+    p.add_argument("--num_beams", type=int, default=4, help="beam search width")
+    p.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     p.add_argument("--question", default=None, help="ask this question of every image")
     p.add_argument("--max_name_tokens", type=int, default=24, help="longest generated name (name-target models)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--limit", type=int, default=0, help="predict only the first N annotations (0 = all)")
     return p
 

@@ -16,12 +16,13 @@ how many are missing, unless --allow_partial (then a missing prediction counts a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Optional
+
+from transforms.cli import Parser
 
 EPS = 1e-12
 
@@ -107,17 +108,21 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    ap.add_argument("--reference", required=True)
-    ap.add_argument("--predictions", required=True)
+def build_parser() -> Parser:
+    ap = Parser("trainer.score", __doc__.split("\n\n")[0])
+    ap.add_argument("--reference", required=True, help="OVEN annotation JSON lines with the true entity_id")
+    ap.add_argument("--predictions", required=True, help="JSON lines with data_id and the predicted entity id")
     ap.add_argument("--output", default=None, help="write the metrics as JSON here")
     ap.add_argument("--allow_partial", action="store_true", help="score missing predictions as wrong")
     ap.add_argument(
         "--prediction_field", default="pred_entity_id",
         help="prediction column to score, e.g. top_beam_entity_id for GER's top-beam accuracy",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
     try:
         m = score(_read_jsonl(args.reference, "--reference"), _read_jsonl(args.predictions, "--predictions"), args.allow_partial, args.prediction_field)
     except (ScoreError, FileNotFoundError) as e:

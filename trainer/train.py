@@ -35,6 +35,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
+from transforms.cli import Parser
 from transforms.common import UsageError
 
 log = logging.getLogger("trainer.train")
@@ -53,43 +54,38 @@ MODEL_FLAGS = ("model_config", "init", "entity_target")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.train",
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = Parser("trainer.train", __doc__.split("\n\n")[0])
     p.add_argument("--train", required=True, help="shards: a glob, folder or comma list (.parquet, .tfrecord, .tar)")
     p.add_argument("--codes", required=True, help="output folder of pipelines.build_codes (codes.parquet, tokenizer.json)")
     p.add_argument("--output", required=True, help="local (or mounted) folder for checkpoints and logs")
-    p.add_argument("--model_config", choices=("tiny", "base", "large"), default="large")
+    p.add_argument("--model_config", choices=("tiny", "base", "large"), default="large", help="GIT size (tiny: tests and demo)")
     p.add_argument("--init", default=None, help="pre-trained GIT: a Hugging Face id (microsoft/git-large) or a folder")
-    p.add_argument("--entity_target", choices=("code", "name"), default="code")
+    p.add_argument("--entity_target", choices=("code", "name"), default="code", help="decode GER-ALD codes or entity names")
     p.add_argument("--task_weights", default="entity=1,rationale=0.5,qa=0.5", help="TASK=WEIGHT,... over entity, rationale, qa")
-    p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain")
+    p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain", help="pretrain on curated shards, finetune on OVEN")
     p.add_argument("--question", default=None, help="question of the entity task in finetune (default: OVEN's)")
-    p.add_argument("--max_steps", type=int, default=1000)
+    p.add_argument("--max_steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--batch_size", type=int, default=32, help="per rank, per micro-step")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="image-encoder LR (default by --stage)")
-    p.add_argument("--decoder_lr_multiplier", type=float, default=10.0)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--warmup_steps", type=int, default=None)
+    p.add_argument("--decoder_lr_multiplier", type=float, default=10.0, help="text decoder LR = --lr x this")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--warmup_steps", type=int, default=None, help="linear warm-up steps (default by --stage)")
     p.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of the peak LR")
-    p.add_argument("--label_smoothing", type=float, default=None)
+    p.add_argument("--label_smoothing", type=float, default=None, help="cross-entropy label smoothing (default by --stage)")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: bf16 on a GPU that has it, else fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--num_workers", default="auto", help="data-loader worker processes per rank")
-    p.add_argument("--shuffle_buffer", type=int, default=2000)
-    p.add_argument("--crop", choices=("inception", "center"), default="inception")
-    p.add_argument("--crop_min_scale", type=float, default=0.08)
-    p.add_argument("--max_text_tokens", type=int, default=64)
-    p.add_argument("--save_every", type=int, default=1000)
-    p.add_argument("--keep_checkpoints", type=int, default=3)
-    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--shuffle_buffer", type=int, default=2000, help="samples held per worker to shuffle the stream")
+    p.add_argument("--crop", choices=("inception", "center"), default="inception", help="training crop of the image")
+    p.add_argument("--crop_min_scale", type=float, default=0.08, help="smallest area share of an inception crop")
+    p.add_argument("--max_text_tokens", type=int, default=64, help="target tokens kept per sample")
+    p.add_argument("--save_every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept")
+    p.add_argument("--log_every", type=int, default=10, help="steps between log lines")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --output) | never | a checkpoint folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and crops")
     return p
 
 

@@ -31,29 +31,25 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import IterableDataset
 
+from transforms.cli import Parser
 from transforms.common import UsageError
 
 log = logging.getLogger("trainer.visual_matching")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m trainer.visual_matching",
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = Parser("trainer.visual_matching", __doc__.split("\n\n")[0])
     p.add_argument("--memory", required=True, help="curated shards: glob, folder or comma list")
     p.add_argument("--oven", required=True, help="OVEN annotation JSON lines")
     p.add_argument("--images", required=True, help="folder with IMAGE_ID.<ext>, flat or in sub-folders")
     p.add_argument("--output", required=True, help="predictions JSON lines")
-    p.add_argument("--k", type=int, default=500)
-    p.add_argument("--label_field", choices=("qid", "candidate_qid"), default="qid")
-    p.add_argument("--clip_model", default="ViT-L-14")
+    p.add_argument("--k", type=int, default=500, help="nearest memory images voting per query")
+    p.add_argument("--label_field", choices=("qid", "candidate_qid"), default="qid", help="label of a memory image: the refined or the retrieved entity")
+    p.add_argument("--clip_model", default="ViT-L-14", help="open_clip architecture")
     p.add_argument("--clip_pretrained", default="openai", help="tag, checkpoint path, or none (random weights)")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="images per CLIP call")
     p.add_argument("--num_workers", type=int, default=-1, help="decoding processes (-1: cores - 1)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--memory_cache", default=None, help="folder to store / reuse the memory embeddings")
     return p
 

@@ -19,15 +19,13 @@ from typing import Optional
 
 from apache_beam.options import pipeline_options as po
 
+from transforms.cli import Parser, unrecognized
 from transforms.common import AccountingError, UsageError
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        description=description,
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def new_parser(description: str, module: str = "") -> Parser:
+    """The parser of a Beam pipeline command (its --help lists Beam's pass-through options)."""
+    return Parser(module or "pipelines", description, beam=True)
 
 
 def _beam_parser() -> argparse.ArgumentParser:
@@ -49,18 +47,27 @@ def _beam_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags -> Namespace, and the rest, which must all be Beam pipeline options: an
+    unknown or misspelt flag is an error naming it (and the flag it most likely meant)."""
+    args, rest = parser.parse_known_args(list(argv))
+    beam = _beam_parser()
+    _, unknown = beam.parse_known_args(rest)
+    if unknown:
+        ours = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]  # noqa: SLF001
+        theirs = [s for a in beam._actions for s in a.option_strings if s.startswith("--")]  # noqa: SLF001
+        parser.error(
+            unrecognized(unknown, ours + theirs)
+            + " (neither a flag of this command nor a Beam pipeline option; see --help)"
+        )
+    return args, rest
+
+
 def parse(
     parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
 ) -> tuple[argparse.Namespace, po.PipelineOptions]:
     """Our flags -> Namespace, the rest -> PipelineOptions; unknown flags are an error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = parser.parse_known_args(argv)
-    _, unknown = _beam_parser().parse_known_args(rest)
-    if unknown:
-        parser.error(
-            f"unrecognized arguments: {' '.join(unknown)} "
-            "(neither a flag of this pipeline nor a Beam pipeline option; see --help)"
-        )
+    args, rest = split_args(parser, list(sys.argv[1:] if argv is None else argv))
     if not any(a == "--runner" or a.startswith("--runner=") for a in rest):
         # Beam's default runner tries to download the Prism binary first; be explicit.
         rest.append("--runner=DirectRunner")

@@ -1,0 +1,54 @@
+"""Command-line conventions shared by every command (pipelines and trainer), without
+importing Beam: usage `python -m MODULE`, defaults shown in --help, no abbreviated flags,
+and a misspelt flag answered with the flag that was meant."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Sequence
+
+BEAM_EPILOG = (
+    "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
+    "--direct_num_workers N --direct_running_mode multi_processing (local processes), --project, --region, "
+    "--temp_location, --max_num_workers, --machine_type, --sdk_container_image, ... (any option of "
+    "apache_beam.options.pipeline_options)."
+)
+
+
+def suggest(flag: str, known: Sequence[str]) -> str:
+    """`flag` (or `--flag=value`), with the known flag it most likely meant."""
+    name = flag.split("=", 1)[0]
+    if not name.startswith("--"):
+        return flag
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
+def unrecognized(unknown: Sequence[str], known: Sequence[str]) -> str:
+    return "unrecognized arguments: " + " ".join(suggest(u, known) for u in unknown)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the conventions of every command here: usage `python -m MODULE`,
+    defaults shown in --help, no abbreviated flags, and a misspelt flag answered with the
+    flag that was meant (`--treshold` -> `--threshold`)."""
+
+    def __init__(self, module: str, description: str, beam: bool = False, **kw):
+        super().__init__(
+            prog=f"python -m {module}",
+            description=description,
+            allow_abbrev=False,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            epilog=BEAM_EPILOG if beam else kw.pop("epilog", None),
+            **kw,
+        )
+
+    def flags(self) -> list[str]:
+        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's, with suggestions
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras, self.flags()))
+        return ns
