@@ -1,7 +1,10 @@
 """Build GER entity codes (ALD by default) for every catalog entity.
 
-    python -m pipelines.build_codes --entities wiki6m.jsonl --tokenizer bert-base-uncased \\
+    python -m pipelines.build_codes --entity_index out/entity_index --tokenizer bert-base-uncased \\
         --output out/codes [--code_length 4] [--seed 0] [--strategy ald|caption|atomic|hkc]
+
+The entities come from the entity index (its `entities.parquet`: already free of duplicate
+QIDs, so their rejects stay in one place, the index's) or from a raw catalog (`--entities`).
 
 A Beam pipeline: titles are tokenized in parallel, token counts are summed over the whole
 catalog, then one worker visits the entities in a seeded random order and resolves
@@ -42,6 +45,7 @@ from transforms.common import (
 from transforms.entity_index import CollapseDuplicateQids
 from transforms.formats.shards import count_records
 from transforms.options import cli_main, new_parser, parse, positive
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED, ReadCatalogFile
 from transforms.schema import Entity
 from transforms.sinks import WriteRejects
@@ -51,15 +55,35 @@ log = logging.getLogger(__name__)
 
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0], "pipelines.build_codes")
-    p.add_argument("--entities", required=True, help="catalog: JSONL(.gz) or Parquet")
+    p.add_argument("--entities", default=None,
+                   help="catalog: JSONL(.gz) or Parquet (default: the entities of --entity_index, which must then be given)")
     p.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, a local folder or a Hugging Face id")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument("--code_length", type=int, default=4, help="L: tokens per code, EOS included")
     p.add_argument("--seed", type=int, default=0, help="seed of the collision order, random tokens and hkc k-means")
     p.add_argument("--strategy", choices=STRATEGIES, default="ald",
                    help="ald: GER's rarest title tokens; caption: title tokens in order; atomic: random unique tokens; hkc: hierarchical k-means of the index embeddings")
-    p.add_argument("--entity_index", default=None, help="entity index whose embeddings hkc clusters (required for hkc)")
+    p.add_argument("--entity_index", default=None,
+                   help="entity index: its entities are coded when --entities is not given; hkc clusters its embeddings")
     return p
+
+
+class ReadIndexEntities(beam.DoFn):
+    """An entity index's `entities.parquet` -> Entity records in int_id order (the index
+    already collapsed duplicate QIDs; int ids stay the index's)."""
+
+    def process(self, path: str):
+
+        from transforms.common import open_read
+
+        read, ok = progress_counter("catalog_rows_read"), progress_counter("catalog_rows_ok")
+        with open_read(path) as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(columns=["int_id", "qid", "title"], batch_size=65536):
+                for int_id, qid, title in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                    read.inc()
+                    ok.inc()
+                    yield Entity(qid=qid, title=title, file_index=0, row=int_id)
 
 
 class Tokenize(beam.DoFn):
@@ -153,17 +177,32 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         from transforms.entity_index import read_manifest
 
         read_manifest(args.entity_index)
-    inputs = match_files(args.entities, "--entities")
+    if args.entities:
+        inputs = match_files(args.entities, "--entities")
+    elif args.entity_index:
+        from transforms.entity_index import ENTITIES_FILE, read_manifest
+
+        read_manifest(args.entity_index)
+        inputs = [f"{args.entity_index.rstrip('/')}/{ENTITIES_FILE}"]
+    else:
+        raise UsageError("give the entities to code: --entity_index DIR (an entity index) or --entities FILE (a catalog)")
     try:
         WordPiece(args.tokenizer).load()
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--tokenizer {args.tokenizer!r} could not be loaded: {e}") from e
     p = test_pipeline or beam.Pipeline(options=options)
-    read = (
-        p
-        | "Files" >> beam.Create(list(enumerate(inputs)))
-        | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
-    )
+    if args.entities:
+        read = (
+            p
+            | "Files" >> beam.Create(list(enumerate(inputs)))
+            | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
+        )
+    else:
+        read = (
+            p
+            | "IndexFile" >> beam.Create(inputs)
+            | "ReadIndexEntities" >> beam.ParDo(ReadIndexEntities()).with_outputs(REJECTED, main="entities")
+        )
     deduped = (
         read.entities
         | "ByQid" >> beam.Map(lambda e: (e.qid, e))
@@ -190,7 +229,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     if is_dry_run(options):
         return build_only(p, "build_codes")
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    counters, seconds = run_and_count(p, "build_codes")
     base = read_json(FileSystems.join(args.output, "manifest.json"))
     # The codes table counted again in the finished file, not by its writer.
     written = count_records(FileSystems.join(args.output, "codes.parquet"))

@@ -189,7 +189,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     if args.text_backend != "torch":
         encoder = export_encoder(args.text_model, encoder_path(args), args.text_backend)
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    counters, seconds = run_and_count(p, "build_entity_index")
     # FinalizeEntityIndex wrote the index's own manifest; the run's accounting joins it.
     base = read_json(f"{args.output.rstrip('/')}/{MANIFEST_FILE}")
     base["text_backend"] = args.text_backend

@@ -41,7 +41,6 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.accounting import (
@@ -51,6 +50,7 @@ from transforms.accounting import (
     finish_run,
     input_summary,
     prepare_output,
+    rows_listed,
     written_gaps,
 )
 from transforms.clip import (
@@ -61,7 +61,6 @@ from transforms.clip import (
     validate_clip_args,
 )
 from transforms.common import (
-    METRICS_NAMESPACE,
     UsageError,
     build_only,
     is_dry_run,
@@ -90,6 +89,7 @@ from transforms.formats.keys import input_root
 from transforms.formats.webdataset import is_tar
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED, ShardUnits
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.sinks import DeadLetters, WriteRejects
@@ -177,7 +177,7 @@ def _with_image(item):
 
 def _eval_vector(kv):
     (eval_id, _facts), vec = kv[0], kv[1].inference
-    Metrics.counter(METRICS_NAMESPACE, "eval_images_embedded").inc()
+    progress_counter("eval_images_embedded").inc()
     return eval_id, vec
 
 
@@ -407,7 +407,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             eval_manifest = build_only(ep, "decontaminate (phase 1: evaluation set)")
         else:
             started = dt.datetime.now(dt.UTC)
-            counters, seconds = run_and_count(ep)
+            counters, seconds = run_and_count(ep, "decontaminate (evaluation set)")
             eval_manifest = finish_run(
                 name="decontaminate, evaluation set",
                 output=eval_dir,
@@ -435,7 +435,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
     prepare_output(out, (SHARD_NAME,))
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    listed = rows_listed(inputs)
+    counters, seconds = run_and_count(p, "decontaminate", ("candidates_read", listed) if listed else None)
     lines = []
     if not coverage["complete"]:
         lines.append(

@@ -24,11 +24,14 @@ No CLIP weights can be downloaded offline, so step 4 uses a random-weight ViT-S-
 default. Random weights only separate near-exact copies (cosine >= 0.9997 here) from the
 rest (<= 0.997), hence the demo's --threshold 0.999; with real weights use GER's setting:
 `--clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95`.
-Takes about 90 s on 2 cores (after the install). Prints where every output is and a sample of them.
+Takes about 2 minutes on 2 cores (after the install). Prints one line per stage, a sample of what
+each made, and where everything is; writes the same text to <output>/README.md, the summary of
+the whole chain that links each stage's dataset card and viewer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -45,65 +48,86 @@ from transforms.cli import Parser
 from transforms.options import split_args
 
 
-def _show_candidates(out_dir: str, n_entities: int = 6) -> None:
+class Report:
+    """What the demo prints: kept in order so the same text goes to `<output>/README.md`,
+    the summary of the whole chain. Stages print their own counter tables into
+    `<output>/logs/<stage>.log`; progress and library logs go to stderr."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.extend(text.split("\n"))
+
+
+@contextlib.contextmanager
+def _stage_log(out: str, name: str):
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    with open(os.path.join(out, "logs", f"{name}.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        yield
+
+
+def _show_candidates(say: Report, out_dir: str) -> None:
     files = sorted(glob.glob(os.path.join(out_dir, "candidates-*.parquet")))
     table = pq.read_table(files, columns=["qid", "title", "rank", "score", "caption", "key"]).to_pylist()
     by_entity = defaultdict(list)
     for r in table:
         by_entity[(r["qid"], r["title"])].append(r)
-    print(f"\n{len(table)} images selected for {len(by_entity)} entities; a sample:")
-    # A few entities worth looking at (homonyms, a non-ASCII title), then the busiest ones.
-    wanted = ["Eiffel Tower", "Jaguar", "Jaguar Cars", "Mercury (planet)", "Sagrada Família"]
-    chosen = [kv for kv in by_entity.items() if kv[0][1] in wanted]
-    busiest = sorted(by_entity.items(), key=lambda kv: (-len(kv[1]), kv[0][1]))
-    chosen += [kv for kv in busiest if kv not in chosen][: max(0, n_entities + len(wanted) - len(chosen) - 3)]
-    for (qid, title), rows in chosen:
-        print(f"  {title} ({qid})")
-        for r in sorted(rows, key=lambda r: r["rank"])[:3]:
-            print(f"    #{r['rank']}  {r['score']:.3f}  {r['caption'][:70]}")
+    say(f"\n{len(table)} images selected for {len(by_entity)} entities; a sample (homonyms, and a caption that matches the wrong thing):")
+    for wanted in SAMPLE_ENTITIES:
+        for (qid, title), rows in sorted(by_entity.items()):
+            if title != wanted:
+                continue
+            say(f"  {title} ({qid})")
+            for r in sorted(rows, key=lambda r: (r["rank"], r["key"]))[:3]:
+                say(f"    #{r['rank']}  {r['score']:.3f}  {r['caption'][:70]}")
 
 
-def _show_rejects(out_dir: str) -> None:
-    reasons = Counter()
-    for path in glob.glob(os.path.join(out_dir, "rejected", "*", "*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                reasons[(r["stage"], r["reason"])] += r["count"]
-    print("\nrejected (stage / reason / records):")
-    for (stage, reason), n in sorted(reasons.items()):
-        print(f"  {stage:<14} {reason:<26} {n}")
+SAMPLE_ENTITIES = ("Mercury (planet)", "Jaguar Cars", "Jaguar", "Girl with a Pearl Earring")
 
 
-def _show_decontamination(shards_dir: str, copies: dict) -> None:
+def _show_rejects(say: Report, folders: dict) -> None:
+    from transforms.card import reject_counts
+
+    rows = []
+    for label, folder in folders.items():
+        manifest = json.load(open(os.path.join(folder, "manifest.json"), encoding="utf-8"))
+        rows += [(label, stage, reason, n) for stage, reason, n in reject_counts(folder, manifest.get("counters", {}))]
+    say("\nrejected (output / stage / reason / records; each record is in <output>/rejected/<stage>/):")
+    for label, stage, reason, n in rows:
+        say(f"  {label:<12} {stage:<14} {reason:<26} {n:>6,}")
+
+
+def _show_decontamination(say: Report, shards_dir: str, copies: dict) -> None:
     dropped = {}
     for path in glob.glob(os.path.join(shards_dir, "rejected", "decontaminate", "*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
                 dropped[r["key"]] = json.loads(r["record_json"])
-    print("\ndecontamination (evaluation copies of selected images -> caught?):")
+    say("\ndecontamination (evaluation copies of selected images -> caught?):")
     for kind in EVAL_KINDS:
         keys = [k for name, k in copies.items() if name.startswith(kind + "__")]
         caught = sum(k in dropped for k in keys)
         sims = [dropped[k]["similarity"] for k in keys if k in dropped]
         low = f", lowest cosine {min(sims):.4f}" if sims else ""
-        print(f"  {kind:<10} {caught}/{len(keys)} caught{low}")
+        say(f"  {kind:<10} {caught}/{len(keys)} caught{low}")
     others = [k for k in dropped if k not in set(copies.values())]
-    print(f"  other images dropped: {len(others)}")
+    say(f"  other images dropped: {len(others)}")
 
 
-def _show_refined(rew_dir: str) -> None:
+def _show_refined(say: Report, rew_dir: str) -> None:
     files = sorted(glob.glob(os.path.join(rew_dir, "samples-*.parquet")))
-    rows = pq.read_table(files).to_pylist() if files else []
+    rows = sorted(pq.read_table(files).to_pylist(), key=lambda r: r["key"]) if files else []
     changed = [r for r in rows if r["changed"]]
-    print(f"\nREW (scripted replay answers): {len(rows)} refined, {len(changed)} labels corrected; e.g.:")
+    say(f"\nREW (scripted replay answers): {len(rows)} refined, {len(changed)} labels corrected; e.g.:")
     for r in changed[:3]:
-        print(f"  {r['caption'][:60]!r}\n    {r['candidate_title']} ({r['candidate_qid']}) -> {r['title']} ({r['qid']}) [{r['grounding_method']}]")
+        say(f"  {r['caption'][:60]!r}\n    {r['candidate_title']} ({r['candidate_qid']}) -> {r['title']} ({r['qid']}) [{r['grounding_method']}]")
     if rows:
         r = rows[0]
         qa = json.loads(r["qa_json"])[0]
-        print(f"  rationale: {r['rationale'][:110]}\n  QA: {qa['question']} -> {qa['answer']}")
+        say(f"  rationale: {r['rationale'][:110]}\n  QA: {qa['question']} -> {qa['answer']}")
 
 
 def build_parser() -> Parser:
@@ -117,103 +141,175 @@ def build_parser() -> Parser:
     return ap
 
 
+def _check(manifest: dict) -> str:
+    verdict = manifest.get("count_check", "?")
+    return "counts add up" if verdict == "ok" else f"COUNT CHECK: {verdict}"
+
+
 def main(argv=None) -> dict:
     args, beam_args = split_args(build_parser(), sys.argv[1:] if argv is None else argv)
-    out = os.path.abspath(args.output)
+    out = args.output.rstrip("/") or "."
     started = time.time()
+    say = Report()
+    say(f"entityforge demo: the whole chain on the bundled data -> {out}/")
+    say("(progress and library logs go to stderr; each stage's counters to its card and to logs/)\n")
     data = write_corpus(os.path.join(out, "data"))
-    print(f"demo corpus: {data['samples']} captioned images -> {out}/data")
+    say(f"1 corpus          {data['samples']} captioned images in webdataset shards, "
+        f"{sum(1 for line in open(data['entities'], encoding='utf-8') if line.strip())} catalog lines")
     index_dir = os.path.join(out, "entity_index")
-    build_entity_index.run(["--entities", data["entities"], "--output", index_dir, *beam_args])
+    with _stage_log(out, "build_entity_index"):
+        index = build_entity_index.run(["--entities", data["entities"], "--output", index_dir, *beam_args])
+    say(f"2 entity index    {index['num_entities']} entities ({index['counters'].get('rejected_dedup_duplicate_qid', 0)} "
+        f"duplicate QIDs), {index['model']}, dim {index['dimension']}, {index['index_factory']} index; {_check(index)}")
     cand_dir = os.path.join(out, "candidates")
-    summary = select_candidates.run(
-        [
-            "--entity_index", index_dir,
-            "--captions", data["webdataset"],
-            "--caption_format", "webdataset",
-            "--k", str(args.k),
-            "--output", cand_dir,
-            *beam_args,
-        ]
-    )
-    _show_candidates(cand_dir)
+    with _stage_log(out, "select_candidates"):
+        summary = select_candidates.run(
+            [
+                "--entity_index", index_dir,
+                "--captions", data["webdataset"],
+                "--caption_format", "webdataset",
+                "--k", str(args.k),
+                "--output", cand_dir,
+                *beam_args,
+            ]
+        )
+    c = summary["counters"]
+    say(f"3 selection       {c.get('written_candidates', 0)} images kept of {c.get('captions_rows_read', 0)} captions "
+        f"(top-{args.k} per entity, one entity per image); {_check(summary)}")
     eval_dir = os.path.join(out, "data", "eval_images")
     copies = write_eval_set(os.path.join(cand_dir, "candidates-*.parquet"), eval_dir)
     shards_dir = os.path.join(out, "shards")
-    dec = decontaminate.run(
-        [
-            "--input", os.path.join(cand_dir, "candidates-*.parquet"),
-            "--eval_images", eval_dir,
-            "--output", shards_dir,
-            "--clip_model", args.clip_model,
-            "--clip_pretrained", args.clip_pretrained,
-            "--threshold", str(args.threshold),
-            *beam_args,
-        ]
-    )
-    _show_decontamination(shards_dir, copies)
-    if args.clip_pretrained.lower() == "none":
-        print(
-            "  (random CLIP weights: only near-exact copies stand out; crops score like unrelated images.\n"
-            "   With real weights run: --clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95)"
+    with _stage_log(out, "decontaminate"):
+        dec = decontaminate.run(
+            [
+                "--input", os.path.join(cand_dir, "candidates-*.parquet"),
+                "--eval_images", eval_dir,
+                "--output", shards_dir,
+                "--clip_model", args.clip_model,
+                "--clip_pretrained", args.clip_pretrained,
+                "--threshold", str(args.threshold),
+                *beam_args,
+            ]
         )
+    c = dec["counters"]
+    say(f"4 decontaminate   {c.get('decontaminate_kept', 0)} kept, {c.get('decontaminate_dropped', 0)} dropped as copies of "
+        f"the {dec.get('eval_images', {}).get('embedded', '?')} evaluation images (CLIP {args.clip_model}, cosine > {args.threshold:g}); {_check(dec)}")
     rew_dir = os.path.join(out, "rew")
     demo_cache = build_demo_cache(
         os.path.join(shards_dir, "samples-*.parquet"), os.path.join(out, "data", "rew_input"), os.path.join(out, "data", "llm_cache")
     )
-    rew = refine.run(
-        [
-            "--input", demo_cache["input"],
-            "--entities", data["entities"],
-            "--entity_index", index_dir,
-            "--llm_backend", "replay",
-            "--cache", os.path.join(out, "data", "llm_cache"),
-            "--model", DEMO_MODEL,
-            "--output", rew_dir,
-            *beam_args,
-        ]
-    )
-    _show_refined(rew_dir)
-    trained = _train_and_score(out, rew_dir, data["entities"], args.train_steps, beam_args) if args.train_steps > 0 else None
-    _show_rejects(index_dir)
-    _show_rejects(cand_dir)
-    _show_rejects(shards_dir)
-    _show_rejects(rew_dir)
-    print(
-        f"\nDone in {time.time() - started:.0f} s. Outputs:\n"
-        f"  entity index  {index_dir}/ (entities.parquet, embeddings.npy, entities.faiss, manifest.json)\n"
-        f"  candidates    {cand_dir}/candidates-*.parquet (with images), manifest.json\n"
-        f"  eval images   {eval_dir}/ (copies named <kind>__<candidate key, / as -->.jpg, unrelated_*.jpg)\n"
-        f"  shards        {shards_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
-        f"  REW shards    {rew_dir}/samples-*.parquet|.tfrecord|.tar, manifest.json\n"
-        f"  codes, model  {out}/codes/ (codes.parquet, tokenizer.json), {out}/model/checkpoints/\n"
-        f"  evaluation    {out}/data/oven_eval/ (OVEN JSON lines + images), {out}/predictions.jsonl, {out}/metrics.json\n"
-        f"  rejects       rejected/<stage>/ under each of the above"
-    )
+    with _stage_log(out, "refine"):
+        rew = refine.run(
+            [
+                "--input", demo_cache["input"],
+                "--entities", data["entities"],
+                "--entity_index", index_dir,
+                "--llm_backend", "replay",
+                "--cache", os.path.join(out, "data", "llm_cache"),
+                "--model", DEMO_MODEL,
+                "--output", rew_dir,
+                *beam_args,
+            ]
+        )
+    v = rew.get("verdicts", {})
+    say(f"5 REW             {rew['counters'].get('samples_read', 0)} labels checked: {v.get('correct', 0)} correct, "
+        f"{v.get('corrected', 0)} corrected, {v.get('not_an_entity', 0)} not an entity; {_check(rew)}")
+    trained = _train_and_score(say, out, rew_dir, args.train_steps, beam_args) if args.train_steps > 0 else None
+    _show_candidates(say, cand_dir)
+    _show_decontamination(say, shards_dir, copies)
+    if args.clip_pretrained.lower() == "none":
+        say(
+            "  (random CLIP weights: only near-exact copies stand out; crops score like unrelated images.\n"
+            "   With real weights run: --clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95)"
+        )
+    _show_refined(say, rew_dir)
+    if trained:
+        t, codes = trained["train"], trained["codes"]
+        say(
+            f"\ntraining: {codes['entities']} ALD codes ({100 * codes['random_fallback_share']:.2f} % random fallbacks); "
+            f"tiny GIT, {t['steps']} steps, loss {t['first_loss']:.2f} -> {t['last_loss']:.2f}, {t['samples_per_s']:.0f} samples/s"
+        )
+        say("OVEN-style evaluation (seen = the training images: a memorisation check; unseen = entities never trained on):")
+        say(trained["table"])
+    folders = {"entity_index": index_dir, "candidates": cand_dir, "shards": shards_dir, "rew": rew_dir}
+    if trained:
+        folders["codes"] = os.path.join(out, "codes")
+    _show_rejects(say, folders)
+    outputs = [
+        ("entity index", "entity_index/", "entities.parquet, embeddings.npy, entities.faiss"),
+        ("candidates", "candidates/", "candidates-*.parquet (with images)"),
+        ("shards", "shards/", "samples-*.parquet|.tfrecord|.tar"),
+        ("REW shards", "rew/", "samples-*.parquet|.tfrecord|.tar, with rationales and QA"),
+    ]
+    if trained:
+        outputs += [("codes", "codes/", "codes.parquet, tokenizer.json"), ("model", "model/", "checkpoints/, train_log.jsonl")]
+    say("\noutputs (each with manifest.json, a dataset card README.md with plots, and rejected/):")
+    for name, folder, what in outputs:
+        viewer = "  + viewer.html" if os.path.exists(os.path.join(out, folder, "viewer.html")) else ""
+        say(f"  {name:<13} {out}/{folder:<14} {what}{viewer}")
+    if trained:
+        say(f"  {'evaluation':<13} {out}/{'data/oven_eval/':<14} OVEN JSON lines + images; {out}/predictions.jsonl, {out}/metrics.json")
+    summary_path = _write_summary(out, say, outputs)
+    say(f"\nsummary of the whole chain: {summary_path}   browse the data: {out}/rew/viewer.html")
+    say(f"Done in {time.time() - started:.0f} s.")
+    with open(summary_path, "a", encoding="utf-8") as f:
+        f.write(f"Done in {time.time() - started:.0f} s.\n```\n")
+    summary["entity_index"] = index
     summary["decontaminate"] = dec
     summary["refine"] = rew
     summary["train"] = trained
+    summary["printed"] = "\n".join(say.lines)
     return summary
 
 
-def _demo_tokenizer(rew_dir: str, entities: str, folder: str) -> str:
-    """A BERT WordPiece vocabulary trained on the demo catalog and REW texts (offline
-    stand-in for bert-base-uncased)."""
-    from tokenizers import BertWordPieceTokenizer
+def _write_summary(out: str, say: Report, outputs: list) -> str:
+    """`<output>/README.md`: the stages with links to their cards and viewers, then what
+    the demo printed (the last line is added when the demo ends)."""
+    lines = ["# entityforge demo run", "",
+             "The whole chain on the bundled demo data. Each stage's output folder has its own dataset card "
+             "(tables of its counts, plots) and, for the record-holding ones, a viewer:", "",
+             "| stage | output | card | viewer |", "|---|---|---|---|"]
+    for name, folder, what in outputs:
+        card = f"[README.md]({folder}README.md)" if os.path.exists(os.path.join(out, folder, "README.md")) else ""
+        viewer = f"[viewer.html]({folder}viewer.html)" if os.path.exists(os.path.join(out, folder, "viewer.html")) else ""
+        lines.append(f"| {name} | `{folder}` ({what}) | {card} | {viewer} |")
+    lines += ["", "What the demo printed:", "", "```", *say.lines]
+    path = os.path.join(out, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _demo_tokenizer(rew_dir: str, entities: str, folder: str, size: int = 3000) -> str:
+    """A BERT WordPiece vocabulary built from the demo catalog and REW texts (offline
+    stand-in for bert-base-uncased): the special tokens, every character alone and as a
+    `##` continuation, then whole words by frequency (ties by spelling). Built by counting,
+    not by `tokenizers`' trainer, whose tie-breaking changes from run to run; the same
+    inputs always give the same vocabulary, hence the same codes and training run."""
+    from tokenizers import normalizers, pre_tokenizers
 
     from trainer.data import GENERIC_QUESTIONS, OVEN_QUESTION, RATIONALE_QUESTION
 
     texts = [json.loads(line)["wikipedia_title"] for line in open(entities, encoding="utf-8") if line.strip()]
-    for r in pq.read_table(glob.glob(os.path.join(rew_dir, "samples-*.parquet")), columns=["rationale", "qa_json"]).to_pylist():
+    for r in pq.read_table(sorted(glob.glob(os.path.join(rew_dir, "samples-*.parquet"))), columns=["rationale", "qa_json"]).to_pylist():
         texts.append(r["rationale"] or "")
         for qa in json.loads(r["qa_json"] or "[]"):
             texts += [qa["question"], str(qa["answer"])]
-    texts += [*GENERIC_QUESTIONS, OVEN_QUESTION, RATIONALE_QUESTION] * 5
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator([t.lower() for t in texts], vocab_size=3000, min_frequency=1)
+    texts += [*GENERIC_QUESTIONS, OVEN_QUESTION, RATIONALE_QUESTION]
+    normalize = normalizers.BertNormalizer(lowercase=True)
+    split = pre_tokenizers.BertPreTokenizer()
+    words = Counter()
+    for t in texts:
+        words.update(w for w, _ in split.pre_tokenize_str(normalize.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    known = set(vocab)
+    vocab += [w for w, _ in sorted(words.items(), key=lambda wn: (-wn[1], wn[0])) if w not in known][: max(0, size - len(vocab))]
     os.makedirs(folder, exist_ok=True)
-    tok.save_model(folder)
-    return os.path.join(folder, "vocab.txt")
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    return path
 
 
 def write_demo_oven(rew_dir: str, entities: str, folder: str, unseen: int = 10, seed: int = 0) -> str:
@@ -250,14 +346,18 @@ def write_demo_oven(rew_dir: str, entities: str, folder: str, unseen: int = 10, 
     return path
 
 
-def _train_and_score(out: str, rew_dir: str, entities: str, steps: int, beam_args) -> dict:
+def _train_and_score(say: Report, out: str, rew_dir: str, steps: int, beam_args) -> dict:
     from pipelines import build_codes
     from trainer import predict, score
     from trainer import train as trainer_train
 
+    entities = os.path.join(out, "data", "entities.jsonl")
     vocab = _demo_tokenizer(rew_dir, entities, os.path.join(out, "data", "wordpiece"))
     codes_dir = os.path.join(out, "codes")
-    codes = build_codes.run(["--entities", entities, "--tokenizer", vocab, "--output", codes_dir, *beam_args])
+    with _stage_log(out, "build_codes"):
+        codes = build_codes.run(["--entity_index", os.path.join(out, "entity_index"), "--tokenizer", vocab, "--output", codes_dir, *beam_args])
+    say(f"6 codes           {codes['entities']} ALD entity codes ({'all unique' if codes['unique'] else 'NOT UNIQUE'}), "
+        f"{100 * codes['random_fallback_share']:.2f} % random fallbacks; {_check(codes)}")
     model_dir = os.path.join(out, "model")
     trained = trainer_train.run(
         [
@@ -268,6 +368,7 @@ def _train_and_score(out: str, rew_dir: str, entities: str, steps: int, beam_arg
             "--shuffle_buffer", "64",
         ]
     )
+    say(f"7 training        tiny GIT ({trained['parameters'] / 1e6:.1f}M parameters), {trained['steps']} steps on the REW shards")
     oven = write_demo_oven(rew_dir, entities, os.path.join(out, "data", "oven_eval"))
     predictions = os.path.join(out, "predictions.jsonl")
     pred = predict.run(["--checkpoint", model_dir, "--oven", oven, "--images", os.path.join(out, "data", "oven_eval", "images"),
@@ -277,14 +378,8 @@ def _train_and_score(out: str, rew_dir: str, entities: str, steps: int, beam_arg
     metrics = score.score(refs, preds)
     with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
-    print(
-        f"\ntraining: ALD codes for {codes['entities']} entities (random fallbacks {codes['random_fallback_share']}); "
-        f"tiny GIT, {trained['steps']} steps, loss {trained['first_loss']:.2f} -> {trained['last_loss']:.2f}, "
-        f"{trained['samples_per_s']:.0f} samples/s"
-    )
-    print("OVEN-style evaluation (seen = the training images: a memorisation check; unseen = entities never trained on):")
-    print(score.format_table(metrics))
-    return {"codes": codes, "train": trained, "predict": pred, "metrics": metrics}
+    say(f"8 evaluation      {pred['annotations']} OVEN annotations predicted (constrained beam search) and scored")
+    return {"codes": codes, "train": trained, "predict": pred, "metrics": metrics, "table": score.format_table(metrics)}
 
 
 if __name__ == "__main__":

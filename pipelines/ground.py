@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import RunInference
 
 from transforms.common import (
-    METRICS_NAMESPACE,
     build_only,
     format_counters,
     is_dry_run,
@@ -32,6 +30,7 @@ from transforms.common import (
 )
 from transforms.entity_index import read_manifest
 from transforms.options import cli_main, new_parser, parse
+from transforms.progress import counter as progress_counter
 from transforms.readers import ListFiles
 from transforms.refine import GroundingHandler, json_item
 from transforms.schema import Reject
@@ -56,7 +55,7 @@ def build_parser():
 
 
 def parse_line(line: str):
-    Metrics.counter(METRICS_NAMESPACE, "names_read").inc()
+    progress_counter("names_read").inc()
     try:
         obj = json.loads(line)
     except ValueError as e:
@@ -72,7 +71,7 @@ def parse_line(line: str):
 
 def to_line(element) -> str:
     obj, g = element
-    Metrics.counter(METRICS_NAMESPACE, f"grounded_{g.method}").inc()
+    progress_counter(f"grounded_{g.method}").inc()
     out = {**obj, "qid": g.qid, "title": g.title, "method": g.method, "score": round(float(g.score), 6), "ambiguous": g.ambiguous}
     return json.dumps(out, ensure_ascii=False)
 
@@ -106,7 +105,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     )
     if is_dry_run(options):
         return build_only(p, "ground")
-    counters, _ = run_and_count(p)
+    counters, _ = run_and_count(p, "ground")
     print(format_counters(counters, "ground counters"))
     print(f"grounded names: {args.output}   rejects: {args.output}.rejected.jsonl")
     return counters

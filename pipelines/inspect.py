@@ -154,9 +154,9 @@ def describe(folder: str, rows: int = 3) -> str:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such directory")
     manifest = _load(os.path.join(folder, MANIFEST))
-    if manifest is not None:
-        return "\n".join(describe_output(folder, manifest, rows))
     summary = _load(os.path.join(folder, TRAIN_SUMMARY))
+    if manifest is not None and manifest.get("kind") != "model":
+        return "\n".join(describe_output(folder, manifest, rows))
     if summary is not None:
         return "\n".join(describe_model(folder, summary))
     lines = [f"{folder}: not an output itself; the outputs in it:"]
@@ -164,7 +164,7 @@ def describe(folder: str, rows: int = 3) -> str:
         path = os.path.join(folder, sub)
         m = _load(os.path.join(path, MANIFEST))
         s = _load(os.path.join(path, TRAIN_SUMMARY))
-        if m is not None:
+        if m is not None and m.get("kind") != "model":
             groups = [g for g in m.get("files", []) if isinstance(g, dict)] if isinstance(m.get("files"), list) else []
             written = sum(int(f.get("rows", 0) or 0) for g in groups for f in g.get("files", []))
             what = f"{written:>10,} rows written" if groups else f"{'':>10} (no shard list)"

@@ -26,11 +26,9 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
 
 from transforms.accounting import MeasureShuffle, RecordWritten, finish_run, prepare_output, written_gaps
 from transforms.common import (
-    METRICS_NAMESPACE,
     UsageError,
     build_only,
     is_dry_run,
@@ -42,6 +40,7 @@ from transforms.common import (
 from transforms.formats.media import IMAGE_SUFFIXES
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.options import cli_main, new_parser, parse
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED, ReadCatalogFile
 from transforms.schema import Reject, Sample
 from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
@@ -51,7 +50,7 @@ STAGES = ["read_oven", "images", "read_catalog"]
 
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 def build_parser():
@@ -216,7 +215,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         return build_only(p, "oven_to_shards")
     prepare_output(out, ("samples",))
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    counters, seconds = run_and_count(p, "oven_to_shards")
     return finish_run(
         name="oven_to_shards",
         output=out,

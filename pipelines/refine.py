@@ -40,6 +40,7 @@ from transforms.accounting import (
     finish_run,
     input_summary,
     prepare_output,
+    rows_listed,
     written_gaps,
 )
 from transforms.common import (
@@ -301,7 +302,7 @@ def run_batch_rounds(args, options, first_pipeline, build):
         if p is None:
             p = beam.Pipeline(options=options)
             build(p)
-        counters, seconds = run_and_count(p)
+        counters, seconds = run_and_count(p, "refine")
         p = None
         pending = counters.get("batch_pending_verify", 0) + counters.get("batch_pending_rationale_qa", 0)
         if not pending:
@@ -527,6 +528,11 @@ def check_counts(c: dict, formats=("parquet",)) -> list[str]:
     return problems
 
 
+def _expected(inputs: list[str]):
+    listed = rows_listed(inputs)
+    return ("samples_read", listed) if listed else None
+
+
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
     args, options = parse(build_parser(), argv)
     if args.estimate_only:
@@ -534,7 +540,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         catalog_files = match_files(args.entities, "--entities")
         p = test_pipeline or beam.Pipeline(options=options)
         build_estimate(p, args, inputs, catalog_files)
-        counters, _seconds = run_and_count(p)
+        counters, _seconds = run_and_count(p, "refine")
         result = estimate(counters, args)
         for line in _estimate_lines(result):
             print(line)
@@ -610,12 +616,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 
         os.environ[RUN_ENV] = uuid.uuid4().hex
         try:
-            counters, seconds = run_and_count(p)
+            counters, seconds = run_and_count(p, "refine", _expected(inputs))
         finally:
             # Beam leaves the vllm server running after the pipeline: stop this run's.
             log.info("stopped vllm servers: %s", shutdown_vllm_servers())
     else:
-        counters, seconds = run_and_count(p)
+        counters, seconds = run_and_count(p, "refine", _expected(inputs))
     tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
     if batch is not None:  # the batches answered; this run read them from the cache
         tokens_in, tokens_out = batch["tokens"]["input"], batch["tokens"]["output"]

@@ -279,7 +279,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         return build_only(p, "select_candidates")
     prepare_output(args.output, (OUTPUT_NAME,))
     started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p)
+    counters, seconds = run_and_count(p, "select_candidates")
     out = args.output.rstrip("/")
     lines = [f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json"]
     if args.caption_format == "laion_parquet":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -403,10 +404,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     # Counts saved in a checkpoint are job totals: carried by rank 0 only.
     skipped: Counter = Counter(state.get("skipped") or {}) if rank == 0 else Counter()
     step, samples = int(state["step"]), int(state["samples"])
-    start_samples = samples
+    start_samples, start_step = samples, step
     task_loss: dict[int, list[float]] = defaultdict(list)
     log_path = os.path.join(a.output, "train_log.jsonl")
     started = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC)
     window_t, window_samples, data_wait = started, 0, 0.0
     first_loss = last_loss = None
     batches = iter(loader)
@@ -467,14 +469,17 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                 "data_wait_share": round(data_wait / max(now - window_t, 1e-9), 3),
                 "samples": samples,
                 "skipped": dict(skipped),
+                # Time left at the mean pace of this run so far.
+                "eta_s": round((a.max_steps - step) * (now - started) / max(step - start_step, 1), 1),
             }
             if rank == 0:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
                 log.info(
-                    "step %d/%d loss %.4f %s lr %.2e %.1f samples/s (data wait %.0f%%)%s",
-                    step, a.max_steps, step_loss, record["task_loss"], record["lr"], record["samples_per_s"],
-                    100 * record["data_wait_share"], f" skipped {dict(skipped)}" if skipped else "",
+                    "step %d/%d (%.0f%%) loss %.4f %s lr %.2e %.1f samples/s (data wait %.0f%%) ETA %s%s",
+                    step, a.max_steps, 100 * step / a.max_steps, step_loss, record["task_loss"], record["lr"],
+                    record["samples_per_s"], 100 * record["data_wait_share"], format_duration(record["eta_s"]),
+                    f" skipped {dict(skipped)}" if skipped else "",
                 )
             task_loss.clear()
             window_t, window_samples, data_wait = now, 0, 0.0
@@ -515,6 +520,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if rank == 0:
         with open(os.path.join(a.output, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, sort_keys=True)
+        _write_manifest(a, summary, started_at)
         log.info("done: %d steps, %d samples, skipped %s -> %s", step, samples, dict(total_skipped) or 0, summary["checkpoint"])
     del batches, loader
     if world > 1:
@@ -523,6 +529,37 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _write_manifest(a, summary: dict, started_at) -> None:
+    """`<output>/manifest.json` (kind "model": the run's options, inputs and summary, like
+    every pipeline output) and its card (README.md with the loss curve)."""
+    from transforms.accounting import write_card_safely
+    from transforms.common import code_version
+    from transforms.secrets import redact_value
+
+    manifest = {
+        "kind": "model",
+        **summary,
+        "options": redact_value({k: v for k, v in sorted(vars(a).items()) if not k.startswith("_")}),
+        "inputs": {"train": a.train, "codes": a.codes},
+        "code_version": code_version(),
+        "created": started_at.isoformat(timespec="seconds"),
+        "seconds": summary["elapsed_s"],
+        "count_check": "ok" if not summary["skipped_total"] else f"{summary['skipped_total']} samples skipped (see skipped)",
+    }
+    with open(os.path.join(a.output, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    write_card_safely(a.output, manifest)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from transforms.common import (
-    METRICS_NAMESPACE,
     AccountingError,
     UsageError,
     code_version,
@@ -30,7 +29,10 @@ from transforms.common import (
     read_json,
     write_json,
 )
+from transforms.progress import counter as progress_counter
 from transforms.sinks import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX, files_summary
+
+log = logging.getLogger(__name__)
 
 SHUFFLE_PREFIX = "shuffle_"
 
@@ -70,8 +72,8 @@ def approx_size(value: Any, _depth: int = 0) -> int:
 
 class _Measure(beam.DoFn):
     def __init__(self, step: str):
-        self.elements = Metrics.counter(METRICS_NAMESPACE, f"{SHUFFLE_PREFIX}{step}_elements")
-        self.bytes = Metrics.counter(METRICS_NAMESPACE, f"{SHUFFLE_PREFIX}{step}_bytes")
+        self.elements = progress_counter(f"{SHUFFLE_PREFIX}{step}_elements")
+        self.bytes = progress_counter(f"{SHUFFLE_PREFIX}{step}_bytes")
 
     def process(self, element):
         self.elements.inc()
@@ -267,6 +269,35 @@ def check_finished_input(files: list[str], flag: str, allow_unfinished: bool = F
     return warnings
 
 
+def rows_listed(files: list[str]) -> Optional[int]:
+    """The rows of these input shards as their runs' manifests list them (None when any
+    file is not listed: img2dataset shards, an older manifest): the total a progress ETA
+    counts down."""
+    from apache_beam.io.filesystems import FileSystems
+
+    by_dir: dict[str, list[str]] = {}
+    for f in files:
+        folder, _, base = f.rpartition("/")
+        by_dir.setdefault(folder, []).append(base)
+    total = 0
+    for folder, bases in by_dir.items():
+        try:
+            if not FileSystems.exists(f"{folder}/manifest.json"):
+                return None
+            manifest = read_json(f"{folder}/manifest.json")
+        except Exception:  # noqa: BLE001 - no ETA then
+            return None
+        rows = {}
+        for entry in manifest.get("files") or []:
+            if isinstance(entry, dict) and entry.get("format") in ("parquet", None):
+                rows.update({x["path"]: int(x.get("rows", 0)) for x in entry.get("files", [])})
+        for base in bases:
+            if base not in rows:
+                return None
+            total += rows[base]
+    return total
+
+
 def finish_run(
     *,
     name: str,
@@ -341,12 +372,28 @@ def finish_run(
     print(f"count check: {manifest['count_check']}")
     for line in lines:
         print(line)
+    card = write_card_safely(out, manifest)
+    if card:
+        print(f"card: {card['card']}" + (f"   viewer: {card['viewer']}" if card.get("viewer") else ""))
     if problems and fail_on_gap:
         raise AccountingError(
             f"{name}: the counts do not add up, records were lost or repeated: " + "; ".join(problems)
             + f" (counters in {out}/manifest.json)"
         )
     return manifest
+
+
+def write_card_safely(out: str, manifest: dict) -> Optional[dict]:
+    """The output's dataset card and viewer (transforms/card.py). A card is a report: when
+    it cannot be drawn the run still stands, with a warning that says how to redraw it."""
+    from transforms.card import write_card
+
+    try:
+        return write_card(out, manifest)
+    except Exception as e:  # noqa: BLE001
+        log.warning("the dataset card of %s could not be written (%s: %s); the data is complete. "
+                    "Redraw it with: python -m pipelines.card %s", out, type(e).__name__, e, out)
+        return None
 
 
 MAX_LISTED_INPUTS = 1000

@@ -10,10 +10,12 @@ import json
 import logging
 import os
 import subprocess
+from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.formats.parquet import first_present  # noqa: F401 - the column rule lives with the format
+from transforms.progress import counter as progress_counter
 
 __version__ = "0.1.0"
 
@@ -224,13 +226,22 @@ def sum_counters(counters: dict[str, int], prefix: str) -> int:
     return sum(v for k, v in counters.items() if k.startswith(prefix) and not k.endswith("_files"))
 
 
-def run_and_count(pipeline) -> tuple[dict[str, int], float]:
-    """Run a pipeline to completion; its counters and wall seconds."""
+def run_and_count(pipeline, label: str = "pipeline", expected: Optional[tuple[str, int]] = None) -> tuple[dict[str, int], float]:
+    """Run a pipeline to completion; its counters and wall seconds. On a local runner a
+    progress line goes to stderr every --progress_interval seconds (transforms/progress.py);
+    `expected` = (counter, final value) when the launcher knows it, for an ETA."""
+    import contextlib
     import time
 
+    from transforms import progress
+
+    runner = type(pipeline.runner).__name__
+    local = "Direct" in runner or "FnApi" in runner
+    watch = progress.Progress(label, progress.INTERVAL, expected) if local else contextlib.nullcontext()
     started = time.perf_counter()
-    result = pipeline.run()
-    result.wait_until_finish()
+    with watch:
+        result = pipeline.run()
+        result.wait_until_finish()
     return query_counters(result), time.perf_counter() - started
 
 
@@ -288,7 +299,6 @@ def retry_stream(make, what: str, retries: int = IO_RETRIES, delay_s: float = IO
     Counter `io_retries` counts the retries."""
     import time
 
-    from apache_beam.metrics import Metrics
     from apache_beam.utils.retry import FuzzedExponentialIntervals
 
     from transforms.formats.files import is_data_error
@@ -307,7 +317,7 @@ def retry_stream(make, what: str, retries: int = IO_RETRIES, delay_s: float = IO
             delay = next(delays, None)
             if delay is None:
                 raise
-            Metrics.counter(METRICS_NAMESPACE, "io_retries").inc()
+            progress_counter("io_retries").inc()
             log.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, e, delay)
             time.sleep(delay)
 

@@ -26,22 +26,22 @@ from typing import NamedTuple, Optional
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE, open_read, read_guarded, retry_stream
+from transforms.common import open_read, read_guarded, retry_stream
 from transforms.formats import parquet
 from transforms.formats.keys import image_identity, row_group_source, source_tag
 from transforms.formats.media import IMAGE_SUFFIXES
 from transforms.formats.webdataset import TarDamage, TarMemberRef, iter_samples, webdataset_corpus_key
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 _reject = Reject.of
@@ -488,7 +488,7 @@ class DropNearDuplicates(beam.DoFn):
                     key=cand.key,
                     source=cand.source,
                     record_json=truncate_json(
-                        {"eval_id": nearest, "similarity": float(s), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
+                        {"eval_id": nearest, "similarity": round(float(s), 6), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
                     ),
                 ),
             )

@@ -25,9 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
-from transforms.common import METRICS_NAMESPACE, UsageError, code_version, write_json
+from transforms.common import UsageError, code_version, write_json
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED
 from transforms.schema import Entity, Reject, arrow_schema, to_row, truncate_json
 
@@ -52,7 +52,7 @@ class CollapseDuplicateQids(beam.DoFn):
     STAGE = "dedup"
 
     def __init__(self):
-        self.unique = Metrics.counter(METRICS_NAMESPACE, "entities_unique")
+        self.unique = progress_counter("entities_unique")
 
     def process(self, element):
         qid, entities = element
@@ -105,7 +105,7 @@ class WriteVectorPart(beam.DoFn):
         path = FileSystems.join(self.output_dir, PARTS_DIR, f"part-{uuid.uuid4().hex}.parquet")
         with FileSystems.create(path) as f:
             pq.write_table(table, f)
-        Metrics.counter(METRICS_NAMESPACE, "entities_embedded").inc(len(batch))
+        progress_counter("entities_embedded").inc(len(batch))
         yield path
 
 

@@ -35,13 +35,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE
 from transforms.llm_budget import Budget, BudgetSpec, registry_for
 from transforms.llm_cache import ResponseCache
 from transforms.llm_cost import request_tokens
+from transforms.progress import counter as progress_counter
 from transforms.secrets import register_secret
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ def flush_counts() -> None:
         pending = dict(_PENDING)
         _PENDING.clear()
     for name, n in pending.items():
-        Metrics.counter(METRICS_NAMESPACE, name).inc(n)
+        progress_counter(name).inc(n)
 
 
 @dataclass

@@ -42,10 +42,9 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from transforms.common import METRICS_NAMESPACE, retry_call
+from transforms.common import retry_call
 from transforms.llm import (
     LLMRequest,
     LLMResult,
@@ -57,6 +56,7 @@ from transforms.llm import (
     validate_answer,
 )
 from transforms.llm_cache import _match, _read, _write_atomic
+from transforms.progress import counter as progress_counter
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ CHAT_URL = "/v1/chat/completions"
 
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 def batch_dir(output: str) -> str:

@@ -25,7 +25,10 @@ from transforms.common import AccountingError, UsageError
 
 def new_parser(description: str, module: str = "") -> Parser:
     """The parser of a Beam pipeline command (its --help lists Beam's pass-through options)."""
-    return Parser(module or "pipelines", description, beam=True)
+    p = Parser(module or "pipelines", description, beam=True)
+    p.add_argument("--progress_interval", type=float, default=30.0,
+                   help="seconds between progress lines on stderr in local runs (records/s, ETA when known); 0 = none")
+    return p
 
 
 def _beam_parser() -> argparse.ArgumentParser:
@@ -71,6 +74,10 @@ def parse(
     if not any(a == "--runner" or a.startswith("--runner=") for a in rest):
         # Beam's default runner tries to download the Prism binary first; be explicit.
         rest.append("--runner=DirectRunner")
+    if hasattr(args, "progress_interval"):
+        from transforms import progress
+
+        progress.INTERVAL = max(0.0, float(args.progress_interval))
     return args, po.PipelineOptions(rest)
 
 

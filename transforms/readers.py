@@ -21,10 +21,8 @@ from typing import Optional
 
 import apache_beam as beam
 import pyarrow.parquet as pq
-from apache_beam.metrics import Metrics
 
 from transforms.common import (
-    METRICS_NAMESPACE,
     first_present,
     maybe_gunzip,
     open_read,
@@ -47,6 +45,7 @@ from transforms.formats.webdataset import (
     read_samples,
     webdataset_corpus_key,
 )
+from transforms.progress import counter as progress_counter
 from transforms.schema import Caption, Entity, Reject, truncate_json
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ CAPTION_FORMATS = ("laion_parquet", "webdataset", "parquet")
 
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 # --------------------------------------------------------------------------------------

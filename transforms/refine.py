@@ -18,24 +18,24 @@ from typing import Optional
 
 import apache_beam as beam
 import pyarrow.parquet as pq
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from prompts import Prompt, render_rationale_qa, render_verify
-from transforms.common import METRICS_NAMESPACE, open_read, read_guarded, retry_call
+from transforms.common import open_read, read_guarded, retry_call
 from transforms.formats.files import Skip
 from transforms.formats.media import mime_type
 from transforms.formats.shards import iter_shard_records, read_images_at
 from transforms.grounding import Grounder, Grounding
 from transforms.images import DEFAULT_LLM_MAX_SIDE, ImageError, image_for_llm
 from transforms.llm import LLMRequest, LLMResult
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED
 from transforms.schema import Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 def _reject(stage, reason, detail, sample: Optional[Sample] = None, extra: Optional[dict] = None):

@@ -21,20 +21,20 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from transforms.accounting import MeasureShuffle
-from transforms.common import METRICS_NAMESPACE, retry_call
+from transforms.common import retry_call
 from transforms.formats.keys import REF_SEP, merge_refs, source_file
 from transforms.formats.shards import read_images_at
+from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Caption, Reject, truncate_json
 from transforms.sinks import DeadLetters
 
 
 def _counter(name: str):
-    return Metrics.counter(METRICS_NAMESPACE, name)
+    return progress_counter(name)
 
 
 class Proposal(NamedTuple):

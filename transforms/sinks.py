@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
-from transforms.common import METRICS_NAMESPACE
+from transforms.progress import counter as progress_counter
 from transforms.schema import Reject, arrow_schema, to_row, truncate_json
 
 WRITTEN_PREFIX = "written_"
@@ -27,8 +27,8 @@ class _CountFile(beam.DoFn):
 
         rows = count_records(path)
         size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-        Metrics.counter(METRICS_NAMESPACE, f"{WRITTEN_PREFIX}{self.what}").inc(rows)
-        Metrics.counter(METRICS_NAMESPACE, f"files_{WRITTEN_PREFIX}{self.what}").inc()
+        progress_counter(f"{WRITTEN_PREFIX}{self.what}").inc(rows)
+        progress_counter(f"files_{WRITTEN_PREFIX}{self.what}").inc()
         yield {"path": path, "rows": rows, "bytes": size}
 
 
@@ -90,6 +90,23 @@ class WriteRecordsToParquet(beam.PTransform):
         )
 
 
+class _QuietEmptySinks(logging.Filter):
+    """Beam warns "No shards found to finalize" for every sink that wrote nothing; reject
+    sinks write nothing by design when a stage rejects nothing (skip_if_empty)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No shards found to finalize")
+
+
+logging.getLogger("apache_beam.io.filebasedsink").addFilter(_QuietEmptySinks())
+
+# Every reject stage of the project (what `rejected/<stage>/` folders are called), so a
+# counter `rejected_<stage>_<reason>` can be split back into its stage and reason.
+KNOWN_STAGES = (
+    "read_catalog", "dedup", "embed", "read_captions", "search", "select", "read_candidates", "decode",
+    "decontaminate", "eval_images", "read_samples", "verify", "ground", "rationale_qa", "read_oven", "images", "other",
+)
+
 REJECTS_EMITTED = "rejects_emitted"
 REJECTS_WRITTEN = f"{WRITTEN_PREFIX}rejects"
 
@@ -104,16 +121,17 @@ class _CountReject(beam.DoFn):
         r = dataclasses.replace(
             r, detail=redact(r.detail or "") or r.detail, record_json=redact(r.record_json, strip_query=False) if r.record_json else r.record_json
         )
-        Metrics.counter(METRICS_NAMESPACE, REJECTS_EMITTED).inc()
-        Metrics.counter(METRICS_NAMESPACE, f"rejected_{r.stage}_{r.reason}").inc(r.count)
+        progress_counter(REJECTS_EMITTED).inc()
+        progress_counter(f"rejected_{r.stage}_{r.reason}").inc(r.count)
         if r.count == 0:
             # A file that could not be read at all: its rows are unknown, count the file.
-            Metrics.counter(METRICS_NAMESPACE, f"rejected_{r.stage}_{r.reason}_files").inc()
+            progress_counter(f"rejected_{r.stage}_{r.reason}_files").inc()
         yield r
 
 
 class WriteRejects(beam.PTransform):
-    """Rejects -> `<output>/rejected/<stage>/rejects-*.jsonl`, one folder per known stage.
+    """Rejects -> `<output>/rejected/<stage>/rejects-*.jsonl`, one folder per stage that
+    rejected something (a stage without rejects writes no empty file).
 
     `pcolls` may be one PCollection or a sequence of them. A stage not in `stages` goes to
     `rejected/other/`, so nothing is lost even when a new stage forgets to register.
@@ -145,6 +163,8 @@ class WriteRejects(beam.PTransform):
                 >> beam.io.WriteToText(
                     f"{self.output_dir}/rejected/{stage}/rejects",
                     file_name_suffix=".jsonl",
+                    # A stage with no rejects leaves no file (and no folder on a local disk).
+                    skip_if_empty=True,
                 )
             )
         # Every reject line is counted again in the finished files (`written_rejects`),
