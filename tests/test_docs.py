@@ -20,7 +20,7 @@ def test_readme_first_screen_has_the_two_commands():
     commands = [line for line in lines if line.startswith((".venv/bin/", "python3 -m venv"))]
     assert commands == [
         "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -e . && .venv/bin/python -m pipelines.demo",
-        ".venv/bin/python -m pytest -q tests",
+        ".venv/bin/python -m pytest -v tests",
     ]
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert ".venv/bin/python -m pytest -q tests" in ci
+    assert ".venv/bin/python -m pytest -v tests" in ci

@@ -269,6 +269,23 @@ def check_finished_input(files: list[str], flag: str, allow_unfinished: bool = F
     return warnings
 
 
+def _prune_empty_reject_dirs(out: str) -> None:
+    """A stage that rejected nothing writes no file, but Beam leaves its (empty) folder on a
+    local disk; remove those, and `rejected/` itself when nothing was rejected. Object
+    stores have no folders."""
+    import os
+
+    root = os.path.join(out, "rejected")
+    if "://" in out or not os.path.isdir(root):
+        return
+    for stage in os.listdir(root):
+        path = os.path.join(root, stage)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    if not os.listdir(root):
+        os.rmdir(root)
+
+
 def rows_listed(files: list[str]) -> Optional[int]:
     """The rows of these input shards as their runs' manifests list them (None when any
     file is not listed: img2dataset shards, an older manifest): the total a progress ETA
@@ -365,6 +382,7 @@ def finish_run(
     )
     if written:
         manifest["files"] = written
+    _prune_empty_reject_dirs(out)
     # Written last: a manifest says the run finished, and lists what it wrote.
     write_json(f"{out}/manifest.json", manifest)
     print(format_counters({k: v for k, v in counters.items() if not k.startswith(SHUFFLE_PREFIX)}, f"{name} counters"))

@@ -103,9 +103,8 @@ def read_sample(files: list[tuple[str, int]], columns: list[str], max_rows: int 
         # Every k-th file, so the sample spans the output (shards are written in no order
         # that matters, but a spread also spans a run's inputs).
         mean = max(1, total // len(files))
-        want = max(1, max_rows // mean)
-        step = max(1, len(files) // want)
-        files = files[::step][:want]
+        want = min(len(files), -(-max_rows // mean))
+        files = [files[i * len(files) // want] for i in range(want)]
     tables, n = [], 0
     for path, _ in files:
         with open_read(path) as f:
