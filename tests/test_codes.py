@@ -2,6 +2,7 @@
 pipeline with a WordPiece vocabulary trained here."""
 
 import json
+import os
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -154,6 +155,27 @@ def test_hkc_codes(tmp_path, vocab, entity_index, catalog_path):
 
     with pytest.raises(UsageError, match="--entity_index"):
         build_codes.run(["--entities", catalog_path, "--tokenizer", vocab, "--strategy", "hkc", "--output", str(tmp_path / "c")])
+
+
+def test_codes_of_the_entity_index_entities(tmp_path, vocab, entity_index, catalog_path):
+    """Without --entities the index's entities are coded: its int ids, no duplicate QIDs
+    (the index rejected them already, so build_codes writes no rejects of its own), and the
+    same codes as from the raw catalog."""
+    from pipelines import build_codes
+
+    m = build_codes.run(["--entity_index", entity_index, "--tokenizer", vocab, "--output", str(tmp_path / "idx")])
+    from_catalog = build_codes.run(["--entities", catalog_path, "--tokenizer", vocab, "--output", str(tmp_path / "cat")])
+    rows = pq.read_table(tmp_path / "idx" / "codes.parquet").to_pylist()
+    index_rows = pq.read_table(os.path.join(entity_index, "entities.parquet"), columns=["int_id", "qid"]).to_pylist()
+    assert [(r["int_id"], r["qid"]) for r in rows] == [(r["int_id"], r["qid"]) for r in index_rows]
+    assert rows == pq.read_table(tmp_path / "cat" / "codes.parquet").to_pylist()
+    assert m["count_check"] == "ok" and "rejected_dedup_duplicate_qid" not in m["counters"]
+    assert from_catalog["counters"]["rejected_dedup_duplicate_qid"] == 1
+    assert not (tmp_path / "idx" / "rejected").exists()
+    from transforms.common import UsageError
+
+    with pytest.raises(UsageError, match="--entity_index DIR"):
+        build_codes.run(["--tokenizer", vocab, "--output", str(tmp_path / "none")])
 
 
 def test_build_codes_fails_when_the_table_loses_a_row(tmp_path, vocab, monkeypatch):

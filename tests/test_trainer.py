@@ -95,6 +95,14 @@ def test_twenty_cpu_steps_on_pipeline_shards_decrease_the_loss(data, tmp_path):
     # All three tasks were drawn (REW rationale and QA ride along with the entity task).
     tasks = set().union(*(r["task_loss"] for r in log_lines(out)))
     assert tasks == {"entity", "rationale", "qa"}
+    # Each log line has the time left, falling to 0 at the last step.
+    etas = [r["eta_s"] for r in log_lines(out)]
+    assert etas[-1] == 0 and etas[0] > 0
+    # Like every output, the model folder has a manifest and a card with its loss curve.
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["kind"] == "model" and manifest["steps"] == 20 and manifest["options"]["max_steps"] == 20
+    card = open(out / "README.md", encoding="utf-8").read()
+    assert "![Training loss per logged step" in card and os.path.getsize(out / "plots" / "loss.png") > 1000
     ckpt = summary["checkpoint"]
     for f in ("model.safetensors", "config.json", "tokenizer.json", "codes.parquet", "train_config.json", "train_state.json", "optimizer.pt"):
         assert os.path.exists(os.path.join(ckpt, f)), f
