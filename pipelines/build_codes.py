@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.accounting import MeasureShuffle, finish_run
-from transforms.codes import STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
+from transforms.codes import COLLISION_RULES, STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
 from transforms.common import (
     UsageError,
     build_only,
@@ -63,6 +63,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the collision order, random tokens and hkc k-means")
     p.add_argument("--strategy", choices=STRATEGIES, default="ald",
                    help="ald: GER's rarest title tokens; caption: title tokens in order; atomic: random unique tokens; hkc: hierarchical k-means of the index embeddings")
+    p.add_argument("--collision_rule", choices=COLLISION_RULES, default="published",
+                   help="published: GER's rule, a colliding full code takes its next-rarest token in the EOS slot; "
+                        "keep_eos: overwrite the last real token and keep EOS (more random fallbacks)")
     p.add_argument("--entity_index", default=None,
                    help="entity index: its entities are coded when --entities is not given; hkc clusters its embeddings")
     return p
@@ -138,7 +141,8 @@ class ResolveAndWrite(beam.DoFn):
             results = self._hkc(items, tok)
         else:
             results = resolve(
-                items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed
+                items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed,
+                collision_rule=a.collision_rule,
             )
         table = pa.table(
             {
@@ -164,6 +168,8 @@ class ResolveAndWrite(beam.DoFn):
             "random_fallback_share": round(methods.get("random", 0) / n, 6) if n and a.strategy != "atomic" else None,
             "name_tokens_per_code_histogram": {str(k): v for k, v in sorted(real.items())},
             "unique": len({tuple(r.code) for r in results}) == n,
+            # The published collision rule's full-length codes: L real tokens, no EOS.
+            "codes_without_eos": sum(1 for r in results if eos not in r.code),
             "mean_name_tokens": float(np.mean([r.n_name_tokens for r in results])) if n else 0.0,
         }
 
@@ -258,7 +264,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         base=base,
         lines=(
             f"codes: {base['entities']} entities, strategy {args.strategy}, L={args.code_length}, "
-            f"random fallbacks {base['random_fallback_share']}, histogram {base['name_tokens_per_code_histogram']}"
+            f"random fallbacks {100 * (base['random_fallback_share'] or 0):.2f} %, histogram {base['name_tokens_per_code_histogram']}"
             f" -> {args.output}/codes.parquet",
         ),
     )
@@ -269,6 +275,7 @@ def _write_manifest(summary: dict, args, inputs) -> dict:
         "kind": "entity_codes",
         "strategy": args.strategy,
         "code_length": args.code_length,
+        "collision_rule": args.collision_rule,
         "seed": args.seed,
         "tokenizer": args.tokenizer,
         "inputs": inputs,

@@ -33,13 +33,22 @@ def catalogs(draw):
 
 
 @settings(max_examples=80, deadline=None)
-@given(catalogs(), st.integers(2, 5), st.integers(0, 3), st.sampled_from(["ald", "caption"]))
-def test_code_properties(entities, length, seed, strategy):
+@given(catalogs(), st.integers(2, 5), st.integers(0, 3), st.sampled_from(["ald", "caption"]), st.sampled_from(["published", "keep_eos"]))
+def test_code_properties(entities, length, seed, strategy, rule):
     counts = counts_of(entities)
-    out = resolve(entities, counts, strategy=strategy, length=length, eos=EOS, vocab_ids=VOCAB, seed=seed)
+    out = resolve(entities, counts, strategy=strategy, length=length, eos=EOS, vocab_ids=VOCAB, seed=seed, collision_rule=rule)
     codes = [tuple(r.code) for r in out]
     assert len(set(codes)) == len(codes), "codes must be globally unique"
-    assert all(len(c) == length and c[-1] == EOS for c in codes)
+    assert all(len(c) == length for c in codes)
+    for r in out:
+        if r.method == "initial" or rule == "keep_eos":
+            assert r.code[-1] == EOS
+        else:
+            # Published rule: EOS goes only when the code is full of real tokens.
+            assert r.code[-1] == EOS or EOS not in r.code
+        # No real token after an EOS: codes stay prefix-canonical for decoding.
+        if EOS in r.code:
+            assert all(t == EOS for t in r.code[r.code.index(EOS):])
     names = {qid: toks for qid, _, toks in entities}
     for r in out:
         real = [t for t in r.code if t != EOS]
@@ -53,7 +62,8 @@ def test_code_properties(entities, length, seed, strategy):
             # Rarest first: the code is the prefix of the name's tokens sorted by rarity.
             assert real == rarest_first(names[r.qid], counts)[: length - 1]
     # Deterministic for a seed, whatever the input order.
-    again = resolve(list(reversed(entities)), counts, strategy=strategy, length=length, eos=EOS, vocab_ids=VOCAB, seed=seed)
+    again = resolve(list(reversed(entities)), counts, strategy=strategy, length=length, eos=EOS, vocab_ids=VOCAB, seed=seed,
+                    collision_rule=rule)
     assert [(r.qid, r.code) for r in again] == [(r.qid, r.code) for r in out]
 
 
@@ -86,9 +96,61 @@ def test_next_rarest_token_resolves_collisions():
     by = {r.qid: r for r in out}
     first, second = sorted([by["QA"], by["QB"]], key=lambda r: r.method)
     assert first.code == [20, 21, EOS] and first.method == "initial"
-    # Slot after the last real token is the last non-EOS slot here (L-1 = 2 are full).
-    assert second.method == "next_rarest" and second.code[:1] == [20] and second.code[1] in (22, 30, 31)
+    # GER's rule: the slot after the last real token is the EOS slot here (L-1 = 2 are full),
+    # so the second takes its next-rarest token (22) there and has no EOS.
+    assert second.method == "next_rarest" and second.code == [20, 21, 22]
     assert by["QC"].code == [40, 30, EOS] and by["QD"].code == [41, 30, EOS]
+    # The earlier rule overwrites the last real token and keeps EOS.
+    old = {r.qid: r for r in resolve(entities, counts, strategy="ald", length=3, eos=EOS, vocab_ids=VOCAB, seed=0,
+                                     collision_rule="keep_eos")}
+    second = old[second.qid]
+    assert second.method == "next_rarest" and second.code[0] == 20 and second.code[1] in (22, 30, 31) and second.code[2] == EOS
+
+
+def test_published_rule_on_hand_checked_titles(tmp_path):
+    """build_codes end to end on hand-made titles with a hand-made vocabulary: the EOS slot
+    takes the next-rarest token, and the random-fallback share is what the rule implies."""
+    from tests.conftest import write_jsonl
+    from pipelines import build_codes
+    from transforms.codes import visit_order_key
+
+    words = ["river", "bank", "north", "old", "city", "hall", "new", "the"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = {w: 5 + i for i, w in enumerate(words)}
+    sep = 3
+    # "the" and "new" are common; each entity's three rarest tokens are its first three.
+    titles = {
+        "Q1": "North River Bank",  # visited first: north river bank + EOS
+        "Q2": "North River Bank the",  # same three rarest, then "the": GER puts "the" in the EOS slot
+        "Q3": "North River Bank",  # the same name again: nothing left, a random token in the EOS slot
+        "Q4": "Old City Hall",
+        "Q5": "New City Hall the",
+        "Q6": "the new",
+        "Q7": "the new old",
+    }
+    # A seed that visits Q1 before Q2 and Q3 (the visit order is a hash of seed and QID).
+    seed = next(s for s in range(100) if visit_order_key(s, "Q1") < min(visit_order_key(s, "Q2"), visit_order_key(s, "Q3")))
+    catalog = write_jsonl(tmp_path / "cat.jsonl", [{"wikidata_id": q, "wikipedia_title": t} for q, t in titles.items()])
+    runs = {}
+    for rule in ("published", "keep_eos"):
+        m = build_codes.run(["--entities", catalog, "--tokenizer", str(vocab), "--output", str(tmp_path / rule),
+                             "--seed", str(seed), "--collision_rule", rule])
+        rows = {r["qid"]: r for r in pq.read_table(tmp_path / rule / "codes.parquet").to_pylist()}
+        runs[rule] = (m, rows)
+    m, rows = runs["published"]
+    # river, bank, north: 3 uses each (ties by token id), rarer than "the" (5 uses).
+    nrb = [tok["river"], tok["bank"], tok["north"]]
+    assert rows["Q1"]["code"] == [*nrb, sep] and rows["Q1"]["method"] == "initial"
+    # Q2: "the" (its next-rarest token) in the EOS slot: four real tokens, no EOS.
+    assert rows["Q2"]["code"] == [*nrb, tok["the"]] and rows["Q2"]["method"] == "next_rarest"
+    assert rows["Q3"]["method"] == "random" and rows["Q3"]["code"][:3] == nrb
+    assert rows["Q3"]["code"][3] != sep
+    assert m["random_fallback_share"] == round(1 / 7, 6) and m["codes_without_eos"] == 2 and m["collision_rule"] == "published"
+    # The earlier rule keeps EOS: Q2 overwrites "north" with "the".
+    m_old, old = runs["keep_eos"]
+    assert old["Q2"]["code"] == [tok["river"], tok["bank"], tok["the"], sep]
+    assert old["Q3"]["code"][2] != tok["north"] and old["Q3"]["code"][3] == sep and m_old["codes_without_eos"] == 0
 
 
 def test_atomic_codes_are_unique_random():

@@ -7,9 +7,13 @@ ALD (GER, sec. 3.2 and its public code), code length L:
     id), then EOS; short names are padded with EOS;
   * collisions: entities are visited in a seeded random order (a hash of seed and QID, so the
     order does not depend on how the input was split); the first keeps its code; a later one
-    writes its next-rarest unused name token into the slot right after its last real token
-    (the last non-EOS slot when all L-1 are taken), trying them one after another until the
-    code is unique; then random tokens in that slot. The share of random fallbacks is reported.
+    writes its next-rarest unused name token into the slot right after its last real token,
+    trying them one after another until the code is unique; then random tokens in that slot.
+    As GER publishes it (`collision_rule="published"`), when all L-1 slots before EOS are
+    taken that slot is the EOS slot: the disambiguated code is L real tokens without EOS (the
+    decoder stops at L tokens). `collision_rule="keep_eos"` (this project's earlier rule)
+    overwrites the last real token instead and keeps the EOS, which leaves one slot fewer
+    and falls back to random tokens more often. The share of random fallbacks is reported.
 Baselines: `caption` (the first L-1 name tokens, then EOS; collisions resolved the same way),
 `atomic` (L-1 random tokens, then EOS, unique) and `hkc` (hierarchical k-means over the
 entity-index embeddings: L-2 levels of k-means with k = ceil(N ** (1 / (L-1))) clusters,
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 STRATEGIES = ("ald", "caption", "atomic", "hkc")
+COLLISION_RULES = ("published", "keep_eos")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -70,10 +75,14 @@ def resolve(
     vocab_ids: Sequence[int],
     seed: int,
     max_random_tries: int = 1000,
+    collision_rule: str = "published",
 ) -> list[CodeResult]:
     """Globally unique codes for (qid, int_id, name token ids), deterministic for a seed."""
     if length < 2:
         raise ValueError("code length must be >= 2 (at least one token and EOS)")
+    if collision_rule not in COLLISION_RULES:
+        raise ValueError(f"collision_rule must be one of {COLLISION_RULES}, got {collision_rule!r}")
+    last_slot = length - 1 if collision_rule == "published" else length - 2
     ordered = sorted(entities, key=lambda e: visit_order_key(seed, e[0]))
     used: set[tuple[int, ...]] = set()
     out: list[CodeResult] = []
@@ -93,7 +102,8 @@ def resolve(
         method = "initial"
         if tuple(code) in used:
             real = sum(1 for t in code[: length - 1] if t != eos)
-            slot = min(real, length - 2)  # right after the last real token, never the EOS slot
+            # Right after the last real token; with the published rule that may be the EOS slot.
+            slot = min(real, last_slot)
             found = False
             for t in rest:
                 trial = code[:slot] + [t] + code[slot + 1 :]
