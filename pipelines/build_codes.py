@@ -1,7 +1,7 @@
 """Build GER entity codes (ALD by default) for every catalog entity.
 
     python -m pipelines.build_codes --entity_index out/entity_index --tokenizer bert-base-uncased \\
-        --output out/codes [--code_length 4] [--seed 0] [--strategy ald|caption|atomic|hkc]
+        --output out/codes [--code_length 4] [--seed 0] [--strategy ald|caption|atomic|hkc|rq]
 
 The entities come from the entity index (its `entities.parquet`: already free of duplicate
 QIDs, so their rejects stay in one place, the index's) or from a raw catalog (`--entities`).
@@ -62,7 +62,11 @@ def build_parser():
     p.add_argument("--code_length", type=int, default=4, help="L: tokens per code, EOS included")
     p.add_argument("--seed", type=int, default=0, help="seed of the collision order, random tokens and hkc k-means")
     p.add_argument("--strategy", choices=STRATEGIES, default="ald",
-                   help="ald: GER's rarest title tokens; caption: title tokens in order; atomic: random unique tokens; hkc: hierarchical k-means of the index embeddings")
+                   help="ald: GER's rarest title tokens; caption: title tokens in order; atomic: random unique tokens; "
+                        "hkc: hierarchical k-means of the index embeddings; rq: IRGen's residual quantization of them "
+                        "(code_length - 1 levels)")
+    p.add_argument("--rq_bits", type=int, default=8, help="rq: bits per level, 2^bits centroids (IRGen: 256)")
+    p.add_argument("--rq_train_size", type=int, default=1_000_000, help="rq: embeddings sampled to train the quantizer")
     p.add_argument("--collision_rule", choices=COLLISION_RULES, default="published",
                    help="published: GER's rule, a colliding full code takes its next-rarest token in the EOS slot; "
                         "keep_eos: overwrite the last real token and keep EOS (more random fallbacks)")
@@ -131,14 +135,37 @@ class ResolveAndWrite(beam.DoFn):
         )
         return [CodeResult(qid, i, codes[i], "hkc", len(set(t))) for qid, i, t in items]
 
+    def _rq(self, items, tok):
+        """IRGen residual-quantization codes of the index's embeddings (transforms/rq_codes.py)."""
+        from transforms.common import open_read
+        from transforms.entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
+        from transforms.rq_codes import rq_codes
+
+        root = self.args.entity_index.rstrip("/")
+        with open_read(f"{root}/{ENTITIES_FILE}") as f:
+            table = pq.read_table(f, columns=["int_id", "qid"])
+        row_of = dict(zip(table["qid"].to_pylist(), table["int_id"].to_pylist()))
+        missing = [qid for qid, _, _ in items if qid not in row_of]
+        if missing:
+            raise UsageError(f"--entity_index lacks {len(missing)} catalog entities (e.g. {missing[:3]}): build it from the same catalog")
+        results, self.rq_summary = rq_codes(
+            [(qid, i, row_of[qid]) for qid, i, _ in items], lambda: open_read(f"{root}/{EMBEDDINGS_FILE}"),
+            levels=self.args.code_length - 1, bits=self.args.rq_bits, eos=tok.eos_id, vocab_ids=tok.regular_ids(),
+            seed=self.args.seed, train_size=self.args.rq_train_size,
+        )
+        return results
+
     def process(self, entities, counts):
         a = self.args
         tok = WordPiece(a.tokenizer)
         ordered = sorted(entities, key=lambda et: (et[0].file_index, et[0].row))
         items = [(e.qid, i, tokens) for i, (e, tokens) in enumerate(ordered)]
         titles = [e.title for e, _ in ordered]
+        self.rq_summary = None
         if a.strategy == "hkc":
             results = self._hkc(items, tok)
+        elif a.strategy == "rq":
+            results = self._rq(items, tok)
         else:
             results = resolve(
                 items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed,
@@ -171,15 +198,19 @@ class ResolveAndWrite(beam.DoFn):
             # The published collision rule's full-length codes: L real tokens, no EOS.
             "codes_without_eos": sum(1 for r in results if eos not in r.code),
             "mean_name_tokens": float(np.mean([r.n_name_tokens for r in results])) if n else 0.0,
+            **({"rq": self.rq_summary} if self.rq_summary else {}),
         }
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--code_length", args.code_length, minimum=2)
-    if args.strategy == "hkc":
+    if args.strategy in ("hkc", "rq"):
         if not args.entity_index:
-            raise UsageError("--strategy hkc clusters the entity index's embeddings: give --entity_index")
+            raise UsageError(f"--strategy {args.strategy} quantizes the entity index's embeddings: give --entity_index")
+        if args.strategy == "rq":
+            positive("--rq_bits", args.rq_bits)
+            positive("--rq_train_size", args.rq_train_size)
         from transforms.entity_index import read_manifest
 
         read_manifest(args.entity_index)

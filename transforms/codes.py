@@ -18,7 +18,8 @@ Baselines: `caption` (the first L-1 name tokens, then EOS; collisions resolved t
 `atomic` (L-1 random tokens, then EOS, unique) and `hkc` (hierarchical k-means over the
 entity-index embeddings: L-2 levels of k-means with k = ceil(N ** (1 / (L-1))) clusters,
 then the entity's position inside its leaf cluster; each level's index is mapped to a
-vocabulary token; then EOS).
+vocabulary token; then EOS). `rq` (IRGen's residual quantization of the same embeddings)
+is in transforms/rq_codes.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-STRATEGIES = ("ald", "caption", "atomic", "hkc")
+STRATEGIES = ("ald", "caption", "atomic", "hkc", "rq")
 COLLISION_RULES = ("published", "keep_eos")
 TOKENIZER_FILE = "tokenizer.json"
 
