@@ -110,8 +110,8 @@ def test_next_rarest_token_resolves_collisions():
 def test_published_rule_on_hand_checked_titles(tmp_path):
     """build_codes end to end on hand-made titles with a hand-made vocabulary: the EOS slot
     takes the next-rarest token, and the random-fallback share is what the rule implies."""
-    from tests.conftest import write_jsonl
     from pipelines import build_codes
+    from tests.conftest import write_jsonl
     from transforms.codes import visit_order_key
 
     words = ["river", "bank", "north", "old", "city", "hall", "new", "the"]

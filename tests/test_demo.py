@@ -184,7 +184,7 @@ def test_dataset_cards(run, folder):
         assert verdicts == manifest["verdicts"]
         assert {"plots/verdicts.png", "plots/grounding_methods.png", "plots/changed_labels.png"} <= set(plots)
     if folder == "shards":
-        assert "plots/decontamination.png" in plots and f"entityforge_models:\n  clip: " in front
+        assert "plots/decontamination.png" in plots and "entityforge_models:\n  clip: " in front
     if folder == "candidates":
         assert {"plots/retrieval_score.png", "plots/images_per_entity.png", "plots/top_entities.png"} <= set(plots)
         top = _md_rows(card, "Most frequent entities")
