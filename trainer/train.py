@@ -551,7 +551,7 @@ def _write_manifest(a, summary: dict, started_at) -> None:
         "kind": "model",
         **summary,
         "options": redact_value({k: v for k, v in sorted(vars(a).items()) if not k.startswith("_")}),
-        "inputs": {"train": a.train, "codes": a.codes},
+        "inputs": {k: getattr(a, k) for k in ("train", "codes", "entities", "entity_images") if getattr(a, k, None)},
         "code_version": code_version(),
         "created": started_at.isoformat(timespec="seconds"),
         "seconds": summary["elapsed_s"],

@@ -43,7 +43,7 @@ KINDS = {
     "oven_shards": ("OVEN shards", "an OVEN-format annotation file and its images as training shards"),
     "entity_codes": ("Entity codes", "token-id codes for every catalog entity, decoded by the generative recognition model"),
     "eval_embeddings": ("Evaluation-set embeddings", "CLIP embeddings of the evaluation images that training data is decontaminated against"),
-    "model": ("Model", "a GIT model trained on entityforge shards for generative entity recognition"),
+    "model": ("Model", "a model trained on entityforge shards for visual entity recognition"),
 }
 
 
@@ -301,7 +301,7 @@ def models_used(manifest: dict) -> list[tuple[str, str]]:
     found = []
     opts = manifest.get("options") or {}
     model = manifest.get("model")
-    if isinstance(model, str):
+    if isinstance(model, str) and manifest.get("kind") != "model":
         found.append(("text_encoder" if manifest.get("kind") == "entity_index" else "llm", model))
     elif isinstance(model, dict):
         found.append(("model", json.dumps(model, sort_keys=True)))
@@ -313,7 +313,10 @@ def models_used(manifest: dict) -> list[tuple[str, str]]:
         found.append(("clip", f"{clip.get('model')} ({clip.get('pretrained')})"))
     if manifest.get("kind") == "entity_codes" and manifest.get("tokenizer"):
         found.append(("tokenizer", str(manifest["tokenizer"])))
-    if manifest.get("kind") == "model":
+    if manifest.get("kind") == "model" and manifest.get("model") == "wikiclip":
+        found.append(("architecture", f"WikiCLIP-style adaptor over CLIP {opts.get('clip_model')} ({opts.get('clip_pretrained')}) "
+                                      f"and {opts.get('text_encoder')}"))
+    elif manifest.get("kind") == "model":
         found.append(("architecture", f"GIT ({opts.get('model_config', '?')}, init {opts.get('init', '?')})"))
     if manifest.get("backend"):
         found.append(("llm_backend", str(manifest["backend"])))
