@@ -230,3 +230,23 @@ def test_catalog_embedding_and_nearest_neighbour_prediction_score(trained, shard
 def test_bf16_autocast_runs_on_cpu(shards, tmp_path):
     summary = _train(shards, tmp_path / "bf16", "--max_steps", "3", "--precision", "bf16", "--save_every", "3")
     assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
+
+
+def test_torchrun_two_process_gloo(shards, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(28500 + os.getpid() % 1000),
+           "-m", "trainer.contrastive", "--train", shards["shards"], "--entities", shards["catalog"], "--output", str(out),
+           "--clip_model", "ViT-S-32", "--batch_size", "4", "--max_steps", "3", "--num_workers", "1", "--log_every", "1",
+           "--shuffle_buffer", "8", "--cluster_pool", "2", "--hard_negatives", "2", "--max_text_tokens", "16",
+           "--adaptor_layers", "1", "--adaptor_heads", "4"]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(out / "train_summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert [json.loads(x)["step"] for x in open(out / "train_log.jsonl")] == [1, 2, 3]
+    # Both ranks cached the texts they met; the adaptor they saved is one (DDP kept them equal).
+    assert (out / "text_cache" / "rank0" / "index.jsonl").exists() and (out / "text_cache" / "rank1" / "index.jsonl").exists()

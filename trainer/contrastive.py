@@ -417,7 +417,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(adaptor, device_ids=[device.index] if device.type == "cuda" else None)
+        # With entity images, a batch whose entities all have one leaves the learned queries unused.
+        net = DistributedDataParallel(adaptor, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=bool(images.paths))
     decay = [p for n, p in adaptor.named_parameters() if p.ndim >= 2 and n != "queries"]
     rest = [p for n, p in adaptor.named_parameters() if not (p.ndim >= 2 and n != "queries")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],

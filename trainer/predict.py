@@ -293,6 +293,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         "decoding": a.decoding,
         "checkpoint": checkpoint,
         "elapsed_s": round(time.perf_counter() - started, 2),
+        # Wall time per predicted image, image decoding and beam search included.
+        "ms_per_image": round(1000 * (time.perf_counter() - started) / max(counts["predicted"], 1), 2),
     }
     assert summary["predicted"] + sum(summary["errors"].values()) == len(rows)
     log.info("predictions: %s -> %s", json.dumps(summary), a.output)
