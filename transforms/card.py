@@ -266,7 +266,7 @@ def _front_matter(kind: str, manifest: dict, rows: int, models: list[tuple[str, 
         "- oven",
         "- wikipedia",
     ]
-    sources = sorted({s for s in _source_names(manifest) if s})
+    sources = source_corpora(manifest)
     if sources:
         lines += ["source_datasets:", *[f"- {json.dumps(s)}" for s in sources]]
     if models:
@@ -286,10 +286,35 @@ def _prompt_version(v) -> str:
     return str(v)
 
 
+def source_corpora(manifest: dict, depth: int = 6) -> list[str]:
+    """The corpora at the start of the chain that made this output: each input that is an
+    entityforge output (a folder with manifest.json) is followed to its own inputs."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.common import read_json
+
+    found = []
+    for name in _source_names(manifest):
+        if not name:
+            continue
+        folder = name.rsplit("/", 1)[0] if "/" in name else "."
+        upstream = None
+        if depth > 0:
+            try:
+                if FileSystems.exists(f"{folder}/manifest.json"):
+                    upstream = read_json(f"{folder}/manifest.json")
+            except Exception:  # noqa: BLE001 - unreadable: the input is the source
+                upstream = None
+        found += source_corpora(upstream, depth - 1) if upstream and _source_names(upstream) else [name]
+    return sorted(set(found))
+
+
 def _source_names(manifest: dict) -> list[str]:
     inputs = manifest.get("inputs")
     if isinstance(inputs, dict):
-        return [str(inputs.get("pattern", ""))]
+        if "pattern" in inputs:
+            return [str(inputs["pattern"])]
+        return [v for k, v in sorted(inputs.items()) if isinstance(v, str) and k != "codes"]
     if isinstance(inputs, list):
         return [str(x) for x in inputs[:5]]
     if isinstance(inputs, str):
