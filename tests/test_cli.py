@@ -11,7 +11,8 @@ BEAM_COMMANDS = [
     "pipelines.build_entity_index", "pipelines.select_candidates", "pipelines.decontaminate", "pipelines.refine",
     "pipelines.ground", "pipelines.build_codes", "pipelines.oven_to_shards", "pipelines.demo",
 ]
-OTHER_COMMANDS = ["pipelines.plan", "trainer.train", "trainer.predict", "trainer.visual_matching", "trainer.score"]
+OTHER_COMMANDS = ["pipelines.plan", "pipelines.inspect", "pipelines.card", "trainer.train", "trainer.predict", "trainer.visual_matching",
+                  "trainer.score", "trainer.contrastive", "trainer.contrastive_predict"]
 
 
 @pytest.mark.parametrize("module", BEAM_COMMANDS + OTHER_COMMANDS)
