@@ -66,5 +66,16 @@ def entity_index(tmp_path_factory, catalog_path):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo run once per session with its defaults (the README's first command):
+    (output folder, summary). tests/test_demo.py checks it; tests/test_distributed.py
+    compares a multi-process run with it."""
+    from pipelines import demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo_output"
+    return out, demo.main(["--output", str(out)])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs a separate environment (real vLLM); skipped unless set up")

@@ -12,17 +12,13 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import demo
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo_output"
-    summary = demo.main(["--output", str(out)])
-    return out, summary
+def run(demo_run):
+    return demo_run
 
 
 def test_demo_end_to_end(run):

@@ -259,14 +259,14 @@ def test_worker_images_and_accelerator_flags_reach_the_job(tmp_path, catalog_pat
     assert options.get("machine_type") == "g2-standard-8"
 
 
-def test_demo_chain_multi_process_equals_in_process(tmp_path):
+def test_demo_chain_multi_process_equals_in_process(tmp_path, demo_run):
     """The demo's chain (index, selection, decontamination, REW) on two SDK worker
-    processes writes the rows the in-process run writes."""
+    processes writes the rows the in-process run (the session's demo run) writes."""
     from pipelines import demo
 
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    a = demo.main(["--output", str(single), "--k", "5", "--train_steps", "0"])
-    b = demo.main(["--output", str(multi), "--k", "5", "--train_steps", "0", *MULTI])
+    single, a = demo_run
+    multi = tmp_path / "multi"
+    b = demo.main(["--output", str(multi), "--train_steps", "0", *MULTI])
     assert a["count_check"] == b["count_check"] == "ok"
     assert a["decontaminate"]["count_check"] == b["decontaminate"]["count_check"] == "ok"
     assert a["refine"]["count_check"] == b["refine"]["count_check"] == "ok"
