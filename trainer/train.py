@@ -36,7 +36,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
-from transforms.cli import Parser
+from transforms.cli import Parser, format_duration
 from transforms.common import UsageError
 
 log = logging.getLogger("trainer.train")
@@ -529,15 +529,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _write_manifest(a, summary: dict, started_at) -> None:

@@ -52,3 +52,13 @@ class Parser(argparse.ArgumentParser):
         if extras:
             self.error(unrecognized(extras, self.flags()))
         return ns
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 3m05s, 2h07m: durations in progress lines and ETAs."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

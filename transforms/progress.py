@@ -25,6 +25,8 @@ from typing import Optional
 
 from apache_beam.metrics import Metrics
 
+from transforms.cli import format_duration
+
 NAMESPACE = "entityforge"
 _ENV = "ENTITYFORGE_PROGRESS"  # "<interval>|<label>|<launcher pid>|<counter>=<expected>"
 # The counters a progress line shows: records read, embedded, searched, kept, written.
@@ -67,15 +69,6 @@ def tick(name: str, n: int = 1) -> None:
 def shown(name: str) -> bool:
     return not name.startswith(("files_", "shuffle_")) and (name.endswith(_SHOWN_SUFFIXES) or name.startswith(_SHOWN_PREFIXES)) \
         and "reject" not in name
-
-
-def format_duration(seconds: float) -> str:
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _rate(r: float) -> str:
