@@ -280,29 +280,17 @@ def save(output: str, step: int, adaptor, optimizer, state: dict, config: dict, 
     """Written to a temporary folder and renamed (trainer.train's layout and pointer)."""
     import torch
 
-    from trainer.train import CHECKPOINTS, CONFIG_FILE, LATEST, STATE_FILE
+    from trainer.train import CHECKPOINTS, publish_checkpoint
 
     root = os.path.join(output, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:07d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    tmp = os.path.join(root, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save(adaptor.state_dict(), os.path.join(tmp, ADAPTOR_FILE))
     torch.save({"optimizer": optimizer.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2, sort_keys=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, LATEST + ".tmp"), "w", encoding="utf-8") as f:
-        f.write(name)
-    os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
-    for old in steps[: max(0, len(steps) - max(1, keep))]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
+    return publish_checkpoint(root, name, tmp, config, state, keep)
 
 
 def build_adaptor(config: dict, text_dim: int, dim: int):

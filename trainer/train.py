@@ -149,7 +149,6 @@ def save_checkpoint(output: str, step: int, model, optimizer, scaler, state: dic
     root = os.path.join(output, CHECKPOINTS)
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:07d}"
-    final = os.path.join(root, name)
     tmp = os.path.join(root, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -159,10 +158,18 @@ def save_checkpoint(output: str, step: int, model, optimizer, scaler, state: dic
         with open(os.path.join(tmp, f), "wb") as out:
             out.write(read_bytes(f"{codes_dir.rstrip('/')}/{f}"))
     torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, os.path.join(tmp, "optimizer.pt"))
+    return publish_checkpoint(root, name, tmp, config, state, keep)
+
+
+def publish_checkpoint(root: str, name: str, tmp: str, config: dict, state: dict, keep: int) -> str:
+    """Finish a checkpoint written to `tmp`: config and state files (the state last: it
+    marks a complete checkpoint), rename to `name`, point `latest` at it, keep the newest
+    `keep`. Shared by trainer.train and trainer.contrastive."""
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2, sort_keys=True)
+    final = os.path.join(root, name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(root, LATEST + ".tmp"), "w", encoding="utf-8") as f:
