@@ -10,6 +10,10 @@
   throughput, skipped samples, the newest checkpoint with its configuration, and the
   entity codes it decodes to (count, length, examples).
 * Any other folder (the demo's, say): one line for each output or model folder inside it.
+
+Everything printed passes through `transforms.formats.text.printable`: the files hold web
+text, and a control or bidirectional character in a caption, title, reject reason or
+file name is shown as an escape (`\\x1b`, `\\u202e`), never sent to the terminal.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from transforms.cli import Parser
+from transforms.formats.text import printable
 
 MANIFEST = "manifest.json"
 TRAIN_SUMMARY = "train_summary.json"
@@ -150,15 +155,21 @@ def describe_model(folder: str, summary: dict) -> list[str]:
 
 
 def describe(folder: str, rows: int = 3) -> str:
+    """The summary as terminal-safe text: each line is made printable on its own, so a data
+    string can neither hold a control character nor start a line of its own."""
+    return "\n".join(printable(line) for line in _describe(folder, rows))
+
+
+def _describe(folder: str, rows: int) -> list[str]:
     folder = folder.rstrip("/") or "/"
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such directory")
     manifest = _load(os.path.join(folder, MANIFEST))
     summary = _load(os.path.join(folder, TRAIN_SUMMARY))
     if manifest is not None and manifest.get("kind") != "model":
-        return "\n".join(describe_output(folder, manifest, rows))
+        return describe_output(folder, manifest, rows)
     if summary is not None:
-        return "\n".join(describe_model(folder, summary))
+        return describe_model(folder, summary)
     lines = [f"{folder}: not an output itself; the outputs in it:"]
     for sub in sorted(os.listdir(folder)):
         path = os.path.join(folder, sub)
@@ -175,7 +186,7 @@ def describe(folder: str, rows: int = 3) -> str:
                          f"loss {_number(s.get('first_loss', '?'))} -> {_number(s.get('last_loss', '?'))}")
     if len(lines) == 1:
         lines.append("  (none: no manifest.json or train_summary.json here or one level down)")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -183,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(describe(args.dir, args.rows))
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(printable(f"error: {e}"), file=sys.stderr)
         return 2
     return 0
 

@@ -17,6 +17,7 @@ the pipeline: nothing here runs on workers.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import logging
@@ -26,6 +27,7 @@ from collections import Counter
 from typing import Optional
 
 from transforms.common import open_read
+from transforms.formats.text import strip_controls
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,57 @@ def fmt_number(v) -> str:
     return str(v)
 
 
+class Md(str):
+    """Markdown this module wrote itself (a code span, a formatted figure): a table cell
+    that md_table keeps as it is. Every other cell is escaped as text."""
+
+
+# Characters that start Markdown or GFM syntax inline: emphasis, code, links and images,
+# table cells, strikethrough, math ($, on GitHub), autolinks (":" of "http://"). "<", ">"
+# and "&" are HTML-escaped instead; "_" is escaped only where it could start or end
+# emphasis (inside a word, as in `assigned_to_other_entity`, it cannot).
+_MD_SPECIAL = re.compile(r"([\\`*\[\]()!|#~$:{}])")
+_MD_UNDERSCORES = re.compile(r"_+")
+_MD_WWW = re.compile(r"(?i)\b(www)\.")
+
+
+def _md_underscores(m: re.Match) -> str:
+    text, a, b = m.string, m.start(), m.end()
+    if a > 0 and b < len(text) and text[a - 1].isalnum() and text[b].isalnum():
+        return m.group(0)
+    return m.group(0).replace("_", "\\_")
+
+
+def md_text(v) -> str:
+    """A value as Markdown that renders as its literal text on GitHub and Hugging Face, in
+    a table cell: no HTML, link, image, emphasis or math from data, one line."""
+    text = " ".join(strip_controls(str(v)).split())
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = _MD_UNDERSCORES.sub(_md_underscores, text)
+    text = _MD_WWW.sub(r"\1\\.", text)
+    return html.escape(text, quote=False)
+
+
+def md_code(v) -> Md:
+    """A value as an inline code span (shown verbatim: no HTML or Markdown inside), one
+    line, its "|" escaped for the table and its fence longer than any backtick run in it.
+    A value with "<", ">" or "&" is escaped text instead (md_text): the card's Markdown
+    then holds no raw HTML from data at all, for any renderer or sanitiser."""
+    text = " ".join(strip_controls(str(v)).split())
+    if re.search(r"[<>&]", text):
+        return Md(md_text(text))
+    text = text.replace("|", "\\|")
+    fence = "`" * (1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return Md(f"{fence}{pad}{text}{pad}{fence}")
+
+
 def _md_cell(v) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return v if isinstance(v, Md) else md_text(v)
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = ["| " + " | ".join(_md_cell(c) for c in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -184,11 +231,22 @@ class Plots:
     def save(self, fig, name: str, caption: str) -> None:
         import matplotlib.pyplot as plt
         from apache_beam.io.filesystems import FileSystems
+        from matplotlib.text import Text
 
         buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
+        try:
+            with plain_text():
+                # Labels are data (entity titles, reasons): shown as they are, never parsed.
+                for t in fig.findobj(Text):
+                    t.set_parse_math(False)
+                    t.set_usetex(False)
+                fig.tight_layout()
+                fig.savefig(buf, format="png", dpi=100)
+        except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn is left out, the card stands
+            log.warning("card: plot %s not drawn (%s: %s)", name, type(e).__name__, e)
+            return
+        finally:
+            plt.close(fig)
         rel = f"{PLOTS_DIR}/{name}.png"
         if "://" not in self.out:
             os.makedirs(os.path.join(self.out, PLOTS_DIR), exist_ok=True)
@@ -237,6 +295,15 @@ class Plots:
             else:
                 ax.text(i, v, fmt_number(v), ha="center", va="bottom", fontsize=8)
         self.save(fig, name, caption)
+
+
+def plain_text():
+    """A matplotlib context in which no text is parsed: no math text (`$...$`, which raises
+    on a title like `$\\foo{Sydney}$`) and no LaTeX, whatever the user's matplotlibrc says.
+    Every Text artist (titles, tick labels, bar labels) created inside it keeps that."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False, "text.usetex": False})
 
 
 def _ellipsis(text: str, width: int) -> str:
@@ -361,7 +428,13 @@ class Card:
 
 def write_card(out: str, manifest: Optional[dict] = None, *, max_rows: int = MAX_ROWS, viewer_records: int = 300) -> dict:
     """Write `<out>/README.md`, `<out>/plots/*.png` and `<out>/viewer.html` for a finished
-    output directory. Returns {"card", "plots", "viewer"} (paths)."""
+    output directory. Returns {"card", "plots", "viewer"} (paths). Every table cell from
+    data is escaped (md_text), every plot label is plain text (plain_text)."""
+    with plain_text():
+        return _write_card(out, manifest, max_rows=max_rows, viewer_records=viewer_records)
+
+
+def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_records: int) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from transforms.common import read_json
@@ -422,17 +495,17 @@ def write_card(out: str, manifest: Optional[dict] = None, *, max_rows: int = MAX
         plots.bars("rejects", [f"{s} / {r}" for s, r, _ in rejects], [n for _, _, n in rejects], "Rejects by reason",
                    "Rejected records by stage and reason.", horizontal=True)
     if models:
-        card.add("Models and prompts", md_table(["role", "model"], [[k, f"`{v}`"] for k, v in models])
+        card.add("Models and prompts", md_table(["role", "model"], [[k, md_code(v)] for k, v in models])
                  + _prompts_table(manifest))
     if counters:
         shown = {k: v for k, v in sorted(counters.items()) if not k.startswith("shuffle_")}
         card.add("Counts", "All counters of the run (`manifest.json: counters`); the run checked that they add up.",
-                 md_table(["counter", "value"], [[f"`{k}`", fmt_number(v)] for k, v in shown.items()]))
+                 md_table(["counter", "value"], [[md_code(k), fmt_number(v)] for k, v in shown.items()]))
     file_rows = []
     for entry in manifest.get("files") or []:
         if isinstance(entry, dict):
             for f in entry.get("files", []):
-                file_rows.append([f"`{f['path']}`", entry.get("format", ""), fmt_number(int(f.get("rows", 0))), _bytes(int(f.get("bytes", 0)))])
+                file_rows.append([md_code(f["path"]), entry.get("format", ""), fmt_number(int(f.get("rows", 0))), _bytes(int(f.get("bytes", 0)))])
     if file_rows:
         card.add("Files", md_table(["file", "format", "rows", "size"], file_rows[:50])
                  + (f"\n\n… and {len(file_rows) - 50:,} more (all in `manifest.json: files`)." if len(file_rows) > 50 else ""))
@@ -442,7 +515,7 @@ def write_card(out: str, manifest: Optional[dict] = None, *, max_rows: int = MAX
                  "`python -m trainer.train --train <this folder>` (Parquet, TFRecord or webdataset shards).")
     options = manifest.get("options")
     if isinstance(options, dict) and options:
-        card.add("Options of the run", md_table(["option", "value"], [[f"`--{k}`", f"`{_short(v)}`"] for k, v in sorted(options.items())]))
+        card.add("Options of the run", md_table(["option", "value"], [[md_code(f"--{k}"), md_code(_short(v))] for k, v in sorted(options.items())]))
 
     plot_md = "\n\n".join(f"![{cap}]({rel})\n\n*{cap}*" for rel, cap in plots.made)
     text = "\n\n".join(
@@ -483,7 +556,7 @@ def _prompts_table(manifest: dict) -> str:
     prompts = manifest.get("prompts")
     if not isinstance(prompts, dict) or not prompts:
         return ""
-    return "\n\n" + md_table(["prompt", "version"], [[k, f"`{_prompt_version(v)}`"] for k, v in sorted(prompts.items())])
+    return "\n\n" + md_table(["prompt", "version"], [[k, md_code(_prompt_version(v))] for k, v in sorted(prompts.items())])
 
 
 def _records_section(card: Card, plots: Plots, out: str, manifest: dict, table, of_what: str) -> None:
@@ -573,10 +646,10 @@ def _records_section(card: Card, plots: Plots, out: str, manifest: dict, table, 
 def _entity_index_section(card: Card, plots: Plots, out: str, manifest: dict) -> None:
     search = manifest.get("search") or {}
     rows = [["entities", fmt_number(int(manifest.get("num_entities", 0)))], ["dimension", manifest.get("dimension", "?")],
-            ["index", f"`{manifest.get('index_factory', '?')}`"], ["metric", manifest.get("metric", "?")],
+            ["index", md_code(manifest.get("index_factory", "?"))], ["metric", manifest.get("metric", "?")],
             ["text backend", manifest.get("text_backend", "?")]]
     if search.get("params"):
-        rows.append(["search parameters", f"`{json.dumps(search['params'], sort_keys=True)}`"])
+        rows.append(["search parameters", md_code(json.dumps(search["params"], sort_keys=True))])
     card.add("Index", md_table(["property", "value"], rows))
     curve = search.get("recall_curve")
     if isinstance(curve, list) and curve:
@@ -617,10 +690,10 @@ def _model_section(card: Card, plots: Plots, out: str, manifest: dict) -> None:
     card.add("Training", md_table(["property", "value"], [
         ["steps", fmt_number(int(manifest.get("steps", 0)))], ["samples", fmt_number(int(manifest.get("samples", 0)))],
         ["parameters", fmt_number(int(manifest.get("parameters", 0)))],
-        ["loss first -> last", f"{manifest.get('first_loss', 0):.3f} -> {manifest.get('last_loss', 0):.3f}"],
+        ["loss first -> last", Md(f"{manifest.get('first_loss', 0):.3f} -> {manifest.get('last_loss', 0):.3f}")],
         ["samples/s", fmt_number(float(manifest.get("samples_per_s", 0)))],
         ["skipped samples", fmt_number(int(manifest.get("skipped_total", 0)))],
-        ["checkpoint", f"`{manifest.get('checkpoint', '?')}`"],
+        ["checkpoint", md_code(manifest.get("checkpoint", "?"))],
     ]))
     log_rows = []
     try:

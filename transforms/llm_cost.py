@@ -18,7 +18,6 @@ the difference settled when the usage comes back) and by `refine --estimate_only
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Optional
 
@@ -28,14 +27,15 @@ MESSAGE_OVERHEAD_TOKENS = 8
 
 
 def image_size(data: bytes) -> Optional[tuple[int, int]]:
-    """(width, height) from the image header, without decoding the pixels."""
-    from PIL import Image
+    """(width, height) from the image header, without decoding the pixels (through the
+    guarded image module, like every read of image bytes)."""
+    from transforms.images import ImageError, probe_size
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:  # noqa: BLE001 - any unreadable image: no estimate
+        width, height, _ = probe_size(data)
+    except ImageError:  # any unreadable image: no estimate
         return None
+    return width, height
 
 
 def image_tokens(width: int, height: int, rule: str = "openai") -> int:

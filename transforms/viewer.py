@@ -13,34 +13,44 @@ are untrusted web text.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import logging
 from collections import defaultdict
 
 from transforms.card import read_rejects, read_sample
+from transforms.formats.text import strip_controls
 
 log = logging.getLogger(__name__)
 
 VIEWER_FILE = "viewer.html"
 THUMB_SIDE = 160
+# Larger images get no thumbnail (a 40-megapixel RGB image is 120 MB while it is decoded).
+THUMB_MAX_PIXELS = 40_000_000
 RECORD_COLUMNS = ["key", "image", "url", "caption", "qid", "title", "score", "rank", "max_eval_similarity", "nearest_eval_id",
                   "verdict", "changed", "candidate_qid", "candidate_title", "llm_entity", "verify_reason", "grounding_method",
                   "rationale", "qa_json"]
 
 
 def thumbnail(data: bytes, side: int = THUMB_SIDE) -> str:
-    """Image bytes -> a small JPEG data URI ('' when the bytes do not decode)."""
-    from PIL import Image
+    """Image bytes -> a small JPEG data URI ('' when the bytes do not decode).
+
+    The bytes are corpus bytes nothing has checked: they are decoded only by the guarded
+    decoder (`transforms.images.decode_image`: accepted formats only, before any other
+    Pillow plugin sees them, and at most THUMB_MAX_PIXELS pixels), a JPEG at a reduced
+    scale. A refused or broken image shows as missing, it never breaks the page."""
+    from transforms.images import ImageError, decode_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.draft("RGB", (side, side))
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=75)
-    except Exception:  # noqa: BLE001 - a broken image shows as missing, it never breaks the page
+        im = decode_image(data, max_pixels=THUMB_MAX_PIXELS, draft=(side, side)).image
+    except ImageError:
+        return ""
+    try:
+        im.thumbnail((side, side))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=75)
+    except (OSError, ValueError):
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -114,6 +124,34 @@ def sample_rejects(out: str, limit: int) -> list[dict]:
     return chosen[:limit]
 
 
+# In a <script> element the HTML parser looks for "</script", "<!--" and "<script" before
+# any JSON is parsed: none of them may appear, so no "<" at all. ">" and "&" go too (for
+# parsers and tools that look for "-->" or entities), and U+2028 / U+2029, which end a
+# line in older JavaScript. Each is a JSON string escape, so the parsed data is the same.
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(value) -> str:
+    """`value` as JSON that is safe as the text of a `<script type="application/json">`
+    element, whatever its strings hold."""
+    text = json.dumps(value, ensure_ascii=False)
+    for ch, escaped in _SCRIPT_ESCAPES.items():
+        text = text.replace(ch, escaped)
+    return text
+
+
+def _clean(value):
+    """Strings of a record without control and bidirectional-override characters (a caption
+    with U+202E would show other text than it holds)."""
+    if isinstance(value, str):
+        return strip_controls(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
 def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_records: int = 300) -> str:
     from apache_beam.io.filesystems import FileSystems
 
@@ -134,13 +172,15 @@ def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_rec
         "kept_total": sum(r for _, r in files),
         "rejected_total": sum(v for k, v in counters.items() if k.startswith("rejected_") and not k.endswith("_files")),
     }
-    payload = json.dumps({"meta": meta, "records": records}, ensure_ascii=False)
-    # Inside <script>, "</" could end the element: escape it (JSON allows "\/").
-    payload = payload.replace("</", "<\\/")
-    html = PAGE.replace("__DATA__", payload).replace("__TITLE__", f"entityforge viewer: {meta['folder']} ({kind})")
+    payload = script_json(_clean({"meta": meta, "records": records}))
+    title = html.escape(strip_controls(f"entityforge viewer: {meta['folder']} ({kind})"), quote=True)
+    # The page is cut at its one data slot, the title goes into the part before it and the
+    # data in between: no substitution ever runs over data (a caption may say __TITLE__).
+    head, tail = PAGE.split("__DATA__")
+    page = head.replace("__TITLE__", title) + payload + tail
     path = f"{out.rstrip('/')}/{VIEWER_FILE}"
     with FileSystems.create(path) as f:
-        f.write(html.encode("utf-8"))
+        f.write(page.encode("utf-8"))
     return path
 
 
