@@ -46,7 +46,7 @@ from transforms.entity_index import (
 )
 from transforms.formats.shards import count_records
 from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ReadCatalogFile
+from transforms.readers import MAX_CATALOG_LINE_BYTES, REJECTED, ReadCatalogFile
 from transforms.sinks import DeadLetters, WriteRejects
 from transforms.text_encoders import BACKENDS, ENCODER_DIR, export_encoder
 
@@ -58,6 +58,8 @@ STAGES = ["read_catalog", "dedup", "embed"]
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0], "pipelines.build_entity_index")
     p.add_argument("--entities", required=True, help="catalog: JSONL(.gz) or Parquet; path, dir or glob")
+    p.add_argument("--max_line_bytes", type=int, default=MAX_CATALOG_LINE_BYTES,
+                   help="a longer catalog line is a reject (line_too_long), read past without being held")
     p.add_argument("--output", required=True, help="output directory (local or gs://)")
     p.add_argument(
         "--text_model",
@@ -107,7 +109,7 @@ def build_pipeline(p: beam.Pipeline, args, inputs: list[str], threads: int):
         | "MeasureSpread" >> MeasureShuffle("spread_files")
         | "SpreadFiles" >> beam.Reshuffle()
     )
-    read = files | "ReadCatalog" >> beam.ParDo(ReadCatalogFile()).with_outputs(REJECTED, main="entities")
+    read = files | "ReadCatalog" >> beam.ParDo(ReadCatalogFile(args.max_line_bytes)).with_outputs(REJECTED, main="entities")
     deduped = (
         read.entities
         | "KeyByQid" >> beam.Map(lambda e: (e.qid, e))
@@ -172,6 +174,7 @@ def check_counts(c: dict) -> list[str]:
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--batch_size", args.batch_size)
+    positive("--max_line_bytes", args.max_line_bytes)
     if args.embed_tokens_per_pass < 0:
         raise UsageError(f"--embed_tokens_per_pass must be 0 (automatic) or positive, got {args.embed_tokens_per_pass}")
     positive("--train_sample", args.train_sample, minimum=0)

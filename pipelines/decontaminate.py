@@ -87,7 +87,7 @@ from transforms.decontam import (
 )
 from transforms.formats.keys import input_root
 from transforms.formats.webdataset import is_tar
-from transforms.images import DEFAULT_MAX_PIXELS
+from transforms.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED, ShardUnits
@@ -142,6 +142,8 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="torch device of the CLIP model")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = cores / processes")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    p.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="memory one image's decode may take (pixels x bytes per pixel of its mode and conversion); larger images are rejected (too_many_bytes)")
     p.add_argument(
         "--decode_draft",
         choices=("yes", "no"),
@@ -208,7 +210,7 @@ def build_eval_pipeline(p, args, eval_dir: str, threads, share_clip: bool = Fals
         | "SpreadEval" >> beam.Reshuffle()
         | "ReadEval" >> beam.ParDo(ReadEvalImage()).with_outputs(REJECTED, main="images")
     )
-    decoder = DecodeImages("eval_images", args.max_pixels, decode_side(args))
+    decoder = DecodeImages("eval_images", args.max_pixels, decode_side(args), args.max_image_bytes)
     decoded = read.images | "DecodeEval" >> beam.ParDo(decoder).with_outputs(
         REJECTED, main="images"
     )
@@ -291,7 +293,7 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadCandidates" >> beam.ParDo(ReadCandidateImages(input_root(args.input))).with_outputs(REJECTED, main="candidates")
     )
-    decoder = DecodeImages("decode", args.max_pixels, decode_side(args))
+    decoder = DecodeImages("decode", args.max_pixels, decode_side(args), args.max_image_bytes)
     decoded = read.candidates | "Decode" >> beam.ParDo(decoder).with_outputs(
         REJECTED, main="images"
     )
@@ -341,6 +343,7 @@ def check_counts(c: dict, formats=("parquet",)) -> list[str]:
 def validate(args) -> None:
     positive("--batch_size", args.batch_size)
     positive("--max_pixels", args.max_pixels)
+    positive("--max_image_bytes", args.max_image_bytes)
     if not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine in [-1, 1], got {args.threshold}")
     if bool(args.eval_images) == bool(args.eval_embeddings):

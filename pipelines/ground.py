@@ -29,6 +29,7 @@ from transforms.common import (
     worker_processes,
 )
 from transforms.entity_index import read_manifest
+from transforms.formats import safe_json
 from transforms.options import cli_main, new_parser, parse
 from transforms.progress import counter as progress_counter
 from transforms.readers import ListFiles
@@ -57,7 +58,7 @@ def build_parser():
 def parse_line(line: str):
     progress_counter("names_read").inc()
     try:
-        obj = json.loads(line)
+        obj = safe_json.loads(line)
     except ValueError as e:
         yield beam.pvalue.TaggedOutput("rejected", Reject(stage="ground", reason="bad_json", detail=str(e), record_json=line[:1000]))
         return

@@ -37,8 +37,9 @@ from transforms.common import (
     retry_call,
     run_and_count,
 )
+from transforms.formats import safe_json
 from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.options import cli_main, new_parser, parse
 from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED, ReadCatalogFile
@@ -63,6 +64,8 @@ def build_parser():
     p.add_argument("--formats", default="parquet", help=f"comma list of {', '.join(SHARD_FORMATS)}")
     p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides (no shuffle)")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    p.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help="memory one image's decode may take (pixels x bytes per pixel of its mode and conversion); larger images are rejected (too_many_bytes)")
     return p
 
 
@@ -76,7 +79,7 @@ class ParseAnnotation(beam.DoFn):
             return
         _counter("annotations_read").inc()
         try:
-            obj = json.loads(line)
+            obj = safe_json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
             missing = [k for k in ("data_id", "image_id", "entity_id") if not obj.get(k)]
@@ -103,8 +106,9 @@ def _image_entry(metadata):
 class BuildSamples(beam.DoFn):
     """(image_id, {"ann": [...], "path": [...]}) -> one Sample per annotation, or rejects."""
 
-    def __init__(self, max_pixels: int):
+    def __init__(self, max_pixels: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
 
     def process(self, element, titles):
         image_id, joined = element
@@ -121,7 +125,7 @@ class BuildSamples(beam.DoFn):
         # the decoder refuses is a reject.
         data = retry_call(lambda: read_bytes(paths[0]), paths[0])
         try:
-            decoded = decode_image(data, self.max_pixels)
+            decoded = decode_image(data, self.max_pixels, max_image_bytes=self.max_image_bytes)
         except ImageError as e:
             for a in anns:
                 yield beam.pvalue.TaggedOutput(REJECTED, Reject.of("images", e.reason, e.detail, key=str(a["data_id"]), source=paths[0]))
@@ -202,7 +206,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             "path": images | "MeasurePaths" >> MeasureShuffle("join_images"),
         }
         | "JoinImages" >> beam.CoGroupByKey()
-        | "Build" >> beam.ParDo(BuildSamples(args.max_pixels), titles).with_outputs(REJECTED, main="samples")
+        | "Build" >> beam.ParDo(BuildSamples(args.max_pixels, args.max_image_bytes), titles).with_outputs(REJECTED, main="samples")
     )
     rejects.append(built[REJECTED])
     _ = (

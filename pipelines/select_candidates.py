@@ -46,10 +46,11 @@ from transforms.common import (
 from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
 from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 from transforms.formats.keys import input_root
-from transforms.formats.webdataset import TAR_SUFFIXES
+from transforms.formats.webdataset import DEFAULT_LIMITS, TAR_SUFFIXES, TarLimits
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import (
     CAPTION_FORMATS,
+    RAW_CAPTION_FACTOR,
     REJECTED,
     CaptionColumns,
     ListFiles,
@@ -91,7 +92,14 @@ def build_parser():
     p.add_argument("--key_col", default=None, help="image key column (default key; else a hash of the URL)")
     p.add_argument("--image_col", default=None, help="image bytes column for --caption_format parquet (default jpg)")
     p.add_argument("--keep_columns", default="", help="comma list of extra corpus columns to carry (meta_json)")
-    p.add_argument("--max_caption_chars", type=int, default=2000, help="longer captions are rejected")
+    p.add_argument("--max_caption_chars", type=int, default=2000,
+                   help=f"longer captions are rejected (a raw value over {RAW_CAPTION_FACTOR}x this is refused before it is decoded)")
+    p.add_argument("--max_tar_members", type=int, default=DEFAULT_LIMITS.max_members,
+                   help="members in one webdataset tar; the rest of a larger tar is one reject (too_many_members)")
+    p.add_argument("--max_sample_bytes", type=int, default=DEFAULT_LIMITS.max_sample_bytes,
+                   help="bytes read for one webdataset sample; a larger sample is a reject (sample_too_large)")
+    p.add_argument("--max_tar_bytes", type=int, default=DEFAULT_LIMITS.max_tar_bytes,
+                   help="caption and metadata bytes held for one webdataset tar; past it the rest of the tar is one reject (tar_too_large)")
     p.add_argument(
         "--text_model",
         default=None,
@@ -138,6 +146,8 @@ def validate(args, manifest) -> None:
     if args.embed_tokens_per_pass < 0:
         raise UsageError(f"--embed_tokens_per_pass must be 0 (automatic) or positive, got {args.embed_tokens_per_pass}")
     positive("--max_caption_chars", args.max_caption_chars)
+    for flag in ("--max_tar_members", "--max_sample_bytes", "--max_tar_bytes"):
+        positive(flag, getattr(args, flag[2:]))
     if not -1.0 <= args.min_score <= 1.0:
         raise UsageError(f"--min_score is a cosine in [-1, 1], got {args.min_score}")
     check_backend(args.text_backend, manifest)
@@ -150,6 +160,10 @@ def validate(args, manifest) -> None:
         )
     if args.image_col and args.caption_format != "parquet":
         raise UsageError("--image_col only applies to --caption_format parquet")
+
+
+def tar_limits(args) -> TarLimits:
+    return TarLimits(max_members=args.max_tar_members, max_sample_bytes=args.max_sample_bytes, max_tar_bytes=args.max_tar_bytes)
 
 
 def read_captions(p, args, columns: CaptionColumns):
@@ -165,7 +179,7 @@ def read_captions(p, args, columns: CaptionColumns):
             | "SpreadTars" >> beam.Reshuffle()
         )
         read = units | "ReadTars" >> beam.ParDo(
-            ReadWebDatasetCaptions(columns, args.max_caption_chars, root)
+            ReadWebDatasetCaptions(columns, args.max_caption_chars, root, tar_limits(args))
         ).with_outputs(REJECTED, main="captions")
         return read.captions, [read[REJECTED]]
     split = (

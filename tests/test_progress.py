@@ -113,4 +113,4 @@ def test_viewer_escapes_untrusted_captions(tmp_path):
     pq.write_table(pa.Table.from_pylist(t), path)
     write_card(str(tmp_path), manifest)
     html = (tmp_path / "viewer.html").read_text(encoding="utf-8")
-    assert "</script><script>alert(1)" not in html and "<\\/script><script>alert(1)<\\/script>" in html
+    assert "</script><script>alert(1)" not in html and "\\u003c/script\\u003e\\u003cscript\\u003ealert(1)\\u003c/script\\u003e" in html

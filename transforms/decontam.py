@@ -29,11 +29,17 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.common import open_read, read_guarded, retry_stream
-from transforms.formats import parquet
+from transforms.formats import parquet, safe_json
 from transforms.formats.keys import image_identity, row_group_source, source_tag
 from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.formats.webdataset import TarDamage, TarMemberRef, iter_samples, webdataset_corpus_key
-from transforms.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.formats.webdataset import (
+    TarDamage,
+    TarMemberRef,
+    damage_reason,
+    iter_samples,
+    webdataset_corpus_key,
+)
+from transforms.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
 from transforms.progress import counter as progress_counter
 from transforms.readers import REJECTED
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
@@ -136,13 +142,14 @@ class ReadCandidateImages(beam.DoFn):
                     _counter("candidate_files_broken").inc()
                     yield beam.pvalue.TaggedOutput(
                         REJECTED,
-                        _reject(self.STAGE, "broken_archive",
+                        _reject(self.STAGE, damage_reason(s.error),
                                 f"after {s.samples} samples: {type(s.error).__name__}: {s.error}", source=path, count=0),
                     )
                     break
-                if s.bad_json:
+                if s.refused or s.bad_json:
                     _counter("candidates_read").inc()
-                    yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, "bad_json", s.bad_json, s.key, path))
+                    reason, detail = s.refused or ("bad_json", s.bad_json)
+                    yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, reason, detail, s.key, path))
                     continue
                 ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
                 if isinstance(s.image, TarMemberRef):  # larger than MAX_MEMBER_BYTES: never read
@@ -189,7 +196,7 @@ class _ParseAnnotation(beam.DoFn):
             return
         _counter("eval_annotation_lines").inc()
         try:
-            obj = json.loads(line)
+            obj = safe_json.loads(line)
             image_id = obj["image_id"]
             if image_id is None or str(image_id) == "":
                 raise KeyError("image_id is empty")
@@ -301,9 +308,11 @@ class DecodeImages(beam.DoFn):
     is a Reject with the decoder's reason. `draft` > 0: JPEGs decode at the smallest DCT
     scale whose shorter side is still >= `draft` (the model's input side)."""
 
-    def __init__(self, stage: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0):
+    def __init__(self, stage: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.stage = stage
         self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
         self.draft = (draft, draft) if draft and draft > 0 else None
 
     def process(self, item):
@@ -313,7 +322,7 @@ class DecodeImages(beam.DoFn):
             key, data = item
             source = None
         try:
-            decoded = decode_image(data, self.max_pixels, draft=self.draft)
+            decoded = decode_image(data, self.max_pixels, draft=self.draft, max_image_bytes=self.max_image_bytes)
         except ImageError as e:
             yield beam.pvalue.TaggedOutput(
                 REJECTED,

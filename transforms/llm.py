@@ -12,8 +12,8 @@ backends (each a Beam `ModelHandler` over a batch of `LLMRequest`).
   or an environment variable) and never logged or written.
 * `openai_batch` (`llm_batch`): the same requests through a provider's batch API.
 * `replay`: answers only from the cache; a miss is `not_in_cache`.
-Every answer is validated against the task's JSON schema (code fences and text around the
-object tolerated); an invalid answer is re-asked up to `max_reasks` times, then returned
+Every answer is validated against the task's JSON schema (exactly one JSON document: the
+whole answer or one fenced block; see `parse_answer`); an invalid answer is re-asked up to `max_reasks` times, then returned
 as `llm_invalid_output` with the raw text. Answers are cached (`llm_cache`) by a hash of
 the model id, prompt id and hash, the rendered messages (the image by its sha256) and the
 sampling parameters, so a restarted run never pays twice.
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ from typing import Any, Optional
 
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from transforms.formats import safe_json
 from transforms.llm_budget import Budget, BudgetSpec, registry_for
 from transforms.llm_cache import ResponseCache
 from transforms.llm_cost import request_tokens
@@ -161,22 +163,43 @@ def _close_quietly(cache: ResponseCache) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def extract_json_object(text: str) -> Optional[Any]:
-    """The first JSON object in `text`: the whole text, a ``` fenced block, or the first
-    balanced {...} that parses."""
+# A fenced block: ``` or ```json, up to the next fence.
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.S)
+# Answers longer than this are not parsed: a REW answer is well under 10 kB.
+MAX_ANSWER_CHARS = 200_000
+
+
+def parse_answer(text: str) -> tuple[Optional[Any], str]:
+    """(value, "") for exactly one JSON document in an answer: the whole text, or the one
+    fenced (```json) block it holds; else (None, why). Text with several objects or
+    several fenced blocks is refused, never mined for the first object that parses: a
+    model that quotes an injected caption's object next to its own answer must not have
+    the quoted one taken. Nesting and length are capped (`formats.safe_json`)."""
     text = (text or "").strip()
+    if len(text) > MAX_ANSWER_CHARS:
+        return None, f"answer of {len(text):,} characters > {MAX_ANSWER_CHARS:,}"
     try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    decoder = json.JSONDecoder()
-    for start in [i for i, ch in enumerate(text) if ch == "{"]:
+        return safe_json.loads(text), ""
+    except safe_json.JSONError as e:
+        if e.reason == "json_too_deep":
+            return None, e.detail
+    blocks = _FENCE.findall(text)
+    if len(blocks) > 1:
+        return None, f"{len(blocks)} fenced blocks in the answer; expected exactly one JSON object"
+    if len(blocks) == 1:
         try:
-            obj, _ = decoder.raw_decode(text[start:])
-            return obj
-        except ValueError:
-            continue
-    return None
+            return safe_json.loads(blocks[0].strip()), ""
+        except safe_json.JSONError as e:
+            return None, f"the fenced block is not JSON ({e.reason}: {e.detail})"[:300]
+    n = len(safe_json.raw_decode_all(text))
+    if n > 1:
+        return None, f"{n} JSON objects in the answer; expected exactly one"
+    return None, "no JSON object in the answer" if n == 0 else "text around the JSON object; expected only the object"
+
+
+def extract_json_object(text: str) -> Optional[Any]:
+    """The one JSON document of an answer (see `parse_answer`), or None."""
+    return parse_answer(text)[0]
 
 
 _VALIDATORS: dict[str, Any] = {}
@@ -196,13 +219,22 @@ def _validator(schema: dict):
     return v
 
 
+def entry_text(entry) -> str:
+    """The answer text of a cache entry or completion ("" when it has none: a damaged
+    entry is an invalid answer, not a crash)."""
+    text = entry.get("text") if isinstance(entry, dict) else None
+    return text if isinstance(text, str) else ""
+
+
 def validate_answer(text: str, schema: dict) -> tuple[Optional[dict], str]:
     """(object, "") when the text holds a JSON object valid under `schema`, else (None, why)."""
     import jsonschema
 
-    obj = extract_json_object(text)
-    if obj is None:
-        return None, "no JSON object in the answer"
+    if not isinstance(text, str):
+        return None, f"the answer is a {type(text).__name__}, not text"
+    obj, why = parse_answer(text)
+    if why:
+        return None, why
     try:
         _validator(schema).validate(obj)
     except jsonschema.ValidationError as e:
@@ -380,7 +412,13 @@ def chat_body(req: LLMRequest, history: Sequence[dict] = (), dialect: str = "jso
 def completion_entry(payload: dict, dialect: str) -> dict:
     """A chat completion as the cache stores it; KeyError/IndexError/TypeError when it is not one."""
     message = payload["choices"][0]["message"]
-    return {"text": message.get("content") or "", "usage": payload.get("usage") or {}, "model": payload.get("model"), "dialect": dialect}
+    content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise TypeError(f"message content is a {type(content).__name__}, not text")
+    usage = payload.get("usage")
+    usage = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} if isinstance(usage, dict) else {}
+    model = payload.get("model")
+    return {"text": content, "usage": usage, "model": model if isinstance(model, str) else None, "dialect": dialect}
 
 
 class _Failure(Exception):
@@ -521,9 +559,16 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             # A blocking read (object store) on a worker thread, not on the event loop.
             entry = await asyncio.get_running_loop().run_in_executor(None, cache.get, key) if cache.root else None
             if entry is not None:
-                result.cache_hits += 1
-                _counter("llm_cache_hits").inc()
-            else:
+                answer, why = validate_answer(entry_text(entry), req.schema)
+                if answer is None:
+                    # A cached answer that fails validation (a poisoned or older cache) is a
+                    # miss: asked again, and the new answer replaces it.
+                    _counter("llm_cache_invalid").inc()
+                    entry = None
+                else:
+                    result.cache_hits += 1
+                    _counter("llm_cache_hits").inc()
+            if entry is None:
                 try:
                     entry = await self._post_with_retries(req, history, endpoint, session)
                 except _Failure as f:
@@ -532,9 +577,11 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 result.requests_sent += 1
                 result.prompt_tokens += entry.get("usage", {}).get("prompt_tokens", 0) or 0
                 result.completion_tokens += entry.get("usage", {}).get("completion_tokens", 0) or 0
-                cache.put(key, entry)
-            result.raw = entry.get("text", "")
-            answer, why = validate_answer(result.raw, req.schema)
+                # Validated before it is cached; an invalid answer is kept too (marked), so
+                # `--llm_backend replay` follows the same re-ask chain to the same outcome.
+                answer, why = validate_answer(entry_text(entry), req.schema)
+                cache.put(key, entry if answer is not None else {**entry, "invalid": why})
+            result.raw = entry_text(entry)
             if answer is not None:
                 result.answer = answer
                 return result
@@ -636,7 +683,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             _counter("llm_latency_ms_total").inc(int((time.perf_counter() - started) * 1000))
             if status == 200:
                 try:
-                    entry = completion_entry(json.loads(text), dialect)
+                    entry = completion_entry(safe_json.loads(text), dialect)
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
                     raise _Failure("endpoint_bad_response", f"not a chat completion: {text[:200]!r}", False) from e
                 endpoint.dialect = dialect
@@ -689,7 +736,7 @@ def replay_one(req: LLMRequest, cache: ResponseCache, max_reasks: int) -> LLMRes
             result.error, result.detail = "not_in_cache", f"no cached answer for {req.prompt_id} (key {req.cache_key(history)[:16]})"
             return result
         result.cache_hits += 1
-        result.raw = entry.get("text", "")
+        result.raw = entry_text(entry)
         answer, why = validate_answer(result.raw, req.schema)
         if answer is not None:
             result.answer = answer

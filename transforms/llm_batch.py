@@ -45,12 +45,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from transforms.common import retry_call
+from transforms.formats import safe_json
 from transforms.llm import (
     LLMRequest,
     LLMResult,
     api_key,
     chat_body,
     completion_entry,
+    entry_text,
     reask_message,
     shared_cache,
     validate_answer,
@@ -163,7 +165,7 @@ class BatchRequestHandler(ModelHandler[LLMRequest, LLMResult, _Model]):
                 ))
                 return result
             result.cache_hits += 1
-            result.raw = entry.get("text", "")
+            result.raw = entry_text(entry)
             answer, why = validate_answer(result.raw, req.schema)
             if answer is not None:
                 result.answer = answer
@@ -283,12 +285,13 @@ def read_results(text: str, cache, usage: dict) -> tuple[set[str], list[dict]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = safe_json.loads(line)
             cid = rec["custom_id"]
         except (ValueError, KeyError, TypeError):
             log.warning("batch result line is not JSON with a custom_id: skipped")
             continue
-        response = rec.get("response") or {}
+        response = rec.get("response")
+        response = response if isinstance(response, dict) else {}
         status = response.get("status_code")
         if status == 200 and not rec.get("error"):
             try:

@@ -44,6 +44,7 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.common import retry_call
+from transforms.formats import safe_json
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,8 @@ class ResponseCache:
     @staticmethod
     def _decode(raw, where: str) -> Optional[dict]:
         try:
-            return json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
+            entry = safe_json.loads(raw)
+            return entry if isinstance(entry, dict) else None
         except (UnicodeDecodeError, ValueError):
             log.warning("cache entry %s is not JSON; asking again", where)
             return None
@@ -368,7 +370,7 @@ def read_segment(path: str) -> Iterator[tuple[str, str]]:
         return
     for line in text.splitlines():
         try:
-            record = json.loads(line)
+            record = safe_json.loads(line)
             yield record["key"], json.dumps(record["entry"], ensure_ascii=False, sort_keys=True)
         except (ValueError, KeyError, TypeError):
             log.warning("cache segment %s has a damaged line: skipped", path)
@@ -389,7 +391,7 @@ def read_legacy(path: str) -> Iterator[tuple[str, str]]:
     key = path.rsplit("/", 1)[-1][: -len(".json")]
     raw = _read(path)
     try:
-        yield key, json.dumps(json.loads(raw.decode("utf-8")), ensure_ascii=False, sort_keys=True)
+        yield key, json.dumps(safe_json.loads(raw), ensure_ascii=False, sort_keys=True)
     except (UnicodeDecodeError, ValueError):
         log.warning("old-layout cache entry %s is not JSON: skipped", path)
 

@@ -29,6 +29,7 @@ from transforms.common import (
     read_guarded,
     retry_stream,
 )
+from transforms.formats import safe_json
 from transforms.formats.keys import (
     REF_SEP,
     expand_patterns,
@@ -39,8 +40,13 @@ from transforms.formats.keys import (
 )
 from transforms.formats.parquet import is_parquet, row_group_units
 from transforms.formats.shards import read_images_at  # noqa: F401 - the image pass of select_candidates
+from transforms.formats.text import strip_controls
 from transforms.formats.webdataset import (
+    DEFAULT_LIMITS,
+    Refused,
+    TarLimits,
     TarMemberRef,
+    damage_reason,
     is_tar,
     read_samples,
     webdataset_corpus_key,
@@ -75,7 +81,8 @@ def _entity_from_obj(obj, file_index: int, row: int, source: str):
     if not isinstance(qid, str) or not isinstance(title, str):
         return ("non_text_field", "wikidata_id and wikipedia_title must be strings")
     qid = qid.strip()
-    title = title.strip()
+    raw_title = title
+    title = strip_controls(title).strip()
     if not qid:
         return ("missing_field", "empty wikidata_id")
     if not title:
@@ -83,11 +90,15 @@ def _entity_from_obj(obj, file_index: int, row: int, source: str):
     summary = obj.get("wikipedia_summary")
     if summary is not None and not isinstance(summary, str):
         summary = str(summary)
+    if summary is not None:
+        summary = strip_controls(summary)
     extra = {
         k: v
         for k, v in obj.items()
         if k not in ("wikidata_id", "wikipedia_title", "wikipedia_summary")
     }
+    if strip_controls(raw_title) is not raw_title:
+        extra["title_raw"] = raw_title  # control / bidi characters were removed from the title
     return Entity(
         qid=qid,
         title=title,
@@ -96,6 +107,30 @@ def _entity_from_obj(obj, file_index: int, row: int, source: str):
         row=row,
         extra_json=json.dumps(extra, ensure_ascii=False, default=str) if extra else None,
     )
+
+
+# A catalog line longer than this is a reject, read past in chunks, never held whole: a
+# Wiki6M line (title, summary, a few fields) is a few kB.
+MAX_CATALOG_LINE_BYTES = 1 << 20
+
+
+def _lines(stream, max_bytes: int):
+    """The lines of a binary stream; a line longer than `max_bytes` comes as its length
+    (an int) instead, after its bytes were read past in chunks of at most `max_bytes`."""
+    while True:
+        line = stream.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes:
+            yield line
+            continue
+        n = len(line)
+        while not line.endswith(b"\n"):
+            line = stream.readline(max_bytes + 1)
+            if not line:
+                break
+            n += len(line)
+        yield n
 
 
 class ReadCatalogFile(beam.DoFn):
@@ -107,7 +142,8 @@ class ReadCatalogFile(beam.DoFn):
 
     STAGE = "read_catalog"
 
-    def __init__(self):
+    def __init__(self, max_line_bytes: int = MAX_CATALOG_LINE_BYTES):
+        self.max_line_bytes = max_line_bytes
         self.rows = _counter("catalog_rows_read")
         self.ok = _counter("catalog_rows_ok")
 
@@ -149,7 +185,11 @@ class ReadCatalogFile(beam.DoFn):
     def _jsonl(self, file_index, path):
         with open_read(path) as raw:
             stream = maybe_gunzip(raw)
-            for row, line in enumerate(io.BufferedReader(stream, 1 << 20)):
+            for row, line in enumerate(_lines(io.BufferedReader(stream, 1 << 20), self.max_line_bytes)):
+                if isinstance(line, int):
+                    self.rows.inc()
+                    yield self._reject("line_too_long", f"{line:,} bytes > --max_line_bytes {self.max_line_bytes:,}; not parsed", path, row=row)
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -159,10 +199,10 @@ class ReadCatalogFile(beam.DoFn):
                     yield self._reject("bad_utf8", str(e), path, row=row, record=repr(line[:200]))
                     continue
                 try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
+                    obj = safe_json.loads(text)
+                except safe_json.JSONError as e:
                     self.rows.inc()
-                    yield self._reject("bad_json", str(e), path, row=row, record=text[:500])
+                    yield self._reject(e.reason, e.detail, path, row=row, record=text[:500])
                     continue
                 yield self._emit(obj, file_index, row, path)
 
@@ -222,10 +262,24 @@ class CaptionColumns:
         )
 
 
+# A raw caption longer than this many times --max_caption_chars is refused before it is
+# decoded or normalised (whitespace runs may shrink a caption, but not by this much).
+RAW_CAPTION_FACTOR = 4
+
+
+def raw_caption_limit(max_chars: int) -> int:
+    return RAW_CAPTION_FACTOR * max_chars + 64
+
+
 def _clean_caption(value, max_chars: int):
-    """(caption, None) or (None, (reason, detail))."""
+    """(caption, None) or (None, (reason, detail)). The length is checked on the raw value
+    first (a 255 MiB caption is never split and joined), then on the normalised text:
+    whitespace runs collapsed, control and bidi-override characters removed
+    (`formats.text.strip_controls`)."""
     if value is None:
         return None, ("empty_caption", "caption is null")
+    if isinstance(value, (str, bytes, bytearray, memoryview)) and len(value) > raw_caption_limit(max_chars):
+        return None, ("caption_too_long", f"{len(value):,} raw chars/bytes > {RAW_CAPTION_FACTOR} x --max_caption_chars {max_chars}")
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             value = bytes(value).decode("utf-8")
@@ -238,12 +292,40 @@ def _clean_caption(value, max_chars: int):
     except UnicodeEncodeError as e:
         # Lone surrogates from a lossy decoder upstream.
         return None, ("bad_utf8", str(e))
-    text = " ".join(value.split())
+    text = " ".join(strip_controls(value).split())
     if not text:
         return None, ("empty_caption", "caption is empty or whitespace")
     if len(text) > max_chars:
         return None, ("caption_too_long", f"{len(text)} chars > --max_caption_chars {max_chars}")
     return text, None
+
+
+# A URL, key or kept column's value longer than this is refused (`value_too_long`).
+MAX_VALUE_BYTES = 64 * 1024
+
+
+def _drop_oversized(table, limits: dict, default_limit: int):
+    """(table, {row: (column, bytes)}): string and binary values over their column's limit
+    are measured in Arrow and nulled there, so they never become Python strings; the rows
+    they were in are rejects."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    oversized: dict[int, tuple[str, int]] = {}
+    for name in table.column_names:
+        column = table[name]
+        t = column.type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            continue
+        limit = limits.get(name, default_limit)
+        lengths = pc.binary_length(column)
+        over = pc.fill_null(pc.greater(lengths, limit), False)
+        if not pc.any(over).as_py():
+            continue
+        for i in pc.indices_nonzero(over).to_pylist():
+            oversized.setdefault(i, (name, int(lengths[i].as_py())))
+        table = table.set_column(table.column_names.index(name), name, pc.if_else(over, pa.scalar(None, t), column))
+    return table, oversized
 
 
 def _int_or_none(v) -> Optional[int]:
@@ -326,6 +408,9 @@ class _CaptionReaderBase(beam.DoFn):
         caption, err = _clean_caption(text, self.max_caption_chars)
         if err:
             return self._reject(err[0], err[1], source, key=key, record=record)
+        if isinstance(text, str) and strip_controls(text) is not text:
+            # Control / bidi characters were removed: the raw caption stays in meta_json.
+            meta = {**(meta or {}), "caption_raw": text}
         if url is not None and not isinstance(url, str):
             url = str(url)
         if not key:
@@ -410,10 +495,17 @@ class ReadParquetCaptions(_CaptionReaderBase):
             if pf.metadata.num_row_groups == 0:
                 return
             table = pf.read_row_group(rg, columns=cols)
+        table, oversized = _drop_oversized(table, {text_col: raw_caption_limit(self.max_caption_chars)}, MAX_VALUE_BYTES)
         source = row_group_source(path, rg)
         tag = self._tag(path)
         images = self.fmt == "parquet"
         for i, row in enumerate(table.to_pylist()):
+            if i in oversized:
+                self.rows.inc()
+                column, size = oversized[i]
+                reason = "caption_too_long" if column == text_col else "value_too_long"
+                yield self._reject(reason, f"column {column!r}: {size:,} bytes, refused before decoding", source, record=row)
+                continue
             corpus_key = row.get(key_col) if key_col else None
             url = row.get(url_col) if url_col else None
             if (corpus_key is None or corpus_key == "") and not url_col:
@@ -448,21 +540,22 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
     the image pass can tell one image with several captions from two images sharing a key.
     """
 
-    def __init__(self, columns: CaptionColumns, max_caption_chars: int, root: str = ""):
+    def __init__(self, columns: CaptionColumns, max_caption_chars: int, root: str = "", limits: TarLimits = DEFAULT_LIMITS):
         super().__init__(columns.defaults("webdataset"), max_caption_chars, root)
+        self.limits = limits
 
     def process(self, path):
         # A damaged tar still yields the samples before the damage, then one reject; an
         # I/O error is retried, then raised.
         def read():
             with open_read(path) as f:
-                yield read_samples(f, path=path, locate_images=True)
+                yield read_samples(f, path=path, locate_images=True, limits=self.limits)
 
         (samples, damage), = retry_stream(read, path)
         if damage is not None:
             _counter("captions_files_broken").inc()
             yield self._reject(
-                "broken_archive",
+                damage_reason(damage),
                 f"after {len(samples)} samples: {type(damage).__name__}: {damage}",
                 path,
                 count=0,
@@ -476,13 +569,17 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
                 locations.setdefault(key, []).append(s.image.locator())
             prepared.append((key, s))
         for key, s in prepared:
+            if s.refused is not None:
+                self.rows.inc()
+                yield self._reject(s.refused[0], s.refused[1], path, key, {"key": key, "parts": sorted(s.parts)})
+                continue
             yield from self._sample(path, key, s.parts, s.meta, s.image, REF_SEP.join(locations.get(key, ())) or None)
 
     def _sample(self, path, key, parts, meta, image, refs):
         text = meta.get(self.columns.text) if "txt" not in parts else parts["txt"]
-        if isinstance(text, TarMemberRef):  # larger than MAX_MEMBER_BYTES: never read
+        if isinstance(text, (TarMemberRef, Refused)):  # over the text member budget: never read
             self.rows.inc()
-            yield self._reject("caption_too_long", f"KEY.txt of {text.size} bytes", path, key)
+            yield self._reject("caption_too_long", f"KEY.txt of {text.size:,} bytes", path, key)
             return
         if text is None and image is None and not meta:
             self.rows.inc()

@@ -52,7 +52,9 @@ def is_data_error(e: BaseException) -> bool:
 
     if isinstance(e, (MemoryError, ConnectionError, TimeoutError, InterruptedError)):
         return False
-    if isinstance(e, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError, struct.error, json.JSONDecodeError)):
+    # RecursionError: a parser (json, a decoder) walked a document nested past Python's
+    # limit; the same bytes fail the same way on every try.
+    if isinstance(e, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError, struct.error, json.JSONDecodeError, RecursionError)):
         return True
     try:
         import pyarrow as pa

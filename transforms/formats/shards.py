@@ -101,6 +101,9 @@ def iter_shard_records(
         elif kind == "webdataset":
             samples, damage = webdataset.read_samples(f, path=path, locate_images=locate_images)
             for s in samples:
+                if s.refused is not None:
+                    yield Skip(s.refused[0], f"{path} {s.key}: {s.refused[1]}"[:300])
+                    continue
                 if s.bad_json or "json" not in s.parts:
                     yield Skip("bad_json", f"{path} {s.key}: {s.bad_json or 'no KEY.json'}"[:300])
                     continue
@@ -115,7 +118,7 @@ def iter_shard_records(
                     row["image"] = s.image if isinstance(s.image, (bytes, bytearray)) else None
                 yield ShardRecord(row, ref)
             if damage is not None:
-                yield Skip("broken_archive", f"{path}: after {len(samples)} samples: {type(damage).__name__}: {damage}"[:500])
+                yield Skip(webdataset.damage_reason(damage), f"{path}: after {len(samples)} samples: {type(damage).__name__}: {damage}"[:500])
         else:
             yield Skip("unknown_shard_kind", f"{path}: not .parquet, .tfrecord[.gz] or .tar")
 
