@@ -97,7 +97,7 @@ def build_parser():
     p.add_argument("--max_tar_members", type=int, default=DEFAULT_LIMITS.max_members,
                    help="members in one webdataset tar; the rest of a larger tar is one reject (too_many_members)")
     p.add_argument("--max_sample_bytes", type=int, default=DEFAULT_LIMITS.max_sample_bytes,
-                   help="bytes read for one webdataset sample; a larger sample is a reject (sample_too_large)")
+                   help="bytes of one webdataset sample's members; a larger sample is a reject (sample_too_large)")
     p.add_argument("--max_tar_bytes", type=int, default=DEFAULT_LIMITS.max_tar_bytes,
                    help="caption and metadata bytes held for one webdataset tar; past it the rest of the tar is one reject (tar_too_large)")
     p.add_argument(

@@ -569,9 +569,12 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
                 locations.setdefault(key, []).append(s.image.locator())
             prepared.append((key, s))
         for key, s in prepared:
-            if s.refused is not None:
+            if s.refused is not None or s.bad_json:
+                # A sample whose KEY.json is not usable JSON (nested 100,000 deep, not an
+                # object) is a reject, not a caption without its metadata.
                 self.rows.inc()
-                yield self._reject(s.refused[0], s.refused[1], path, key, {"key": key, "parts": sorted(s.parts)})
+                reason, detail = s.refused or ("bad_json", s.bad_json)
+                yield self._reject(reason, detail, path, key, {"key": key, "parts": sorted(s.parts)})
                 continue
             yield from self._sample(path, key, s.parts, s.meta, s.image, REF_SEP.join(locations.get(key, ())) or None)
 

@@ -60,8 +60,8 @@ class TarLimits:
 
     `max_members`: members (of any kind) in one tar; past it the rest of the tar is one
     reject (`too_many_members`): a 2 MB .tar.gz of 300,000 one-byte members is not
-    300,000 samples worth holding. `max_sample_bytes`: bytes read into memory for one
-    sample; a member past it makes the sample a `sample_too_large` reject.
+    300,000 samples worth holding. `max_sample_bytes`: bytes of one sample's members (read or
+    not); a member past it makes the sample a `sample_too_large` reject.
     `max_text_bytes`: a KEY.txt / KEY.json larger than this is not read (the sample is a
     reject). `max_tar_bytes`: bytes a pass that holds a whole tar's samples may hold;
     past it the rest of the tar is one reject (`tar_too_large`)."""
@@ -153,18 +153,18 @@ def iter_webdataset(fileobj, *, path: Optional[str] = None, read_ext=None, limit
             current_key = key
             wanted = read_ext is None or read_ext(ext)
             cap = limits.max_text_bytes if ext in TEXT_EXTENSIONS else MAX_MEMBER_BYTES
+            sample_bytes += member.size
             if member.issparse():
                 parts[ext] = Refused("sparse_member", f"{name}: a sparse member ({member.size:,} bytes when expanded) is not read", member.size)
-            elif wanted and member.size <= cap and sample_bytes + member.size > limits.max_sample_bytes:
+            elif sample_bytes > limits.max_sample_bytes:
                 parts[ext] = Refused(
                     "sample_too_large",
-                    f"{name}: {sample_bytes + member.size:,} bytes read for one sample > {limits.max_sample_bytes:,} (--max_sample_bytes)",
+                    f"{name}: the sample's members hold {sample_bytes:,} bytes > {limits.max_sample_bytes:,} (--max_sample_bytes)",
                     member.size,
                 )
             elif wanted and member.size <= cap:
                 f = tar.extractfile(member)
                 parts[ext] = f.read() if f is not None else b""
-                sample_bytes += member.size
             else:
                 parts[ext] = TarMemberRef(member.offset_data, member.size)
     if current_key is not None:
