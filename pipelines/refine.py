@@ -210,15 +210,23 @@ def build_parser():
 def llm_handler(args, processes: int = 1):
     if args.llm_backend == "vllm":
         try:
-            from transforms.llm_vllm import make_vllm_handler
+            from transforms.llm_vllm import make_vllm_handler, split_server_kwargs
         except ImportError as e:
             raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
+        from transforms.secrets import is_secret_name, register_secret
+
         kwargs = {}
         for item in args.vllm_server_arg:
             key, sep, value = item.partition("=")
             if not key:
                 raise UsageError(f"--vllm_server_arg {item!r}: expected KEY=VALUE or KEY")
             kwargs[key.lstrip("-")] = value if sep else None
+            if sep and is_secret_name(key):
+                register_secret(value)  # redacted from here on, whatever the form it is logged in
+        try:
+            split_server_kwargs(kwargs)  # a secret vLLM can only read from its command line is refused
+        except ValueError as e:
+            raise UsageError(f"--vllm_server_arg: {e}") from None
         try:
             return make_vllm_handler(
                 args.model, vllm_server_kwargs=kwargs, cache_dir=args.cache, max_concurrency=args.max_concurrency,

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 
-from tests.fake_llm_server import FakeLLMServer
 from tests.helpers import draw_image
 from transforms import llm_vllm
 from transforms.schema import Sample
@@ -30,34 +29,168 @@ def _request(i):
     return verify_request((sample, "Iron tower."), load_prompt("verify"), settings)
 
 
-def test_vllm_handler_request_path_and_shutdown(tmp_path, monkeypatch):
+# A stand-in for `python -m vllm.entrypoints.openai.api_server`: the loopback fake LLM
+# server on the port it is given, refusing any request without VLLM_API_KEY as its bearer
+# token when that variable is set, as vLLM does. It prints what vLLM prints at start (its
+# arguments) and records each chat request (format, image, whether its key matched) in a
+# JSON-lines file, never the key itself.
+FAKE_VLLM_SERVER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from aiohttp import web
+from tests.fake_llm_server import FakeLLMServer
+
+argv = sys.argv[1:]
+assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"], argv
+port, model = int(argv[argv.index("--port") + 1]), argv[argv.index("--model") + 1]
+key = os.environ.get("VLLM_API_KEY")
+fake, written = FakeLLMServer(), [0]
+print("non-default args:", argv, flush=True)
+
+
+@web.middleware
+async def auth(request, handler):
+    if key and request.headers.get("Authorization") != "Bearer " + key:
+        return web.json_response({{"error": {{"message": "Unauthorized"}}}}, status=401)
+    return await handler(request)
+
+
+async def models(request):
+    return web.json_response({{"object": "list", "data": [{{"id": model, "object": "model"}}]}})
+
+
+async def chat(request):
+    response = await fake._handle(request)
+    new, written[0] = fake.requests[written[0]:], len(fake.requests)
+    with open({record!r}, "a") as f:
+        for r in new:
+            ok = r.pop("auth") == ("Bearer " + key if key else None)
+            f.write(json.dumps({{**r, "auth_ok": ok, "status": response.status}}) + "\\n")
+    return response
+
+
+app = web.Application(middlewares=[auth], client_max_size=64 * 1024 * 1024)
+app.router.add_get("/v1/models", models)
+app.router.add_post("/v1/chat/completions", chat)
+web.run_app(app, host="127.0.0.1", port=port, print=None)
+"""
+
+
+class FakeVLLM:
+    """`python` (a stand-in interpreter for ENTITYFORGE_VLLM_PYTHON) runs FAKE_VLLM_SERVER;
+    `requests()` reads what it recorded."""
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.record = os.path.join(folder, "requests.jsonl")
+        self.server = os.path.join(folder, "fake_vllm_server.py")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        with open(self.server, "w") as f:
+            f.write(FAKE_VLLM_SERVER.format(repo=repo, record=self.record))
+        self.python = os.path.join(folder, "python")
+        with open(self.python, "w") as f:
+            f.write(f'#!/bin/sh\nexec "{sys.executable}" "{self.server}" "$@"\n')
+        os.chmod(self.python, 0o755)
+
+    def requests(self):
+        import json
+
+        if not os.path.exists(self.record):
+            return []
+        with open(self.record) as f:
+            return [json.loads(line) for line in f]
+
+
+def proc_view(pid):
+    """What `ps` and a curious user see of a process: its command line and environment."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = [a.decode() for a in f.read().split(b"\0") if a]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = dict(e.decode().partition("=")[::2] for e in f.read().split(b"\0") if e)
+    return cmdline, environ
+
+
+@pytest.fixture
+def fake_vllm(tmp_path, monkeypatch):
+    fake = FakeVLLM(str(tmp_path / "fake_vllm"))
+    monkeypatch.setenv(llm_vllm.VLLM_PYTHON_ENV, fake.python)
+    monkeypatch.setenv(llm_vllm.REGISTRY_ENV, str(tmp_path / "registry"))
+    monkeypatch.setattr(llm_vllm, "REGISTRY_ROOT", None)
+    return fake
+
+
+KEY = "plantedLOCALvllmKEY0451"
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["key", "no_key"])
+def test_vllm_handler_request_path_and_shutdown(tmp_path, monkeypatch, fake_vllm, with_key):
+    """Beam's handler, our server start: the stand-in server is launched on a free port with
+    a minimal environment (the key as VLLM_API_KEY, nothing of OPENAI_API_KEY) and a command
+    line without the key; our client sends the key as its bearer token; shutdown stops it."""
     from apache_beam.ml.inference import vllm_inference
 
     monkeypatch.setenv(llm_vllm.RUN_ENV, "test-run")
-    monkeypatch.setattr(llm_vllm, "REGISTRY_ROOT", str(tmp_path / "registry"))
-    stand_in = []
-
-    with FakeLLMServer() as server:
-        def fake_start(self, retries=3):
-            # What Beam's start_server leaves behind: a running process and a port.
-            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-            stand_in.append(proc)
-            self._server_process, self._server_port, self._server_started = proc, server.port, True
-
-        monkeypatch.setattr(vllm_inference._VLLMModelServer, "start_server", fake_start)
-        handler = llm_vllm.make_vllm_handler("tiny-vlm", cache_dir=str(tmp_path / "cache"), max_concurrency=4)
-        assert isinstance(handler, vllm_inference.VLLMChatModelHandler)
-        assert handler.share_model_across_processes()  # one server per machine, as Beam does it
-        model = handler.load_model()
+    monkeypatch.setenv("OPENAI_API_KEY", "plantedOPENAIkey0452")
+    monkeypatch.setenv("VLLM_API_KEY", "plantedINHERITEDkey0453")  # the worker's own: not passed on
+    server_args = {"max-model-len": "4096", **({"api-key": KEY} if with_key else {})}
+    handler = llm_vllm.make_vllm_handler("tiny-vlm", vllm_server_kwargs=server_args, cache_dir=str(tmp_path / "cache"),
+                                         max_concurrency=4)
+    assert isinstance(handler, vllm_inference.VLLMChatModelHandler)
+    assert handler.share_model_across_processes()  # one server per machine, as Beam does it
+    model = handler.load_model()
+    try:
+        pid = model._server_process.pid
+        cmdline, environ = proc_view(pid)
         results = list(handler.run_inference([_request(i) for i in range(5)], model))
-        sent = list(server.requests)
+    except BaseException:
+        llm_vllm.shutdown_vllm_servers()
+        raise
+    assert cmdline[2:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "tiny-vlm", "--port",
+                           str(model.get_server_port()), "--max-model-len", "4096"]
+    assert environ.get("VLLM_API_KEY") == (KEY if with_key else None)
+    assert "OPENAI_API_KEY" not in environ and environ[llm_vllm.RUN_ENV] == "test-run"
+    assert set(environ) <= {k for k in os.environ} | {"VLLM_API_KEY", "PWD", "SHLVL", "_"}  # nothing made up
+    sent = fake_vllm.requests()
     assert [r.inference.answer["verdict"] for r in results] == ["correct"] * 5
-    assert all(r["format"] == "json_schema" and r["has_image"] for r in sent)
-    assert len(stand_in) == 1 and stand_in[0].poll() is None
+    assert len(sent) == 5 and all(r["format"] == "json_schema" and r["has_image"] and r["auth_ok"] for r in sent)
     # Beam would leave the server running; the run's shutdown stops it.
-    assert llm_vllm.shutdown_vllm_servers() == [stand_in[0].pid]
-    assert stand_in[0].wait(10) is not None
+    assert model._server_process.poll() is None
+    assert llm_vllm.shutdown_vllm_servers() == [pid]
+    assert model._server_process.wait(10) is not None
     assert llm_vllm.shutdown_vllm_servers() == []
+
+
+def test_vllm_server_with_a_key_refuses_a_client_without_it(tmp_path, monkeypatch, fake_vllm):
+    """The stand-in enforces the key as vLLM does: the same request without it is refused."""
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setenv(llm_vllm.RUN_ENV, "test-refuse")
+    model = llm_vllm.make_vllm_handler("tiny-vlm", vllm_server_kwargs={"api-key": KEY}).load_model()
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"http://127.0.0.1:{model.get_server_port()}/v1/models", timeout=10)
+        assert llm_vllm._models_listed(model.get_server_port(), KEY)
+    finally:
+        llm_vllm.shutdown_vllm_servers()
+
+
+def test_secret_server_arguments_stay_off_the_command_line():
+    args, env = llm_vllm.split_server_kwargs({"api-key": KEY, "hf-token": "hfplanted123", "max-model-len": "1"})
+    assert args == {"max-model-len": "1"} and env == {"VLLM_API_KEY": KEY, "HF_TOKEN": "hfplanted123"}
+    assert llm_vllm.split_server_kwargs({"hf-token": None}) == ({"hf-token": None}, {})  # the login's token: no secret
+    with pytest.raises(ValueError, match="command line"):
+        llm_vllm.split_server_kwargs({"ssl-keyfile-password": "pw123456"})
+    with pytest.raises(ValueError, match="needs a value"):
+        llm_vllm.split_server_kwargs({"api-key": None})
+    env = llm_vllm.server_env({"VLLM_API_KEY": KEY}, "run1", {
+        "PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "CUDA_VISIBLE_DEVICES": "0", "HF_HOME": "/hf", "HF_TOKEN": "hf",
+        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": "inherited", "OPENAI_API_KEY": "o", "AWS_SECRET_ACCESS_KEY": "a",
+        "GOOGLE_APPLICATION_CREDENTIALS": "/c.json", "VLLM_SOME_TOKEN": "t", "HF_AUTH_SECRET": "s", "DATABASE_URL": "d",
+        "TOKENIZERS_PARALLELISM": "false"})
+    assert env == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "CUDA_VISIBLE_DEVICES": "0", "HF_HOME": "/hf",
+                   "HF_TOKEN": "hf", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_API_KEY": KEY, llm_vllm.RUN_ENV: "run1"}
 
 
 def test_refine_vllm_backend_without_vllm_is_a_usage_error(tmp_path, monkeypatch):
@@ -82,7 +215,7 @@ def test_refine_vllm_backend_without_vllm_is_a_usage_error(tmp_path, monkeypatch
         refine.llm_handler(args)
 
 
-def _vllm_server_pids(model_dir):
+def vllm_server_pids(model_dir):
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -150,34 +283,21 @@ def test_real_vllm_refine_pipeline(tmp_path, catalog_path, entity_index, monkeyp
     assert not {r for r in reasons if r.startswith("endpoint_")}, rejects
     assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0, summary["tokens"]
     # Beam leaves its server running; refine stopped it.
-    assert _vllm_server_pids(model_dir) == []
+    assert vllm_server_pids(model_dir) == []
 
 
-def test_vllm_server_runs_on_the_interpreter_the_image_names(tmp_path, monkeypatch):
+def test_vllm_server_runs_on_the_interpreter_the_image_names(tmp_path, monkeypatch, fake_vllm):
     """docker/vllm.Dockerfile keeps vLLM in a venv of its own (its torch and pillow>=13 do
-    not fit Beam's environment) and names its python in ENTITYFORGE_VLLM_PYTHON: Beam's own
-    start_server must launch the server with it, and sys.executable must be left as it was."""
-    from apache_beam.ml.inference import vllm_inference
-
-    monkeypatch.setattr(llm_vllm, "REGISTRY_ROOT", str(tmp_path / "registry"))
+    not fit Beam's environment) and names its python in ENTITYFORGE_VLLM_PYTHON: the server
+    must be launched with it, and sys.executable must be left as it was."""
     monkeypatch.setenv(llm_vllm.RUN_ENV, "test-run")
-    monkeypatch.setenv(llm_vllm.VLLM_PYTHON_ENV, "/opt/vllm/bin/python")
-    launched = []
-    real_python = sys.executable
-
-    def fake_start_process(cmd):
-        launched.append(list(cmd))
-        proc = subprocess.Popen([real_python, "-c", "import time; time.sleep(600)"])
-        return proc, 8000
-
-    monkeypatch.setattr(vllm_inference, "start_process", fake_start_process)
-    monkeypatch.setattr(vllm_inference._VLLMModelServer, "check_connectivity", lambda self, retries=3: None)
     before = sys.executable
     server = llm_vllm.make_vllm_handler("tiny-vlm", vllm_server_kwargs={"max-model-len": "1024"}).load_model()
-    server.start_server()
     try:
-        assert launched and launched[0][:3] == ["/opt/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
-        assert "tiny-vlm" in launched[0] and "--max-model-len" in launched[0]
+        # The stand-in interpreter execs the fake server: its command line, as `ps` shows it.
+        cmdline, _ = proc_view(server._server_process.pid)
+        assert cmdline[1:5] == [fake_vllm.server, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+        assert "tiny-vlm" in cmdline and "--max-model-len" in cmdline
         assert sys.executable == before
     finally:
         llm_vllm.shutdown_vllm_servers()

@@ -21,7 +21,8 @@ REDACTED = "[redacted]"
 _KNOWN: set[str] = set()
 _LOCK = threading.Lock()
 
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
+# (A scheme is short: bounding it keeps a long run of `a-a-a-...` linear, not quadratic.)
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]{0,31}://[^\s\"'<>]+")
 # Names that say "secret" (a bare `key` does not: it is the image key of every record).
 _SECRET_NAME = r"(?:api[-_]?key|apikey|access[-_]?key|secret[-_]?key|access[-_]?token|auth[-_]?token|token|secret|password|passwd|credentials?|authorization)"
 # name=value, name: value, "name": "value" (JSON), --name=value, and --name value (CLI)
@@ -29,9 +30,27 @@ _PAIR = re.compile(
     rf"(?i)(?P<name>(?<![a-z0-9])[\"']?-{{0,2}}(?:[a-z0-9]+[-_])?{_SECRET_NAME}[\"']?\s*(?:=|:)\s*[\"']?)(?P<value>[^\s\"',;&]+)"
 )
 _CLI_PAIR = re.compile(rf"(?i)(?P<name>--(?:[a-z0-9]+[-_])?{_SECRET_NAME}\s+)(?P<value>[^\s\"',;&-][^\s\"',;&]*)")
+# A quoted value after a secret name, whole (spaces included), in the shapes a command line
+# or a settings dict takes when printed: ['--api-key', 'V'] and Beam's ['--api-key' 'V'],
+# ('api-key', 'V'), {'api-key': 'V'}, "--api-key" "V", --api-key 'V' (shlex), api_key="V".
+# Prefix segments and the value are bounded, so hostile text costs linear time.
+_NAME_WORDS = rf"(?:[a-z0-9]{{1,64}}[-_]){{0,3}}{_SECRET_NAME}"
+_QUOTED_PAIR = re.compile(
+    rf"(?i)(?P<name>(?<![a-z0-9])(?:"
+    rf"(?P<nq>[\"'])-{{0,2}}{_NAME_WORDS}(?P=nq)\s*[=:,]?\s*"  # 'api-key', 'V' / "--api-key" "V"
+    rf"|--{_NAME_WORDS}(?:\s*=\s*|\s+)"  # --api-key 'V' / --api-key="V"
+    rf"|{_NAME_WORDS}\s*[=:]\s*"  # api_key="V"
+    rf"))(?P<q>[\"'])(?P<value>(?:(?!(?P=q))[^\n]){{1,1024}})(?P=q)"
+)
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 # Shapes of common provider keys, redacted even when nothing names them.
 _KEY_SHAPES = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{12,}|AIza[0-9A-Za-z_-]{30,}|hf_[A-Za-z0-9]{20,}|ghp_[A-Za-z0-9]{20,})")
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a setting or variable name says it holds a secret: `api-key`, `hf_token`,
+    `OPENAI_API_KEY`, `--db-password` (but not `key`, `tokenizer` or `max-num-batched-tokens`)."""
+    return bool(re.fullmatch(rf"(?i)-{{0,2}}{_NAME_WORDS}", (name or "").strip()))
 
 
 def register_secret(value: str | None) -> None:
@@ -77,6 +96,7 @@ def redact(text: str, strip_query: bool = True) -> str:
     text = _URL.sub(lambda m: redact_url(m.group(0), strip_query), text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     text = _KEY_SHAPES.sub(REDACTED, text)
+    text = _QUOTED_PAIR.sub(lambda m: m.group("name") + m.group("q") + REDACTED + m.group("q"), text)
     text = _CLI_PAIR.sub(lambda m: m.group("name") + REDACTED, text)
     return _PAIR.sub(lambda m: m.group("name") + REDACTED, text)
 

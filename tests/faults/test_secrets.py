@@ -110,3 +110,114 @@ def test_api_key_secret_names_are_checked_before_the_run(tmp_path, catalog_path,
         refine.run(["--input", catalog_path, "--entities", catalog_path, "--entity_index", entity_index, "--output",
                     str(tmp_path / "o"), "--model", "m", "--llm_backend", "openai", "--endpoint", "http://127.0.0.1:9",
                     "--api_key_secret", "my-key"])
+
+
+VLLM_SERVER_KEY = "PLANTEDvllmSERVERkey0461"
+OPENAI_ENV_KEY = "PLANTED2openaiENVkey0462"
+
+
+def test_vllm_server_key_reaches_the_server_and_nothing_else(tmp_path, catalog_path, entity_index, monkeypatch, caplog, capfd):
+    """`--llm_backend vllm --vllm_server_arg api-key=K`, with OPENAI_API_KEY set too: the server
+    (the stand-in of tests/test_vllm_backend.py) gets K only as VLLM_API_KEY and nothing of
+    OPENAI_API_KEY; our client authenticates with K (the stand-in refuses anything else); K
+    and the OpenAI key are in no log line (unfiltered records and the processes' output),
+    not on the server's command line (what `ps` shows), and in no file the run writes."""
+    from tests.test_vllm_backend import FakeVLLM, proc_view, vllm_server_pids
+    from transforms import llm_vllm
+
+    fake = FakeVLLM(str(tmp_path / "fake_vllm"))
+    monkeypatch.setenv(llm_vllm.VLLM_PYTHON_ENV, fake.python)
+    monkeypatch.setenv(llm_vllm.REGISTRY_ENV, str(tmp_path / "registry"))
+    monkeypatch.setattr(llm_vllm, "REGISTRY_ROOT", None)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_ENV_KEY)
+    model = f"fake-vlm-{os.getpid()}"
+    seen = []
+    real_shutdown = llm_vllm.shutdown_vllm_servers
+
+    def look_then_shutdown(*a, **k):  # the servers' view while they still run
+        seen.extend((pid, *proc_view(pid)) for pid in vllm_server_pids(model))
+        return real_shutdown(*a, **k)
+
+    monkeypatch.setattr(llm_vllm, "shutdown_vllm_servers", look_then_shutdown)
+    caplog.set_level(logging.INFO)
+    inputs = write_samples(tmp_path / "samples.parquet", {k: CASES[k] for k in ("ok", "to_taj", "notentity")})
+    out = tmp_path / "rew"
+    summary = refine.run([
+        "--input", inputs, "--entities", catalog_path, "--entity_index", entity_index, "--output", str(out),
+        "--model", model, "--cache", str(tmp_path / "cache"), "--formats", "parquet,webdataset",
+        "--llm_backend", "vllm", "--vllm_server_arg", f"api-key={VLLM_SERVER_KEY}", "--vllm_server_arg", "max-model-len=4096",
+    ])
+    assert summary["count_check"] == "ok", summary["count_check"]
+    sent = fake.requests()
+    assert sent and all(r["auth_ok"] and r["status"] == 200 for r in sent), sent
+    assert not {k for k in summary["counters"] if "endpoint" in k}, summary["counters"]
+    # The server: the key in its environment only, as VLLM_API_KEY; no OpenAI key; stopped.
+    assert seen  # one server per stage that asks the model (verify, rationale)
+    for _pid, cmdline, environ in seen:
+        assert environ.get("VLLM_API_KEY") == VLLM_SERVER_KEY
+        assert "OPENAI_API_KEY" not in environ
+        assert not [v for k, v in environ.items() if k != "VLLM_API_KEY" and (VLLM_SERVER_KEY in v or OPENAI_ENV_KEY in v)]
+        assert "vllm.entrypoints.openai.api_server" in cmdline and "--max-model-len" in cmdline
+        assert not [a for a in cmdline if VLLM_SERVER_KEY in a or OPENAI_ENV_KEY in a], cmdline
+    assert vllm_server_pids(model) == []
+    # Nothing written, logged or printed holds either key.
+    planted = (VLLM_SERVER_KEY, OPENAI_ENV_KEY)
+    leaks = [(os.path.join(r, f), s) for r, _, fs in os.walk(tmp_path) for f in fs for s in planted
+             if s.encode() in open(os.path.join(r, f), "rb").read()]
+    output = capfd.readouterr()
+    leaks += [("log", s) for s in planted for r in caplog.records if s in r.getMessage()]
+    leaks += [(name, s) for s in planted for name, text in (("stdout", output.out), ("stderr", output.err)) if s in text]
+    assert not leaks, leaks
+    assert "api-key=[redacted]" in summary["options"]["vllm_server_arg"]
+    assert any("starting vllm server" in r.getMessage() for r in caplog.records) or "starting vllm server" in output.err
+
+
+def test_redaction_of_the_shapes_a_server_command_is_logged_in():
+    """Lists, tuples, dicts and quoted command lines: the value after a secret name goes,
+    whole, and what is around it stays."""
+    v = "plantedSHAPEkey0470"
+    cases = {
+        f"['--api-key', '{v}', '--port', '8000']": "['--api-key', '[redacted]', '--port', '8000']",
+        f"Starting service with ['python' '-m' 'vllm' '--api-key' '{v}' '--port' '8000']":
+            "Starting service with ['python' '-m' 'vllm' '--api-key' '[redacted]' '--port' '8000']",
+        f'"--api-key" "{v}"': '"--api-key" "[redacted]"',
+        f"--api-key={v} --port 1": "--api-key=[redacted] --port 1",
+        f"--api-key {v} --port 1": "--api-key [redacted] --port 1",
+        f"--api-key '{v} with space'": "--api-key '[redacted]'",
+        f"('api-key', '{v}')": "('api-key', '[redacted]')",
+        f"{{'api-key': '{v}', 'max-model-len': '4096'}}": "{'api-key': '[redacted]', 'max-model-len': '4096'}",
+        f'{{"hf_token": "{v}"}}': '{"hf_token": "[redacted]"}',
+        f'api_key="{v} x"': 'api_key="[redacted]"',
+        f"[('api-key', '{v}'), ('tokenizer', 'gpt2')]": "[('api-key', '[redacted]'), ('tokenizer', 'gpt2')]",
+    }
+    for text, want in cases.items():
+        assert redact(text) == want, text
+    # Data that merely mentions such words keeps its text.
+    for text in ("a key to the city; a token of love", "['tokenizer', 'gpt2']", "{'max-num-batched-tokens': '8192'}"):
+        assert redact(text) == text
+
+
+def test_redaction_costs_linear_time_on_hostile_text():
+    import time
+
+    for text in ("a-" * 200_000, "--api-key '" * 50_000, "'token' '" + "x" * 300_000, "api_key='" * 50_000):
+        started = time.monotonic()
+        redact(text)
+        assert time.monotonic() - started < 5.0, text[:20]
+
+
+def test_vllm_server_arguments_are_registered_as_secrets_when_parsed(tmp_path):
+    """The parsed --vllm_server_arg secret is redacted wherever it appears from then on, even
+    with nothing naming it; one vLLM could only read from its command line is refused."""
+    import pytest
+
+    from transforms.common import UsageError
+
+    key = "plantedPARSEDkey0480"
+    base = ["--input", "x", "--entities", "e", "--entity_index", "i", "--output", str(tmp_path / "o"),
+            "--llm_backend", "vllm", "--model", "m", "--cache", str(tmp_path / "c")]
+    handler = refine.llm_handler(refine.build_parser().parse_args(base + ["--vllm_server_arg", f"api-key={key}"]))
+    assert handler._api_key == key
+    assert redact(f"unrelated text {key} here") == "unrelated text [redacted] here"
+    with pytest.raises(UsageError, match="ssl-keyfile-password"):
+        refine.llm_handler(refine.build_parser().parse_args(base + ["--vllm_server_arg", "ssl-keyfile-password=pw0481xx"]))
