@@ -14,6 +14,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.formats.files import open_read  # noqa: F401 - one open_read: .gz decompressed in bounded steps
 from transforms.formats.parquet import first_present  # noqa: F401 - the column rule lives with the format
 from transforms.progress import counter as progress_counter
 
@@ -83,12 +84,8 @@ def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def open_read(path: str):
-    return FileSystems.open(path)
-
-
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path) as f:
+    with open_read(path) as f:
         return f.read()
 
 
