@@ -146,7 +146,7 @@ def test_vllm_handler_request_path_and_shutdown(tmp_path, monkeypatch, fake_vllm
         llm_vllm.shutdown_vllm_servers()
         raise
     assert cmdline[2:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "tiny-vlm", "--port",
-                           str(model.get_server_port()), "--max-model-len", "4096"]
+                           str(model.get_server_port()), "--host", "127.0.0.1", "--max-model-len", "4096"]
     assert environ.get("VLLM_API_KEY") == (KEY if with_key else None)
     assert "OPENAI_API_KEY" not in environ and environ[llm_vllm.RUN_ENV] == "test-run"
     assert set(environ) <= {k for k in os.environ} | {"VLLM_API_KEY", "PWD", "SHLVL", "_"}  # nothing made up

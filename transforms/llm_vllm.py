@@ -434,6 +434,10 @@ def make_vllm_handler(
                     python = os.environ.get(VLLM_PYTHON_ENV) or sys.executable
                     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self._model_name,
                            "--port", "{{PORT}}"]
+                    if "host" not in self._args:
+                        # Only this machine's processes talk to it: not open to the network
+                        # (Beam's own start binds every interface).
+                        cmd += ["--host", "127.0.0.1"]
                     _append_kwargs(cmd, self._args)
                     env = server_env(self._secret_env, _run_name())
                     self._server_process, self._server_port = _start_process(cmd, env)
