@@ -78,4 +78,8 @@ def demo_run(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: needs a separate environment (real vLLM); skipped unless set up")
+    config.addinivalue_line(
+        "markers",
+        "slow: the slow tier (multi-process runs, the fault matrix, Chromium, Dataflow job builds, the GCS emulator, "
+        "torchrun, long property tests, the real-vLLM test): run by `pytest -m slow tests`, after the fast tier",
+    )

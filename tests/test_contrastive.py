@@ -232,6 +232,7 @@ def test_bf16_autocast_runs_on_cpu(shards, tmp_path):
     assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo(shards, tmp_path):
     import subprocess
     import sys

@@ -110,18 +110,24 @@ def _normalise(text: str, out: str) -> list[str]:
     return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
-def test_readme_shows_what_the_demo_prints(run):
-    """The README's demo output block is the demo's real output (paths under the output
-    folder and the two timings aside): the demo is deterministic, and the README true."""
+def test_docs_show_what_the_demo_prints(run):
+    """docs/demo.md's demo output block is the demo's real output (paths under the output
+    folder and the two timings aside), and the README's stage lines are its stage lines:
+    the demo is deterministic, and the docs true."""
     out, summary = run
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    blocks = re.findall(r"<!-- demo output -->\n```text\n(.*?)```", readme, flags=re.S)
-    assert len(blocks) == 1, "README.md must hold one ```text block after <!-- demo output -->"
+    page = open(os.path.join(ROOT, "docs", "demo.md"), encoding="utf-8").read()
+    blocks = re.findall(r"<!-- demo output -->\n```text\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 1, "docs/demo.md must hold one ```text block after <!-- demo output -->"
     expected = _normalise(blocks[0], "demo_output")
     actual = _normalise(summary["printed"], str(out))
     assert actual == expected, "\n".join(
         f"{'-' if tag == '-' else '+'} {line}" for tag, line in _diff(expected, actual)
-    ) + "\n(README.md's demo output differs from what the demo printed: paste the demo's output)"
+    ) + "\n(docs/demo.md's demo output differs from what the demo printed: paste the demo's output)"
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    shown = re.findall(r"## What the demo prints.*?```text\n(.*?)```", readme, flags=re.S)
+    assert len(shown) == 1, "README.md must show the demo's stage lines in one ```text block"
+    stages = [line for line in actual if re.match(r"^[1-8] ", line)]
+    assert len(stages) == 8 and _normalise(shown[0], "demo_output") == stages
 
 
 def _diff(a: list[str], b: list[str]):
@@ -211,6 +217,7 @@ def _rendered(url: str) -> tuple[str, dict]:
     return dom, dict(re.findall(r'data-([a-z-]+)="([^"]*)"', body.group(1)))
 
 
+@pytest.mark.slow
 def test_viewer_in_a_real_browser(run, tmp_path):
     out, _ = run
     page = out / "rew" / "viewer.html"

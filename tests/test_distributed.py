@@ -23,6 +23,9 @@ from tests.conftest import write_jsonl
 from tests.fake_llm_server import FakeLLMServer
 from tests.helpers import draw_image, write_webdataset
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 DATAFLOW = [
     "--runner", "DataflowRunner", "--dry_run=True", "--no_auth", "--sdk_location", "container",

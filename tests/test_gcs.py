@@ -10,6 +10,9 @@ import pytest
 from tests.conftest import CATALOG
 from tests.helpers import draw_image, write_webdataset
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 
 

@@ -8,6 +8,7 @@ import json
 import os
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines import refine
 from tests.fake_llm_server import FakeLLMServer
@@ -31,6 +32,7 @@ def rejects(out):
     return sorted((r["stage"], r["reason"], r["key"]) for r in read_rejects(out))
 
 
+@pytest.mark.slow
 def test_batch_backend_gives_the_online_result_at_batch_prices(tmp_path, catalog_path, entity_index):
     inputs = write_samples(tmp_path / "s.parquet", BATCH_CASES)
     prices = ["--usd_per_million_input_tokens", "2.5", "--usd_per_million_output_tokens", "10"]
@@ -63,6 +65,7 @@ def test_batch_backend_gives_the_online_result_at_batch_prices(tmp_path, catalog
     assert ref["count_check"] == "ok"
 
 
+@pytest.mark.slow
 def test_batch_run_resumes_across_invocations(tmp_path, catalog_path, entity_index):
     cases = {k: BATCH_CASES[k] for k in ("ok", "to_taj", "notentity", "flaky")}
     inputs = write_samples(tmp_path / "s.parquet", cases)

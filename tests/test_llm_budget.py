@@ -145,6 +145,7 @@ def test_requests_are_evenly_spaced_at_the_rate():
     assert min(gaps) >= 0.02 - 0.002, gaps
 
 
+@pytest.mark.slow
 def test_job_wide_concurrency_holds_with_two_sdk_processes(tmp_path, catalog_path, entity_index):
     cases = {f"c{i:03d}": ("Q243" if i % 2 else "Q9202", f"photo {i}") for i in range(24)}
     inputs = write_samples(tmp_path / "s.parquet", cases)
@@ -160,6 +161,7 @@ def test_job_wide_concurrency_holds_with_two_sdk_processes(tmp_path, catalog_pat
     assert 2 <= most <= 4, most
 
 
+@pytest.mark.slow
 def test_rate_budget_over_two_processes_keeps_under_the_server_limit(tmp_path, catalog_path, entity_index):
     """The job's --max_requests_per_minute a little under what the server allows: the two
     processes' shares together never trip the limit, so nothing is refused."""

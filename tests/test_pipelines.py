@@ -160,6 +160,7 @@ def test_misuse_gives_clear_errors(tmp_path, entity_index):
     assert proc.returncode == 2 and "build_entity_index" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_shared_index_across_processes_gives_same_result(tmp_path, entity_index):
     """--share_index yes serves the faiss index from one process through Beam's
     multi-process shared model; results must equal the in-process path."""

@@ -138,6 +138,7 @@ def stored(cache) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_run_restarts_without_paying_twice(tmp_path, catalog_path, entity_index):
     cases = {f"k{i:02d}": ("Q243" if i % 2 else "Q9202", f"photo number {i}") for i in range(12)}
     inputs = write_samples(tmp_path / "s.parquet", cases)

@@ -7,12 +7,16 @@ import os
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines import select_candidates
 from tests.helpers import draw_image, read_candidates, read_rejects, write_webdataset
 from transforms.formats.keys import image_identity, input_root, source_tag
 from transforms.formats.webdataset import TarMemberRef, iter_webdataset, read_tar_member
+
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 
 def noise_jpeg(seed: int, side: int = 256) -> bytes:

@@ -9,6 +9,7 @@ from collections import defaultdict
 import apache_beam as beam
 import faiss
 import numpy as np
+import pytest
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
@@ -120,6 +121,7 @@ def problems(draw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(problems())
+@pytest.mark.slow
 def test_selection_matches_brute_force(tmp_path, problem):
     C, E, keys, texts, k, m, min_score = problem
     expected = run_pipeline(tmp_path, C, E, keys, texts, k, m, min_score)

@@ -239,6 +239,7 @@ def test_tfrecord_reader_reports_bad_crc_and_truncation(tmp_path):
     assert len(out) == 1 and out[0].reason == "tfrecord_bad_length_crc"
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo(data, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

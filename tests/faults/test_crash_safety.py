@@ -17,6 +17,9 @@ from tests.helpers import draw_image
 from transforms.accounting import check_finished_input
 from transforms.common import UsageError
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 
 def _oven_args(tmp_path, out, *extra):
     images = tmp_path / "images"

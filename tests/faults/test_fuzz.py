@@ -13,6 +13,7 @@ import os
 import tarfile
 
 import apache_beam as beam
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,9 @@ from transforms.images import ImageError, decode_image
 from transforms.llm import validate_answer
 from transforms.readers import ReadCatalogFile, _clean_caption
 from transforms.schema import Entity, Reject
+
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

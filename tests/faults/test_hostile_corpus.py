@@ -24,6 +24,9 @@ from tests.faults.matrix import account
 from tests.helpers import draw_image, read_rejects
 from transforms.llm import validate_answer
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # What a hostile file may cost above the same command on clean input.
 MEMORY_BUDGET_MB = 1536

@@ -21,6 +21,9 @@ from transforms.formats.text import printable, strip_controls
 from transforms.llm_cost import image_size
 from transforms.viewer import script_json, thumbnail
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 CAPTIONS = [
     "Eiffel Tower <!--<script> photo",
     "</script><script>alert(1)</script>",

@@ -11,6 +11,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines import refine
 from tests.conftest import CATALOG
@@ -18,6 +19,9 @@ from tests.fake_llm_server import FakeLLMServer
 from tests.faults.matrix import account
 from tests.helpers import draw_image, read_rejects
 from transforms.schema import Sample, arrow_schema, to_row
+
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TITLES = {e["wikidata_id"]: e["wikipedia_title"] for e in CATALOG}

@@ -15,6 +15,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipelines import decontaminate, refine, select_candidates
@@ -24,6 +25,9 @@ from tests.faults.matrix import account, account_counts
 from tests.helpers import draw_image, read_rejects
 from transforms.formats.keys import url_key
 from transforms.schema import Candidate, Sample, arrow_schema, to_row
+
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 
 def _noise_jpeg(seed, side=64):

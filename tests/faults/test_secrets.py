@@ -6,10 +6,15 @@ line."""
 import logging
 import os
 
+import pytest
+
 from pipelines import refine
 from tests.fake_llm_server import FakeLLMServer
 from tests.test_refine import CASES, write_samples
 from transforms.secrets import redact, redact_url, redact_value
+
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
 
 ENV_KEY = "sk-plantedENVKEY0123456789"
 URL_PASSWORD = "plantedURLpass123"

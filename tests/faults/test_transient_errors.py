@@ -14,6 +14,9 @@ from tests.helpers import draw_image, read_rejects, write_webdataset
 from transforms.common import retry_call
 from transforms.formats.files import is_data_error
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 CAPTIONS = ["Eiffel Tower at night", "Statue of Liberty from the ferry", "Taj Mahal at dawn", "Mona Lisa in the Louvre"]
 
 

@@ -12,6 +12,9 @@ import pytest
 
 from transforms import llm_vllm
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 RUN = "run-registry-test"
 
 

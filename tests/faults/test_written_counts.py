@@ -20,6 +20,9 @@ from transforms import sinks
 from transforms.common import AccountingError
 from transforms.schema import Candidate, arrow_schema, to_row
 
+# The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
+pytestmark = pytest.mark.slow
+
 
 def _drop_first(pcoll, label):
     """Everything but the smallest key: a deterministic one-row loss."""
