@@ -48,7 +48,8 @@ from transforms.formats.shards import count_records
 from transforms.options import cli_main, new_parser, parse, positive
 from transforms.readers import MAX_CATALOG_LINE_BYTES, REJECTED, ReadCatalogFile
 from transforms.sinks import DeadLetters, WriteRejects
-from transforms.text_encoders import BACKENDS, ENCODER_DIR, export_encoder
+from transforms.text_encoders import BACKENDS, ENCODER_DIR
+from transforms.text_export import export_encoder
 
 log = logging.getLogger(__name__)
 

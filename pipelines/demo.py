@@ -88,7 +88,7 @@ SAMPLE_ENTITIES = ("Mercury (planet)", "Jaguar Cars", "Jaguar", "Girl with a Pea
 
 
 def _show_rejects(say: Report, folders: dict) -> None:
-    from transforms.card import reject_counts
+    from transforms.outputs import reject_counts
 
     rows = []
     for label, folder in folders.items():

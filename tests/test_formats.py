@@ -57,11 +57,17 @@ def _split(outputs):
     return main, rejects
 
 
-def test_format_modules_import_without_beam():
+def test_the_core_imports_without_beam():
+    """The trainer, the entity-code algorithms, the formats, the records and the errors are
+    the core other tools build on: importing them loads no Beam."""
     code = (
         "import sys\n"
-        "import transforms.formats.shards, transforms.formats.keys, transforms.formats.media\n"
+        "import transforms.formats.shards, transforms.formats.keys, transforms.formats.media, transforms.formats.files\n"
         "import transforms.formats.webdataset, transforms.formats.parquet, transforms.formats.tfrecord\n"
+        "import transforms.formats.safe_json, transforms.formats.text\n"
+        "import transforms.codes, transforms.rq_codes, transforms.schema, transforms.errors, transforms.cli, transforms.images\n"
+        "import trainer.train, trainer.predict, trainer.score, trainer.data, trainer.model, trainer.codebook\n"
+        "import trainer.contrastive, trainer.contrastive_predict, trainer.contrastive_model, trainer.visual_matching\n"
         "bad = sorted(m for m in sys.modules if m.startswith('apache_beam'))\n"
         "assert not bad, bad[:5]\n"
     )

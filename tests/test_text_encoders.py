@@ -13,7 +13,8 @@ from tests.helpers import read_candidates, write_parquet
 from tests.test_pipelines import EXACT_TITLE_CASES
 from transforms.common import UsageError
 from transforms.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
-from transforms.text_encoders import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder, export_encoder
+from transforms.text_encoders import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder
+from transforms.text_export import export_encoder
 
 TEXTS = [
     "Eiffel Tower",
@@ -116,7 +117,8 @@ def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
 
 
 def test_static_distillation_is_the_mean_of_token_vectors(tmp_path):
-    from transforms.text_encoders import STATIC_DIR, distill_static, load_encoder_dir
+    from transforms.text_encoders import STATIC_DIR, load_encoder_dir
+    from transforms.text_export import distill_static
 
     folder = tmp_path / "static"
     # A slice of the vocabulary keeps the test fast (the product distils all 30,522 tokens).

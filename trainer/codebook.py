@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from transforms.codes import TOKENIZER_FILE
-from transforms.common import UsageError, open_read
+from transforms.errors import UsageError
+from transforms.formats.files import open_read
 
 CODES_FILE = "codes.parquet"
 _QNUM = re.compile(r"^Q(\d{1,18})$")

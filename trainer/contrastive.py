@@ -44,7 +44,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.cli import Parser
-from transforms.common import UsageError
+from transforms.errors import UsageError
 
 log = logging.getLogger("trainer.contrastive")
 
@@ -102,7 +102,7 @@ def entity_text(title: str, summary: Optional[str]) -> str:
 def read_catalog_texts(path: str) -> dict[str, str]:
     """qid -> entity text from a Wiki6M-style catalog (first occurrence of a QID wins).
     At 6M entities with summaries this dict is ~2-3 GB: one per training process."""
-    from transforms.common import match_files, open_read
+    from transforms.formats.files import match_files, open_read
 
     texts: dict[str, str] = {}
     for f in match_files(path, "--entities"):
@@ -541,6 +541,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.options import cli_main
+    from transforms.cli import cli_main
 
     cli_main(run)

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.cli import Parser
-from transforms.common import UsageError
+from transforms.errors import UsageError
 
 log = logging.getLogger("trainer.contrastive_predict")
 
@@ -214,6 +214,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.options import cli_main
+    from transforms.cli import cli_main
 
     cli_main(run)

@@ -36,8 +36,8 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.common import UsageError, match_files
-from transforms.formats.files import Skip
+from transforms.errors import UsageError
+from transforms.formats.files import Skip, match_files
 from transforms.formats.shards import iter_shard_records, shard_kind
 from transforms.formats.shards import units as shard_units
 from transforms.formats.tfrecord import iter_tfrecord, masked_crc  # noqa: F401 - part of this module's API

@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.cli import Parser
-from transforms.common import UsageError
+from transforms.errors import UsageError
 from transforms.formats.media import IMAGE_SUFFIXES
 
 log = logging.getLogger("trainer.predict")
@@ -321,6 +321,6 @@ def _line(row: dict, beams, dec: Decoder) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.options import cli_main
+    from transforms.cli import cli_main
 
     cli_main(run)

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from transforms.cli import Parser, format_duration
-from transforms.common import UsageError
+from transforms.errors import UsageError
 
 log = logging.getLogger("trainer.train")
 
@@ -152,7 +152,7 @@ def save_checkpoint(output: str, step: int, model, optimizer, scaler, state: dic
     tmp = os.path.join(root, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    from transforms.common import read_bytes
+    from transforms.formats.files import read_bytes
 
     for f in ("tokenizer.json", "codes.parquet"):  # --codes may be gs://
         with open(os.path.join(tmp, f), "wb") as out:
@@ -198,7 +198,7 @@ def _resolve_defaults(a) -> None:
 
 
 def validate(a) -> None:
-    from transforms.options import positive
+    from transforms.cli import positive
 
     positive("--max_steps", a.max_steps)
     positive("--batch_size", a.batch_size)
@@ -561,6 +561,6 @@ def _write_manifest(a, summary: dict, started_at) -> None:
 
 
 if __name__ == "__main__":
-    from transforms.options import cli_main
+    from transforms.cli import cli_main
 
     cli_main(run)

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from transforms.errors import AccountingError, UsageError
 
 BEAM_EPILOG = (
     "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
@@ -62,3 +67,26 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def positive(flag: str, value, minimum=1):
+    if value is None or value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    return value
+
+
+def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from transforms.secrets import install_log_redaction
+
+    install_log_redaction()
+    try:
+        run(None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -14,7 +14,8 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.formats.files import open_read  # noqa: F401 - one open_read: .gz decompressed in bounded steps
+from transforms.errors import AccountingError, UsageError  # noqa: F401 - where older code imports them from
+from transforms.formats.files import match_files, open_read, read_bytes  # noqa: F401 - one of each, Beam-free
 from transforms.formats.parquet import first_present  # noqa: F401 - the column rule lives with the format
 from transforms.progress import counter as progress_counter
 
@@ -23,16 +24,6 @@ __version__ = "0.1.0"
 METRICS_NAMESPACE = "entityforge"
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """A misuse the user can fix (a wrong flag value, a missing file); `cli_main` prints it
-    without a traceback and exits with status 2."""
-
-
-class AccountingError(RuntimeError):
-    """A count identity of a run does not hold: records were lost or repeated. The
-    command exits non-zero (3) with the stage and the gap."""
 
 
 def code_version() -> str:
@@ -48,45 +39,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+g{sha}" if sha else __version__
-
-
-def match_files(pattern: str, flag: str) -> list[str]:
-    """Expand a path, a directory or a glob (local or gs://) into a sorted list of files.
-
-    Raises UsageError naming `flag` when nothing matches, so a typo fails before any work.
-    """
-    patterns = [p for p in pattern.split(",") if p]
-    if not patterns:
-        raise UsageError(f"{flag} is empty: give a file, a directory or a glob")
-    paths: list[str] = []
-    for p in patterns:
-        if not any(ch in p for ch in "*?[") and FileSystems.exists(p) and _is_dir(p):
-            p = FileSystems.join(p, "*")
-        try:
-            results = FileSystems.match([p])[0].metadata_list
-        except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError and friends
-            raise UsageError(f"{flag}: cannot list {p!r}: {e}") from e
-        paths.extend(
-            m.path
-            for m in results
-            if not os.path.basename(m.path).startswith((".", "_"))
-            and not m.path.endswith("/")
-        )
-    paths = sorted(set(paths))
-    if not paths:
-        raise UsageError(f"{flag}: no file matches {pattern!r}; check the path or quote the glob")
-    return paths
-
-
-def _is_dir(path: str) -> bool:
-    if "://" in path:
-        return path.endswith("/")
-    return os.path.isdir(path)
-
-
-def read_bytes(path: str) -> bytes:
-    with open_read(path) as f:
-        return f.read()
 
 
 def maybe_gunzip(raw) -> io.BufferedIOBase:

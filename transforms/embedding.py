@@ -19,6 +19,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from transforms.text_encoders import is_encoder_dir, load_encoder_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
@@ -45,7 +47,6 @@ def load_sentence_transformer(name: str, device: str = "cpu", threads=0):
     (`transforms/text_encoders.py`: an entity index's `text_encoder/`), which answers the
     same `encode` / `tokenizer` calls."""
     from transforms.common import resolve_threads
-    from transforms.text_encoders import is_encoder_dir, load_encoder_dir
 
     threads = resolve_threads(threads)
     if is_encoder_dir(name):

@@ -12,15 +12,13 @@ parser from every subclass in the process, so two pipelines that both declare
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 from apache_beam.options import pipeline_options as po
 
-from transforms.cli import Parser, unrecognized
-from transforms.common import AccountingError, UsageError
+from transforms.cli import Parser, cli_main, positive, unrecognized  # noqa: F401 - cli_main, positive: the pipelines import them from here
 
 
 def new_parser(description: str, module: str = "") -> Parser:
@@ -79,26 +77,3 @@ def parse(
 
         progress.INTERVAL = max(0.0, float(args.progress_interval))
     return args, po.PipelineOptions(rest)
-
-
-def positive(flag: str, value, minimum=1):
-    if value is None or value < minimum:
-        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
-    return value
-
-
-def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from transforms.secrets import install_log_redaction
-
-    install_log_redaction()
-    try:
-        run(None)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except AccountingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)

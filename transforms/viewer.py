@@ -19,8 +19,8 @@ import json
 import logging
 from collections import defaultdict
 
-from transforms.card import read_rejects, read_sample
 from transforms.formats.text import strip_controls
+from transforms.outputs import read_rejects, read_sample
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,49 @@ def open_read(path: str):
     return open(path, "rb")
 
 
+def read_bytes(path: str) -> bytes:
+    with open_read(path) as f:
+        return f.read()
+
+
+def match_files(pattern: str, flag: str) -> list[str]:
+    """Expand a path, a directory or a glob (local or gs://), or a comma list of them, into
+    a sorted list of files (hidden and `_`-prefixed names skipped). Raises UsageError
+    naming `flag` when nothing matches, so a typo fails before any work. Matching goes
+    through Beam's FileSystems (its glob rules, local and remote alike), imported here."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.errors import UsageError
+
+    patterns = [p for p in pattern.split(",") if p]
+    if not patterns:
+        raise UsageError(f"{flag} is empty: give a file, a directory or a glob")
+    paths: list[str] = []
+    for p in patterns:
+        if not any(ch in p for ch in "*?[") and FileSystems.exists(p) and _is_dir(p):
+            p = FileSystems.join(p, "*")
+        try:
+            results = FileSystems.match([p])[0].metadata_list
+        except Exception as e:  # noqa: BLE001 - Beam raises BeamIOError and friends
+            raise UsageError(f"{flag}: cannot list {p!r}: {e}") from e
+        paths.extend(
+            m.path
+            for m in results
+            if not os.path.basename(m.path).startswith((".", "_"))
+            and not m.path.endswith("/")
+        )
+    paths = sorted(set(paths))
+    if not paths:
+        raise UsageError(f"{flag}: no file matches {pattern!r}; check the path or quote the glob")
+    return paths
+
+
+def _is_dir(path: str) -> bool:
+    if "://" in path:
+        return path.endswith("/")
+    return os.path.isdir(path)
+
+
 def basename(path: str) -> str:
     return os.path.basename(path.rstrip("/"))
 
