@@ -120,7 +120,8 @@ def exported(backend: str, threads: int):
     import tempfile
 
     from transforms.embedding import DEFAULT_TEXT_MODEL
-    from transforms.text_encoders import export_encoder, load_encoder_dir
+    from transforms.text_encoders import load_encoder_dir
+    from transforms.text_export import export_encoder
 
     if backend not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix=f"bench-{backend}-")

@@ -47,7 +47,8 @@ def title_vectors(n: int, cache: str, threads: int) -> np.ndarray:
         return np.load(path)
     from benchmarks.ivf_recall_bench import titles
     from transforms.embedding import encode_by_length
-    from transforms.text_encoders import OnnxEncoder, export_encoder
+    from transforms.text_encoders import OnnxEncoder
+    from transforms.text_export import export_encoder
 
     os.makedirs(cache, exist_ok=True)
     enc_dir = os.path.join(cache, "onnx_int8_encoder")
