@@ -121,8 +121,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from transforms.clip import load_open_clip
-    from transforms.images import decode_image
+    from transforms.io.images import decode_image
+    from transforms.models.clip import load_open_clip
 
     paths = installed_photos() + [p for g in args.photos.split(",") if g for p in glob.glob(g)]
     photos = load_photos(paths)

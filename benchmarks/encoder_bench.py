@@ -61,7 +61,11 @@ def main(argv=None) -> None:
     import numpy as np
 
     from benchmarks.realtext import alt_texts, describe
-    from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, load_sentence_transformer
+    from transforms.models.embedding import (
+        DEFAULT_TEXT_MODEL,
+        SentenceTransformerHandler,
+        load_sentence_transformer,
+    )
 
     texts, source = alt_texts(args.captions)
     print(f"{source}\n{describe(texts)}; {args.threads} threads, {DEFAULT_TEXT_MODEL}")
@@ -119,9 +123,9 @@ def exported(backend: str, threads: int):
     """The default model exported as `backend` (once per run, into a temporary folder)."""
     import tempfile
 
-    from transforms.embedding import DEFAULT_TEXT_MODEL
-    from transforms.text_encoders import load_encoder_dir
-    from transforms.text_export import export_encoder
+    from transforms.models.embedding import DEFAULT_TEXT_MODEL
+    from transforms.models.text_encoder import load_encoder_dir
+    from transforms.models.text_export import export_encoder
 
     if backend not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix=f"bench-{backend}-")
@@ -160,9 +164,9 @@ def quality(args) -> None:
 
     from benchmarks.ivf_recall_bench import titles as generated_titles
     from benchmarks.realtext import alt_texts, describe
-    from demo.make_corpus import load_catalog
-    from transforms.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
-    from transforms.entity_index import title_text
+    from pipelines.demo_data.make_corpus import load_catalog
+    from transforms.models.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
+    from transforms.stages.build_entity_index import title_text
 
     catalog = [e["wikipedia_title"] for e in load_catalog()]
     extra = [t for t in generated_titles(args.entities, seed=1) if t not in set(catalog)]
@@ -203,7 +207,7 @@ def pipeline_rate(texts, threads: int) -> float:
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler
+    from transforms.models.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler
 
     handler = SentenceTransformerHandler(DEFAULT_TEXT_MODEL, threads=threads)
     opts = PipelineOptions(["--direct_num_workers", "1"])

@@ -46,9 +46,9 @@ def title_vectors(n: int, cache: str, threads: int) -> np.ndarray:
     if os.path.exists(path):
         return np.load(path)
     from benchmarks.ivf_recall_bench import titles
-    from transforms.embedding import encode_by_length
-    from transforms.text_encoders import OnnxEncoder
-    from transforms.text_export import export_encoder
+    from transforms.models.embedding import encode_by_length
+    from transforms.models.text_encoder import OnnxEncoder
+    from transforms.models.text_export import export_encoder
 
     os.makedirs(cache, exist_ok=True)
     enc_dir = os.path.join(cache, "onnx_int8_encoder")
@@ -78,7 +78,7 @@ def tie_aware_recall(vectors, queries, got, kth) -> float:
 
 
 def knob_values(index) -> tuple[str | None, list[int]]:
-    from transforms.entity_index import ivf_lists, search_parameter
+    from transforms.stages.build_entity_index import ivf_lists, search_parameter
 
     param = search_parameter(index)
     if param == "nprobe":
@@ -94,7 +94,7 @@ def shared_quantizer(factory: str, vectors: np.ndarray, trained: dict):
     trained earlier in this run (faiss then trains only the list codes)."""
     import faiss
 
-    from transforms.entity_index import new_faiss_index
+    from transforms.stages.build_entity_index import new_faiss_index
 
     index = new_faiss_index(vectors.shape[1], factory)
     ivf = faiss.try_extract_index_ivf(index)
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
 
     import faiss
 
-    from transforms.entity_index import calibration_queries, ivf_lists
+    from transforms.stages.build_entity_index import calibration_queries, ivf_lists
 
     faiss.omp_set_num_threads(args.threads)
     vectors = title_vectors(args.entities, args.cache, args.threads)

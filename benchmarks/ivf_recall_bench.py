@@ -33,7 +33,7 @@ PLACES = ["Basin", "Ridge", "Harbour", "Valley", "Springs", "Castle", "Bridge", 
 def vocabulary() -> list[str]:
     words = set()
     for name in ("entities.jsonl", "paraphrases.jsonl"):
-        with open(os.path.join(ROOT, "demo", name), encoding="utf-8") as f:
+        with open(os.path.join(ROOT, "pipelines", "demo_data", name), encoding="utf-8") as f:
             for line in f:
                 obj = json.loads(line)
                 texts = [obj.get("wikipedia_title", "")] + obj.get("captions", [])
@@ -80,8 +80,8 @@ def main(argv=None):
     ap.add_argument("--target_recall", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    from transforms.embedding import load_sentence_transformer, set_faiss_threads
-    from transforms.entity_index import build_faiss_index, calibrate_search
+    from transforms.models.embedding import load_sentence_transformer, set_faiss_threads
+    from transforms.stages.build_entity_index import build_faiss_index, calibrate_search
 
     set_faiss_threads(args.threads)
     model = load_sentence_transformer("all-MiniLM-L6-v2", threads=args.threads)

@@ -45,7 +45,7 @@ PART = 4096
 def write_parts(folder: str, n: int, seed: int = 0) -> list[str]:
     """Vector parts as WriteVectorPart writes them (Entity columns + a fixed-size vector)."""
     sys.path.insert(0, ROOT)
-    from transforms.entity_index import _part_schema
+    from transforms.stages.build_entity_index import _part_schema
 
     rng = np.random.default_rng(seed)
     words = np.array([f"w{i:05d}" for i in range(50_000)])
@@ -81,7 +81,7 @@ def write_parts(folder: str, n: int, seed: int = 0) -> list[str]:
 CHILD = {
     "finalize": """
         import json, sys
-        from transforms.entity_index import finalize_entity_index
+        from transforms.stages.build_entity_index import finalize_entity_index
         parts, out = json.loads(sys.argv[1]), sys.argv[2]
         finalize_entity_index(parts, out, factory="Flat", train_sample=0, seed=0, model_name="synthetic", inputs=[])
     """,

@@ -27,8 +27,8 @@ def make_request(i: int):
     """The i-th verify request, built as refine builds it (prompt render, image attached)."""
     from prompts import load_prompt
     from tests.helpers import draw_image
-    from transforms.refine import RequestSettings, verify_request
     from transforms.schema import Sample
+    from transforms.stages.refine import RequestSettings, verify_request
 
     global _PROMPT, _IMAGE
     if "_PROMPT" not in globals():
@@ -43,7 +43,7 @@ def run_once(url: str, start: int, n: int, concurrency: int, processes: int = 1,
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from transforms.llm import OpenAICompatibleHandler
+    from transforms.llm.client import OpenAICompatibleHandler
 
     handler = OpenAICompatibleHandler(
         url, max_concurrency=concurrency, cache_dir=budget.pop("cache_dir", None), batch_size=max(concurrency * 4, 16), max_retries=0, expected_processes=processes, **budget
@@ -110,7 +110,7 @@ def cache_gcs(args) -> None:
     server.start()
     url = urls.get(timeout=60)
     n, c = args.requests, args.concurrency
-    from transforms.llm_cache import compact
+    from transforms.llm.cache import compact
 
     try:
         run_once(url, 0, 64, c)  # warm-up: imports, connections
@@ -197,7 +197,7 @@ def main(argv=None):
         t_one = run_once(url, 3 * n, serial_n, 1)
     finally:
         stop.set()
-    answered = counts.get(timeout=30)
+    answered = counts.get(timeout=30)[0]  # (answered, rate-limited, answer times)
     server.join(30)
     assert answered == 3 * n + serial_n, (answered, 3 * n + serial_n)
     ideal = args.concurrency / args.latency

@@ -41,7 +41,7 @@ def make_captions(n: int, seed: int = 0, text: str = "real") -> list[str]:
     boundary; `synthetic`: 3-9 words from a short list (uniform and short: it hides what
     padding costs; the figures before 2026-12-03 used it)."""
     sys.path.insert(0, ROOT)
-    from demo.make_corpus import load_catalog
+    from pipelines.demo_data.make_corpus import load_catalog
 
     titles = [e["wikipedia_title"] for e in load_catalog()]
     rng = random.Random(seed)
@@ -80,7 +80,7 @@ def bare(index_dir: str, corpus: str, k: int, m: int, min_score: float, threads:
     import pyarrow.parquet as pq
     import torch
 
-    from transforms.embedding import load_sentence_transformer
+    from transforms.models.embedding import load_sentence_transformer
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -129,7 +129,7 @@ def main(argv=None):
     for mult in (1, 2):
         write_corpus(os.path.join(args.out, f"captions_{mult}x.parquet"), make_captions(args.captions * mult, text=args.text))
     if not os.path.exists(os.path.join(index_dir, "manifest.json")):
-        run_child(["-m", "pipelines.build_entity_index", "--entities", os.path.join(ROOT, "demo", "entities.jsonl"), "--output", index_dir])
+        run_child(["-m", "pipelines.build_entity_index", "--entities", os.path.join(ROOT, "pipelines", "demo_data", "entities.jsonl"), "--output", index_dir])
 
     bare_whole, bare_rss, out = run_child(
         ["-m", "benchmarks.select_bench", "--out", args.out, "--k", str(args.k), "--m", str(args.m),

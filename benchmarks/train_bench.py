@@ -34,10 +34,10 @@ def make_data(root: str, n: int, image_px: int, seed: int = 0) -> dict:
     from PIL import Image, ImageDraw
     from tokenizers import BertWordPieceTokenizer
 
-    from demo.make_corpus import load_catalog
     from pipelines import build_codes
+    from pipelines.demo_data.make_corpus import load_catalog
+    from transforms.io.writers import WriteShards
     from transforms.schema import Sample
-    from transforms.shards import WriteShards
 
     catalog = load_catalog()
     entities = [(e["wikidata_id"], e["wikipedia_title"]) for e in catalog]

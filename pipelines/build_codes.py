@@ -8,7 +8,7 @@ QIDs, so their rejects stay in one place, the index's) or from a raw catalog (`-
 
 A Beam pipeline: titles are tokenized in parallel, token counts are summed over the whole
 catalog, then one worker visits the entities in a seeded random order and resolves
-collisions (transforms/codes.py). Int ids are the entity index's: dense, in catalog order.
+collisions (transforms/codes/ald.py). Int ids are the entity index's: dense, in catalog order.
 Output: codes.parquet (`qid`, `int_id`, `code` = token ids with EOS, `method`, `title`),
 tokenizer.json (the tokenizer the ids belong to, read by trainer.train) and manifest.json (share of random fallbacks, histogram of name tokens per code, methods).
 The resolution step holds every entity's tokens on one worker: ~1 GB for the 6M catalog.
@@ -28,27 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.accounting import MeasureShuffle, finish_run
-from transforms.codes import COLLISION_RULES, STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
-from transforms.common import (
-    UsageError,
-    build_only,
-    code_version,
-    ensure_dir,
-    is_dry_run,
-    match_files,
-    read_json,
-    run_and_count,
-    sum_counters,
-    write_json,
-)
-from transforms.entity_index import CollapseDuplicateQids
+from transforms.codes.ald import COLLISION_RULES, STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
+from transforms.errors import UsageError
+from transforms.formats.files import ensure_dir, match_files, read_json, write_json
 from transforms.formats.shards import count_records
-from transforms.options import cli_main, new_parser, parse, positive
-from transforms.progress import counter as progress_counter
-from transforms.readers import REJECTED, ReadCatalogFile
+from transforms.io.readers import REJECTED, ReadCatalogFile
+from transforms.io.writers import WriteRejects
+from transforms.run.job import build_only, code_version, is_dry_run, run_and_count, sum_counters
+from transforms.run.manifest import finish_run
+from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.progress import counter as progress_counter
+from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Entity
-from transforms.sinks import WriteRejects
+from transforms.stages.build_entity_index import CollapseDuplicateQids
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +73,7 @@ class ReadIndexEntities(beam.DoFn):
 
     def process(self, path: str):
 
-        from transforms.common import open_read
+        from transforms.formats.files import open_read
 
         read, ok = progress_counter("catalog_rows_read"), progress_counter("catalog_rows_ok")
         with open_read(path) as f:
@@ -115,9 +107,9 @@ class ResolveAndWrite(beam.DoFn):
         """Codes from the entity index's embeddings, matched to the catalog by QID."""
         import numpy as np
 
-        from transforms.codes import CodeResult, hkc_codes
-        from transforms.common import open_read
-        from transforms.entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
+        from transforms.codes.ald import CodeResult, hkc_codes
+        from transforms.formats.files import open_read
+        from transforms.stages.build_entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
 
         root = self.args.entity_index.rstrip("/")
         with open_read(f"{root}/{ENTITIES_FILE}") as f:
@@ -136,10 +128,10 @@ class ResolveAndWrite(beam.DoFn):
         return [CodeResult(qid, i, codes[i], "hkc", len(set(t))) for qid, i, t in items]
 
     def _rq(self, items, tok):
-        """IRGen residual-quantization codes of the index's embeddings (transforms/rq_codes.py)."""
-        from transforms.common import open_read
-        from transforms.entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
-        from transforms.rq_codes import rq_codes
+        """IRGen residual-quantization codes of the index's embeddings (transforms/codes/rq.py)."""
+        from transforms.codes.rq import rq_codes
+        from transforms.formats.files import open_read
+        from transforms.stages.build_entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
 
         root = self.args.entity_index.rstrip("/")
         with open_read(f"{root}/{ENTITIES_FILE}") as f:
@@ -211,13 +203,13 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         if args.strategy == "rq":
             positive("--rq_bits", args.rq_bits)
             positive("--rq_train_size", args.rq_train_size)
-        from transforms.entity_index import read_manifest
+        from transforms.stages.build_entity_index import read_manifest
 
         read_manifest(args.entity_index)
     if args.entities:
         inputs = match_files(args.entities, "--entities")
     elif args.entity_index:
-        from transforms.entity_index import ENTITIES_FILE, read_manifest
+        from transforms.stages.build_entity_index import ENTITIES_FILE, read_manifest
 
         read_manifest(args.entity_index)
         inputs = [f"{args.entity_index.rstrip('/')}/{ENTITIES_FILE}"]

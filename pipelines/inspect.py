@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Optional
 
-from transforms.cli import Parser
 from transforms.formats.text import printable
+from transforms.run.cli import Parser
 
 MANIFEST = "manifest.json"
 TRAIN_SUMMARY = "train_summary.json"

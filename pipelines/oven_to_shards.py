@@ -27,25 +27,20 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.io import fileio
 
-from transforms.accounting import MeasureShuffle, RecordWritten, finish_run, prepare_output, written_gaps
-from transforms.common import (
-    UsageError,
-    build_only,
-    is_dry_run,
-    match_files,
-    read_bytes,
-    retry_call,
-    run_and_count,
-)
+from transforms.errors import UsageError
 from transforms.formats import safe_json
+from transforms.formats.files import match_files, read_bytes
 from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
-from transforms.options import cli_main, new_parser, parse
-from transforms.progress import counter as progress_counter
-from transforms.readers import REJECTED, ReadCatalogFile
+from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.io.readers import REJECTED, ReadCatalogFile
+from transforms.io.retry import retry_call
+from transforms.io.writers import SHARD_FORMATS, WriteRejects, WriteShards, parse_formats
+from transforms.run.job import build_only, is_dry_run, run_and_count
+from transforms.run.manifest import RecordWritten, finish_run, prepare_output, written_gaps
+from transforms.run.options import cli_main, new_parser, parse
+from transforms.run.progress import counter as progress_counter
+from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Reject, Sample
-from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
-from transforms.sinks import WriteRejects
 
 STAGES = ["read_oven", "images", "read_catalog"]
 

@@ -30,9 +30,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from transforms.cli import Parser
-from transforms.common import UsageError
-from transforms.llm_cost import image_tokens
+from transforms.errors import UsageError
+from transforms.llm.cost import image_tokens
+from transforms.run.cli import Parser
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_data")
 

@@ -10,7 +10,7 @@ llama.cpp, hosted APIs; API key from --api_key_secret (Secret Manager, read on t
 or the env variable named by --api_key_env; a job-wide request / token budget with
 --max_total_concurrency, --max_requests_per_minute, --max_tokens_per_minute),
 `openai_batch` (the OpenAI Batch API at batch prices, in resumable rounds: see
-transforms/llm_batch.py; --wait to poll until done), `vllm` (vLLM
+transforms/llm/batch.py; --wait to poll until done), `vllm` (vLLM
 on the worker through Beam's VLLMChatModelHandler, one server per machine, stopped at the
 end of the run; `pip install .[vllm]`), `replay`
 (answers only from --cache; a miss is rejected as not_in_cache). Answers are cached in
@@ -33,8 +33,23 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from prompts import CONTEXTS, MODES, load_prompt
-from transforms.accounting import (
-    MeasureShuffle,
+from transforms.errors import UsageError
+from transforms.formats.files import match_files
+from transforms.formats.webdataset import is_tar
+from transforms.io.images import DEFAULT_LLM_MAX_SIDE
+from transforms.io.readers import REJECTED, ReadCatalogFile, ShardUnits
+from transforms.io.writers import SHARD_FORMATS, WriteRejects, WriteShards, parse_formats
+from transforms.llm.client import DIALECTS, OpenAICompatibleHandler, ReplayHandler
+from transforms.llm.cost import IMAGE_TOKEN_RULES
+from transforms.run.job import (
+    build_only,
+    is_dry_run,
+    run_and_count,
+    sum_counters,
+    threads_per_process,
+    worker_processes,
+)
+from transforms.run.manifest import (
     RecordWritten,
     check_finished_input,
     finish_run,
@@ -43,24 +58,10 @@ from transforms.accounting import (
     rows_listed,
     written_gaps,
 )
-from transforms.common import (
-    UsageError,
-    build_only,
-    is_dry_run,
-    match_files,
-    run_and_count,
-    sum_counters,
-    threads_per_process,
-    worker_processes,
-)
-from transforms.entity_index import read_manifest
-from transforms.formats.webdataset import is_tar
-from transforms.images import DEFAULT_LLM_MAX_SIDE
-from transforms.llm import DIALECTS, OpenAICompatibleHandler, ReplayHandler
-from transforms.llm_cost import IMAGE_TOKEN_RULES
-from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import REJECTED, ReadCatalogFile, ShardUnits
-from transforms.refine import (
+from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.shuffles import MeasureShuffle
+from transforms.stages.build_entity_index import read_manifest
+from transforms.stages.refine import (
     PENDING_TAG,
     ApplyGrounding,
     GroundingHandler,
@@ -74,8 +75,6 @@ from transforms.refine import (
     rationale_request,
     verify_request,
 )
-from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
-from transforms.sinks import WriteRejects
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +209,10 @@ def build_parser():
 def llm_handler(args, processes: int = 1):
     if args.llm_backend == "vllm":
         try:
-            from transforms.llm_vllm import make_vllm_handler, split_server_kwargs
+            from transforms.llm.vllm import make_vllm_handler, split_server_kwargs
         except ImportError as e:
             raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
-        from transforms.secrets import is_secret_name, register_secret
+        from transforms.run.secrets import is_secret_name, register_secret
 
         kwargs = {}
         for item in args.vllm_server_arg:
@@ -235,7 +234,7 @@ def llm_handler(args, processes: int = 1):
         except ImportError as e:
             raise UsageError(f"--llm_backend vllm needs vLLM and the openai client: pip install .[vllm] ({e})") from e
     if args.llm_backend == "openai_batch":
-        from transforms.llm_batch import BatchRequestHandler, batch_dir
+        from transforms.llm.batch import BatchRequestHandler, batch_dir
 
         return BatchRequestHandler(args.cache, batch_dir(args.output), args.max_reasks, args.batch_max_resubmits)
     if args.llm_backend == "replay":
@@ -273,7 +272,7 @@ def batch_client_spec(args):
     """How the batch backend reaches the provider; None with --batch_submit no."""
     if args.llm_backend != "openai_batch" or args.batch_submit == "no":
         return None
-    from transforms.llm_batch import BatchClientSpec
+    from transforms.llm.batch import BatchClientSpec
 
     return BatchClientSpec(
         endpoint=args.endpoint, api_key_env=args.api_key_env, api_key_secret=args.api_key_secret,
@@ -287,8 +286,8 @@ def run_batch_rounds(args, options, first_pipeline, build):
     complete; (None, status) when batches are still running or were just submitted."""
     import time
 
-    from transforms.llm_batch import batch_dir, collect
-    from transforms.llm_cache import compact
+    from transforms.llm.batch import batch_dir, collect
+    from transforms.llm.cache import compact
 
     folder = batch_dir(args.output)
     spec = batch_client_spec(args)
@@ -411,7 +410,7 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
         >> beam.ParDo(InterpretRationale(rationale_prompt)).with_outputs(REJECTED, PENDING_TAG, main="samples")
     )
     if args.llm_backend == "openai_batch":
-        from transforms.llm_batch import SubmitBatches, batch_dir
+        from transforms.llm.batch import SubmitBatches, batch_dir
 
         _ = (
             (verified[PENDING_TAG], refined[PENDING_TAG])
@@ -440,7 +439,7 @@ def build_pipeline(p, args, inputs, catalog_files, threads, share_grounding: boo
 
 def build_estimate(p, args, inputs, catalog_files):
     """The part of the pipeline before the first request, counting instead of sending."""
-    from transforms.refine import EstimateTokens
+    from transforms.stages.refine import EstimateTokens
 
     settings = RequestSettings(
         args.model, args.mode, args.context, {"max_tokens": args.max_tokens}, max_image_side=args.max_image_side
@@ -472,7 +471,7 @@ def build_estimate(p, args, inputs, catalog_files):
 
 def estimate(c: dict, args) -> dict:
     """The estimate from the counters: requests, tokens, dollars online and in batch."""
-    from transforms.llm_cost import MESSAGE_OVERHEAD_TOKENS, dollars
+    from transforms.llm.cost import MESSAGE_OVERHEAD_TOKENS, dollars
 
     n = c.get("estimate_samples", 0)
     images = c.get("estimate_image_tokens", 0)
@@ -563,7 +562,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         positive(f"--{flag}", getattr(args, flag), minimum=0)
     positive("--budget_refresh", args.budget_refresh, minimum=0.05)
     if args.api_key_secret:
-        from transforms.secrets import secret_version_name
+        from transforms.run.secrets import secret_version_name
 
         try:
             args.api_key_secret = secret_version_name(args.api_key_secret)
@@ -588,7 +587,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         positive("--batch_max_requests", args.batch_max_requests)
         positive("--batch_max_resubmits", args.batch_max_resubmits, minimum=0)
         if not args.cache:
-            from transforms.llm_batch import batch_dir
+            from transforms.llm.batch import batch_dir
 
             args.cache = f"{batch_dir(args.output)}/cache"
             log.info("--llm_backend openai_batch keeps answers in a cache: %s (give --cache to choose)", args.cache)
@@ -607,12 +606,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     started = dt.datetime.now(dt.UTC)
     if args.cache and args.llm_backend != "openai_batch":
         # What earlier runs wrote (a killed one included) becomes readable by hash.
-        from transforms.llm_cache import compact
+        from transforms.llm.cache import compact
 
         compact(args.cache, options)
     batch = None
     if args.llm_backend == "openai_batch":
-        from transforms.llm_batch import batch_dir, batch_totals
+        from transforms.llm.batch import batch_dir, batch_totals
 
         counters, seconds = run_batch_rounds(args, options, p, build)
         if counters is None:
@@ -620,7 +619,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         batch = batch_totals(batch_dir(args.output))
     elif args.llm_backend == "vllm":
 
-        from transforms.llm_vllm import RUN_ENV, shutdown_vllm_servers
+        from transforms.llm.vllm import RUN_ENV, shutdown_vllm_servers
 
         os.environ[RUN_ENV] = uuid.uuid4().hex
         try:
@@ -633,7 +632,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     tokens_in, tokens_out = counters.get("llm_prompt_tokens", 0), counters.get("llm_completion_tokens", 0)
     if batch is not None:  # the batches answered; this run read them from the cache
         tokens_in, tokens_out = batch["tokens"]["input"], batch["tokens"]["output"]
-    from transforms.llm_cost import dollars
+    from transforms.llm.cost import dollars
 
     cost = dollars(tokens_in, tokens_out, args.usd_per_million_input_tokens, args.usd_per_million_output_tokens)
     out = args.output.rstrip("/")

@@ -25,30 +25,11 @@ from typing import Optional
 
 import apache_beam as beam
 
-from transforms.accounting import (
-    MeasureShuffle,
-    RecordWritten,
-    finish_run,
-    input_summary,
-    prepare_output,
-    summarize_files,
-)
-from transforms.common import (
-    UsageError,
-    build_only,
-    is_dry_run,
-    match_files,
-    run_and_count,
-    sum_counters,
-    threads_per_process,
-    worker_processes,
-)
-from transforms.embedding import FaissSearchHandler, SentenceTransformerHandler
-from transforms.entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
+from transforms.errors import UsageError
+from transforms.formats.files import match_files
 from transforms.formats.keys import input_root
 from transforms.formats.webdataset import DEFAULT_LIMITS, TAR_SUFFIXES, TarLimits
-from transforms.options import cli_main, new_parser, parse, positive
-from transforms.readers import (
+from transforms.io.readers import (
     CAPTION_FORMATS,
     RAW_CAPTION_FACTOR,
     REJECTED,
@@ -58,10 +39,23 @@ from transforms.readers import (
     ReadWebDatasetCaptions,
     SplitParquet,
 )
+from transforms.io.writers import CountWritten, WriteRecordsToParquet, WriteRejects
+from transforms.models.embedding import FaissSearchHandler, SentenceTransformerHandler
+from transforms.models.text_encoder import BACKENDS, check_backend, index_encoder
+from transforms.run.job import (
+    build_only,
+    is_dry_run,
+    run_and_count,
+    sum_counters,
+    threads_per_process,
+    worker_processes,
+)
+from transforms.run.manifest import RecordWritten, finish_run, input_summary, prepare_output, summarize_files
+from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Candidate
-from transforms.selection import AttachImages, EmbedAndSearch, SelectFromSearchResults
-from transforms.sinks import CountWritten, WriteRecordsToParquet, WriteRejects
-from transforms.text_encoders import BACKENDS, check_backend, index_encoder
+from transforms.stages.build_entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
+from transforms.stages.select_candidates import AttachImages, EmbedAndSearch, SelectFromSearchResults
 
 log = logging.getLogger(__name__)
 

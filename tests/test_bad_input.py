@@ -163,7 +163,7 @@ def test_catalog_bad_rows_gzip_and_parquet(tmp_path):
 
 
 def test_missing_catalog_is_a_usage_error(tmp_path):
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     with pytest.raises(UsageError, match="--entities: no file matches"):
         build_entity_index.run(["--entities", str(tmp_path / "nope*.jsonl"), "--output", str(tmp_path / "o")])
@@ -176,8 +176,8 @@ def test_failed_model_batches_become_rejects_per_record():
     from apache_beam.testing.util import assert_that, equal_to
 
     from tests.conftest import direct_pipeline
+    from transforms.io.writers import DeadLetters
     from transforms.schema import Caption
-    from transforms.sinks import DeadLetters
 
     class Model:
         pass

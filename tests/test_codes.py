@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.codes import rarest_first, resolve
+from transforms.codes.ald import rarest_first, resolve
 
 EOS = 2
 VOCAB = list(range(10, 60))
@@ -112,7 +112,7 @@ def test_published_rule_on_hand_checked_titles(tmp_path):
     takes the next-rarest token, and the random-fallback share is what the rule implies."""
     from pipelines import build_codes
     from tests.conftest import write_jsonl
-    from transforms.codes import visit_order_key
+    from transforms.codes.ald import visit_order_key
 
     words = ["river", "bank", "north", "old", "city", "hall", "new", "the"]
     vocab = tmp_path / "vocab.txt"
@@ -164,7 +164,7 @@ def vocab(tmp_path_factory):
     """A small WordPiece vocabulary trained here on the demo catalog's titles."""
     from tokenizers import BertWordPieceTokenizer
 
-    from demo.make_corpus import load_catalog
+    from pipelines.demo_data.make_corpus import load_catalog
 
     titles = [e["wikipedia_title"].lower() for e in load_catalog()]
     tok = BertWordPieceTokenizer(lowercase=True)
@@ -175,8 +175,8 @@ def vocab(tmp_path_factory):
 
 
 def test_build_codes_pipeline(tmp_path, vocab):
-    from demo.make_corpus import bundled
     from pipelines import build_codes
+    from pipelines.demo_data.make_corpus import bundled
 
     out = tmp_path / "codes"
     manifest = build_codes.run(["--entities", bundled("entities.jsonl"), "--tokenizer", vocab, "--output", str(out)])
@@ -213,7 +213,7 @@ def test_hkc_codes(tmp_path, vocab, entity_index, catalog_path):
     assert {r["method"] for r in rows} == {"hkc"}
     build_codes.run(args + ["--output", str(tmp_path / "b")])
     assert pq.read_table(tmp_path / "b" / "codes.parquet").to_pylist() == rows
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     with pytest.raises(UsageError, match="--entity_index"):
         build_codes.run(["--entities", catalog_path, "--tokenizer", vocab, "--strategy", "hkc", "--output", str(tmp_path / "c")])
@@ -234,7 +234,7 @@ def test_codes_of_the_entity_index_entities(tmp_path, vocab, entity_index, catal
     assert m["count_check"] == "ok" and "rejected_dedup_duplicate_qid" not in m["counters"]
     assert from_catalog["counters"]["rejected_dedup_duplicate_qid"] == 1
     assert not (tmp_path / "idx" / "rejected").exists()
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     with pytest.raises(UsageError, match="--entity_index DIR"):
         build_codes.run(["--tokenizer", vocab, "--output", str(tmp_path / "none")])
@@ -245,9 +245,9 @@ def test_build_codes_fails_when_the_table_loses_a_row(tmp_path, vocab, monkeypat
     loses one row makes the run fail, naming the step."""
     import pyarrow.parquet as pq_mod
 
-    from demo.make_corpus import bundled
     from pipelines import build_codes
-    from transforms.common import AccountingError
+    from pipelines.demo_data.make_corpus import bundled
+    from transforms.errors import AccountingError
 
     original = pq_mod.write_table
     monkeypatch.setattr(pq_mod, "write_table", lambda table, where, **kw: original(table.slice(0, table.num_rows - 1), where, **kw))
@@ -283,7 +283,7 @@ def test_rq_codes_unique_deterministic_and_prefix_coarse(tmp_path, vocab):
 
     from pipelines import build_codes
     from trainer.codebook import CodeBook, PrefixIndex
-    from transforms.codes import WordPiece
+    from transforms.codes.ald import WordPiece
 
     index, x = _synthetic_index(tmp_path / "index")
     args = ["--entity_index", index, "--tokenizer", vocab, "--strategy", "rq", "--code_length", "3", "--rq_bits", "6"]

@@ -107,7 +107,7 @@ def test_pad_tokens_keeps_lengths():
 def shards(tmp_path_factory):
     import apache_beam as beam
 
-    from transforms.shards import WriteShards
+    from transforms.io.writers import WriteShards
 
     root = tmp_path_factory.mktemp("ctr")
     samples = [
@@ -167,7 +167,7 @@ def test_resume_continues(shards, tmp_path):
     assert [json.loads(x)["step"] for x in open(out / "train_log.jsonl")] == [4, 5, 8]
     # Nothing recomputed for entities already cached.
     assert len(open(out / "text_cache" / "rank0" / "index.jsonl").readlines()) >= cache_rows
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     with pytest.raises(UsageError, match="--text_encoder"):
         _train(shards, out, "--max_steps", "9", "--text_encoder", "some/other-model")

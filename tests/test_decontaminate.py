@@ -20,12 +20,12 @@ from PIL import Image
 from pipelines import decontaminate
 from tests.conftest import direct_pipeline
 from tests.helpers import read_rejects, write_webdataset
-from transforms.clip import OpenClipImageHandler
-from transforms.common import UsageError
-from transforms.decontam import DropNearDuplicates, EvalMatrix, EvalSearch
-from transforms.images import DecodedImage, decode_image
-from transforms.readers import REJECTED
+from transforms.errors import UsageError
+from transforms.io.images import DecodedImage, decode_image
+from transforms.io.readers import REJECTED
+from transforms.models.clip import OpenClipImageHandler
 from transforms.schema import Candidate, arrow_schema, to_row
+from transforms.stages.decontaminate import DropNearDuplicates, EvalMatrix, EvalSearch
 
 ARCH = "ViT-S-32"  # small random-weight CLIP: ~45 images/s on 2 CPU cores
 

@@ -148,7 +148,7 @@ def test_refine_multi_process(tmp_path, catalog_path, entity_index):
 def test_build_codes_multi_process(tmp_path):
     from tokenizers import BertWordPieceTokenizer
 
-    from demo.make_corpus import bundled, load_catalog
+    from pipelines.demo_data.make_corpus import bundled, load_catalog
 
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator([e["wikipedia_title"].lower() for e in load_catalog()], vocab_size=800, min_frequency=1)
@@ -235,7 +235,7 @@ def test_worker_images_and_accelerator_flags_reach_the_job(tmp_path, catalog_pat
     Dataflow job built with the README's GPU flags runs on that image with the accelerator."""
     import re
 
-    from transforms import llm_vllm
+    from transforms.llm import vllm as llm_vllm
 
     root = os.path.join(os.path.dirname(__file__), "..")
     for name in ("gpu.Dockerfile", "vllm.Dockerfile"):

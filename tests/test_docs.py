@@ -4,7 +4,7 @@ import glob
 import os
 import re
 
-from transforms.example_proto import feature_spec_markdown
+from transforms.formats.tf_example import feature_spec_markdown
 from transforms.schema import Sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_formats_page_feature_spec_matches_schema():
     page = open(os.path.join(ROOT, "docs", "formats.md"), encoding="utf-8").read()
     assert feature_spec_markdown(Sample).strip() in page, (
-        "docs/formats.md's TFRecord feature table is stale: paste transforms.example_proto.feature_spec_markdown(Sample)"
+        "docs/formats.md's TFRecord feature table is stale: paste transforms.formats.tf_example.feature_spec_markdown(Sample)"
     )
 
 

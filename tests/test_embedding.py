@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import direct_pipeline
-from transforms.embedding import (
+from transforms.models.embedding import (
     DEFAULT_TEXT_MODEL,
     SentenceTransformerHandler,
     encode_by_length,

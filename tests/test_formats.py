@@ -15,13 +15,13 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from tests.conftest import direct_pipeline
 from tests.helpers import draw_image, write_parquet
-from transforms.decontam import ReadCandidateImages
-from transforms.example_proto import encode_example
 from transforms.formats import keys, media, shards, tfrecord, webdataset
 from transforms.formats.files import Skip
-from transforms.readers import REJECTED, CaptionColumns, ReadWebDatasetCaptions, ShardUnits
-from transforms.refine import Located, ReadSamples
+from transforms.formats.tf_example import encode_example
+from transforms.io.readers import REJECTED, CaptionColumns, ReadWebDatasetCaptions, ShardUnits
 from transforms.schema import Candidate, Sample
+from transforms.stages.decontaminate import ReadCandidateImages
+from transforms.stages.refine import Located, ReadSamples
 
 
 def _sample(i: int) -> Sample:
@@ -65,7 +65,7 @@ def test_the_core_imports_without_beam():
         "import transforms.formats.shards, transforms.formats.keys, transforms.formats.media, transforms.formats.files\n"
         "import transforms.formats.webdataset, transforms.formats.parquet, transforms.formats.tfrecord\n"
         "import transforms.formats.safe_json, transforms.formats.text\n"
-        "import transforms.codes, transforms.rq_codes, transforms.schema, transforms.errors, transforms.cli, transforms.images\n"
+        "import transforms.codes.ald, transforms.codes.rq, transforms.schema, transforms.errors, transforms.run.cli, transforms.io.images\n"
         "import trainer.train, trainer.predict, trainer.score, trainer.data, trainer.model, trainer.codebook\n"
         "import trainer.contrastive, trainer.contrastive_predict, trainer.contrastive_model, trainer.visual_matching\n"
         "bad = sorted(m for m in sys.modules if m.startswith('apache_beam'))\n"

@@ -98,8 +98,8 @@ def test_trainer_streams_shards_and_codes_from_gcs(tmp_path, gcs):
     from pipelines import build_codes
     from tests.conftest import direct_pipeline, write_jsonl
     from trainer import train
+    from transforms.io.writers import WriteShards
     from transforms.schema import Sample
-    from transforms.shards import WriteShards
 
     tok = BertWordPieceTokenizer(lowercase=True)
     tok.train_from_iterator([e["wikipedia_title"].lower() for e in CATALOG] + ["what is the main object?"] * 3, vocab_size=200)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipelines import ground
-from transforms.grounding import Grounder, normalize_title, strip_disambiguation
+from transforms.stages.ground import Grounder, normalize_title, strip_disambiguation
 
 CATALOG = [
     (0, "Q308", "Mercury (planet)"),

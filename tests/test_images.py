@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transforms.images import ImageError, decode_image
+from transforms.io.images import ImageError, decode_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_output_model_and_parent_folders(tmp_path, capsys):
     catalog = tmp_path / "catalog.jsonl"
-    lines = open(os.path.join(ROOT, "demo", "entities.jsonl"), encoding="utf-8").read().splitlines()[:40]
+    lines = open(os.path.join(ROOT, "pipelines", "demo_data", "entities.jsonl"), encoding="utf-8").read().splitlines()[:40]
     catalog.write_text("\n".join(lines + [lines[0]]) + "\n")  # one duplicate QID: a reject
     index = tmp_path / "runs" / "entity_index"
     summary = build_entity_index.run(["--entities", str(catalog), "--output", str(index)])

@@ -76,5 +76,5 @@ def test_detector_finds_a_circle():
 
 def test_no_import_circle():
     graph = import_graph(ROOT)
-    assert len(graph) > 50 and "transforms.card" in graph
+    assert len(graph) > 50 and "transforms.report.card" in graph
     assert circles(graph) == []

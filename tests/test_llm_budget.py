@@ -10,8 +10,8 @@ import pytest
 from pipelines import refine
 from tests.fake_llm_server import FakeLLMServer
 from tests.test_refine import base_args, write_samples
-from transforms import llm_budget
-from transforms.llm_budget import Budget, BudgetSpec, Registry, _Bucket
+from transforms.llm import budget as llm_budget
+from transforms.llm.budget import Budget, BudgetSpec, Registry, _Bucket
 
 MULTI = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 

@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 
-from transforms import llm_cache
-from transforms.llm_cache import ResponseCache, compact, count_entries, list_generations
+from transforms.llm import cache as llm_cache
+from transforms.llm.cache import ResponseCache, compact, count_entries, list_generations
 
 
 def key(i: int) -> str:
@@ -74,7 +74,7 @@ def test_an_unwritable_store_keeps_the_answers_buffered(tmp_path, monkeypatch):
         raise OSError("store down")
 
     monkeypatch.setattr(llm_cache, "_write_atomic", broken)
-    monkeypatch.setattr("transforms.common.IO_RETRY_DELAY_S", 0.001)
+    monkeypatch.setattr("transforms.io.retry.IO_RETRY_DELAY_S", 0.001)
     try:
         c.flush()
     except OSError:

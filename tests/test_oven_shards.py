@@ -57,7 +57,7 @@ def test_oven_annotations_become_shards_and_every_line_is_accounted_for(tmp_path
 def test_missing_images_folder_is_a_usage_error(tmp_path):
     import pytest
 
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     oven = write_jsonl(tmp_path / "o.jsonl", [{"data_id": "a", "image_id": "b", "entity_id": "Q1"}])
     with pytest.raises(UsageError, match="--images"):

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines import select_candidates
 from tests.helpers import draw_image, read_candidates, read_rejects, write_parquet, write_webdataset
-from transforms.common import UsageError
+from transforms.errors import UsageError
 
 
 def test_entity_index_files_agree(entity_index):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipelines import plan
-from transforms.common import UsageError
+from transforms.errors import UsageError
 
 
 @pytest.fixture

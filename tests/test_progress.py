@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import direct_pipeline
-from transforms import progress
-from transforms.card import read_sample, size_category, write_card
-from transforms.common import run_and_count
+from transforms.report.card import size_category, write_card
+from transforms.report.outputs import read_sample
+from transforms.run import progress
+from transforms.run.job import run_and_count
 
 
 def test_progress_line_rates_and_eta():

@@ -130,7 +130,7 @@ def test_structured_output_dialect_fallback(tmp_path, catalog_path, entity_index
 
 def stored(cache) -> int:
     """Answers in the cache (written in batches: a segment every 2 s at most)."""
-    from transforms.llm_cache import count_entries
+    from transforms.llm.cache import count_entries
 
     try:
         return count_entries(str(cache)) if cache.exists() else 0
@@ -278,7 +278,7 @@ def test_enforced_rate_limit_with_retry_after(tmp_path, catalog_path, entity_ind
 def test_estimate_only_counts_what_a_run_sends_and_sends_nothing(tmp_path, catalog_path, entity_index):
     import math
 
-    from transforms.llm_cost import MESSAGE_OVERHEAD_TOKENS, image_tokens
+    from transforms.llm.cost import MESSAGE_OVERHEAD_TOKENS, image_tokens
 
     cases = {f"e{i:02d}": (("Q243", "Q9202")[i % 2], f"photo {i} of the place") for i in range(6)}
     inputs = write_samples(tmp_path / "s.parquet", cases)

@@ -170,7 +170,7 @@ def test_thread_budget_is_decided_on_the_worker(monkeypatch):
     """The launcher records the runner's layout; the cores are counted where the code runs."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from transforms import common
+    from transforms.run import job as common
 
     budget = common.threads_per_process(PipelineOptions(["--runner", "DataflowRunner"]))
     assert budget == common.ThreadBudget(explicit=0, processes=0)
@@ -192,7 +192,12 @@ def test_thread_budget_is_decided_on_the_worker(monkeypatch):
 def test_ivf_nprobe_is_calibrated_from_a_recall_curve():
     import faiss
 
-    from transforms.entity_index import build_faiss_index, calibrate_search, exact_top_k, train_sample_size
+    from transforms.stages.build_entity_index import (
+        build_faiss_index,
+        calibrate_search,
+        exact_top_k,
+        train_sample_size,
+    )
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((40, 32)).astype(np.float32)
@@ -229,8 +234,8 @@ def test_index_manifest_search_params_reach_the_searchers(tmp_path, catalog_path
     import faiss
 
     from pipelines import build_entity_index
-    from transforms.embedding import FaissSearchHandler
-    from transforms.refine import load_grounder
+    from transforms.models.embedding import FaissSearchHandler
+    from transforms.stages.refine import load_grounder
 
     out = tmp_path / "ivf"
     manifest = build_entity_index.run(["--entities", catalog_path, "--output", str(out), "--index_factory", "IVF4,Flat"])
@@ -259,7 +264,7 @@ def test_gzipped_tars_are_read_and_their_images_found(tmp_path, entity_index):
 
 
 def test_dry_run_without_dataflow_is_refused(tmp_path, entity_index):
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     write_webdataset(tmp_path / "a.tar", [{"key": "k", "jpg": draw_image(1), "txt": "Eiffel Tower"}])
     try:
@@ -272,7 +277,7 @@ def test_dry_run_without_dataflow_is_refused(tmp_path, entity_index):
 
 
 def test_large_images_are_downscaled_for_the_llm_whatever_their_shape():
-    from transforms.images import image_for_llm, probe_size
+    from transforms.io.images import image_for_llm, probe_size
 
     for size in ((2048, 2048), (4096, 1024), (800, 600)):
         data = noise_jpeg(3, 8)  # replaced below by an image of `size`

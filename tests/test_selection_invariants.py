@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import direct_pipeline
-from transforms.embedding import FaissSearchHandler
-from transforms.readers import REJECTED
+from transforms.io.readers import REJECTED
+from transforms.models.embedding import FaissSearchHandler
 from transforms.schema import Caption
-from transforms.selection import Proposal, SelectFromSearchResults, TopKDistinctImages
+from transforms.stages.select_candidates import Proposal, SelectFromSearchResults, TopKDistinctImages
 
 
 def numpy_reference(C, E, keys, texts, k, m, min_score):
@@ -179,7 +179,7 @@ def test_top_k_combiner_keeps_best_caption_per_image_and_prunes_exactly():
 
 def test_lost_images_are_rejected_with_the_winner_named():
     """Two entities want the same image: the lower score loses and the loss is a reject."""
-    from transforms.selection import Assignment, KeepBestEntity
+    from transforms.stages.select_candidates import Assignment, KeepBestEntity
 
     cap = Caption(key="img", caption="t", source="s")
     with direct_pipeline() as p:

@@ -24,10 +24,10 @@ from apache_beam.testing.util import BeamAssertException, assert_that
 
 from tests.conftest import direct_pipeline
 from tests.helpers import draw_image
-from transforms.common import UsageError
-from transforms.example_proto import encode_example, feature_spec_markdown
+from transforms.errors import UsageError
+from transforms.formats.tf_example import encode_example, feature_spec_markdown
+from transforms.io.writers import SHARD_FORMATS, WriteShards, parse_formats
 from transforms.schema import Sample
-from transforms.shards import SHARD_FORMATS, WriteShards, parse_formats
 
 EXTENSIONS = {"parquet": "parquet", "tfrecord": "tfrecord", "webdataset": "tar"}
 FIELDS = [f.name for f in dataclasses.fields(Sample)]

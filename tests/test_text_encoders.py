@@ -11,10 +11,10 @@ import pytest
 from pipelines import build_entity_index, select_candidates
 from tests.helpers import read_candidates, write_parquet
 from tests.test_pipelines import EXACT_TITLE_CASES
-from transforms.common import UsageError
-from transforms.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
-from transforms.text_encoders import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder
-from transforms.text_export import export_encoder
+from transforms.errors import UsageError
+from transforms.models.embedding import DEFAULT_TEXT_MODEL, encode_by_length, load_sentence_transformer
+from transforms.models.text_encoder import ENCODER_CONFIG, ONNX_FILE, OnnxEncoder
+from transforms.models.text_export import export_encoder
 
 TEXTS = [
     "Eiffel Tower",
@@ -93,7 +93,7 @@ def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
     # same passes the handler ran, all 16 short titles in one.)
     import pyarrow.parquet as pq
 
-    from transforms.entity_index import title_text
+    from transforms.stages.build_entity_index import title_text
 
     enc = OnnxEncoder(str(index / "text_encoder"))
     vecs = np.load(index / "embeddings.npy")
@@ -117,8 +117,8 @@ def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
 
 
 def test_static_distillation_is_the_mean_of_token_vectors(tmp_path):
-    from transforms.text_encoders import STATIC_DIR, load_encoder_dir
-    from transforms.text_export import distill_static
+    from transforms.models.text_encoder import STATIC_DIR, load_encoder_dir
+    from transforms.models.text_export import distill_static
 
     folder = tmp_path / "static"
     # A slice of the vocabulary keeps the test fast (the product distils all 30,522 tokens).

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import CATALOG, direct_pipeline, write_jsonl
 from tests.helpers import draw_image
-from transforms.common import UsageError
+from transforms.errors import UsageError
 from transforms.schema import Sample, arrow_schema, to_row
 
 ENTITIES = [(e["wikidata_id"], e["wikipedia_title"]) for e in CATALOG[:8]]
@@ -53,7 +53,7 @@ def data(tmp_path_factory):
     from tokenizers import BertWordPieceTokenizer
 
     from pipelines import build_codes
-    from transforms.shards import WriteShards
+    from transforms.io.writers import WriteShards
 
     root = tmp_path_factory.mktemp("train_data")
     texts = [e["wikipedia_title"].lower() for e in CATALOG]

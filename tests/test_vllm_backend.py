@@ -16,13 +16,13 @@ import sys
 import pytest
 
 from tests.helpers import draw_image
-from transforms import llm_vllm
+from transforms.llm import vllm as llm_vllm
 from transforms.schema import Sample
 
 
 def _request(i):
     from prompts import load_prompt
-    from transforms.refine import RequestSettings, verify_request
+    from transforms.stages.refine import RequestSettings, verify_request
 
     settings = RequestSettings("tiny-vlm", "correct", "wiki_caption", {"temperature": 0.0, "max_tokens": 64})
     sample = Sample(key=f"k{i}", image=draw_image(i), image_format="jpg", caption=f"tower {i}", qid="Q243", title="Eiffel Tower")
@@ -198,12 +198,12 @@ def test_refine_vllm_backend_without_vllm_is_a_usage_error(tmp_path, monkeypatch
     import builtins
 
     from pipelines import refine
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     real_import = builtins.__import__
 
     def no_vllm(name, *a, **k):
-        if name == "transforms.llm_vllm":
+        if name == "transforms.llm.vllm":
             raise ImportError("No module named 'openai'")
         return real_import(name, *a, **k)
 

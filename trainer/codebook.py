@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.codes import TOKENIZER_FILE
+from transforms.codes.ald import TOKENIZER_FILE
 from transforms.errors import UsageError
 from transforms.formats.files import open_read
 

@@ -43,8 +43,8 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.cli import Parser
 from transforms.errors import UsageError
+from transforms.run.cli import Parser
 
 log = logging.getLogger("trainer.contrastive")
 
@@ -222,7 +222,7 @@ class EntityImages:
         if path is None:
             return None
         from trainer.data import image_to_uint8
-        from transforms.images import ImageError
+        from transforms.io.images import ImageError
 
         try:
             with open(path, "rb") as f:
@@ -247,7 +247,7 @@ class QueryItems:
 
     def build(self, row: dict, rng) -> dict:
         from trainer.data import Skip, image_to_uint8
-        from transforms.images import ImageError
+        from transforms.io.images import ImageError
 
         qid = row.get("qid") or ""
         if not qid:
@@ -541,6 +541,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.cli import cli_main
+    from transforms.run.cli import cli_main
 
     cli_main(run)

@@ -128,7 +128,7 @@ class FrozenClip:
     """open_clip image tower, frozen: pooled embeddings and projected patch tokens."""
 
     def __init__(self, model_name: str, pretrained: Optional[str], device):
-        from transforms.clip import load_open_clip
+        from transforms.models.clip import load_open_clip
 
         model, preprocess = load_open_clip(model_name, pretrained, device=str(device))[:2]
         self.visual = model.visual.eval()
@@ -155,7 +155,7 @@ class FrozenText:
     def __init__(self, name: str, device, max_tokens: int = 64):
         from transformers import AutoModel, AutoTokenizer
 
-        from transforms.embedding import resolve_text_model
+        from transforms.models.embedding import resolve_text_model
 
         path = resolve_text_model(name)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -31,8 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.cli import Parser
 from transforms.errors import UsageError
+from transforms.run.cli import Parser
 
 log = logging.getLogger("trainer.contrastive_predict")
 
@@ -214,6 +214,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.cli import cli_main
+    from transforms.run.cli import cli_main
 
     cli_main(run)

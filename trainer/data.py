@@ -41,7 +41,7 @@ from transforms.formats.files import Skip, match_files
 from transforms.formats.shards import iter_shard_records, shard_kind
 from transforms.formats.shards import units as shard_units
 from transforms.formats.tfrecord import iter_tfrecord, masked_crc  # noqa: F401 - part of this module's API
-from transforms.images import ImageError, decode_image
+from transforms.io.images import ImageError, decode_image
 
 _masked_crc = masked_crc
 

@@ -37,9 +37,9 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.cli import Parser
 from transforms.errors import UsageError
 from transforms.formats.media import IMAGE_SUFFIXES
+from transforms.run.cli import Parser
 
 log = logging.getLogger("trainer.predict")
 
@@ -113,7 +113,7 @@ def error_line(row: dict, reason: str, detail: str) -> dict:
 
 def load_query_image(row: dict, images: dict[str, str], draft: Optional[int] = None):
     """(decoded RGB image, None), or (None, error line) when the image is missing or broken."""
-    from transforms.images import ImageError, decode_image
+    from transforms.io.images import ImageError, decode_image
 
     path = images.get(str(row["image_id"]))
     if path is None:
@@ -321,6 +321,6 @@ def _line(row: dict, beams, dec: Decoder) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.cli import cli_main
+    from transforms.run.cli import cli_main
 
     cli_main(run)

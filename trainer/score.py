@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
-from transforms.cli import Parser
+from transforms.run.cli import Parser
 
 EPS = 1e-12
 

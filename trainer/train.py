@@ -36,8 +36,8 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
-from transforms.cli import Parser, format_duration
 from transforms.errors import UsageError
+from transforms.run.cli import Parser, format_duration
 
 log = logging.getLogger("trainer.train")
 
@@ -198,7 +198,7 @@ def _resolve_defaults(a) -> None:
 
 
 def validate(a) -> None:
-    from transforms.cli import positive
+    from transforms.run.cli import positive
 
     positive("--max_steps", a.max_steps)
     positive("--batch_size", a.batch_size)
@@ -541,9 +541,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 def _write_manifest(a, summary: dict, started_at) -> None:
     """`<output>/manifest.json` (kind "model": the run's options, inputs and summary, like
     every pipeline output) and its card (README.md with the loss curve)."""
-    from transforms.accounting import write_card_safely
-    from transforms.common import code_version
-    from transforms.secrets import redact_value
+    from transforms.run.job import code_version
+    from transforms.run.manifest import write_card_safely
+    from transforms.run.secrets import redact_value
 
     manifest = {
         "kind": "model",
@@ -561,6 +561,6 @@ def _write_manifest(a, summary: dict, started_at) -> None:
 
 
 if __name__ == "__main__":
-    from transforms.cli import cli_main
+    from transforms.run.cli import cli_main
 
     cli_main(run)

@@ -31,8 +31,8 @@ from typing import Optional
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from transforms.cli import Parser
 from transforms.errors import UsageError
+from transforms.run.cli import Parser
 
 log = logging.getLogger("trainer.visual_matching")
 
@@ -65,7 +65,7 @@ class MemoryImages(IterableDataset):
         from torch.utils.data import get_worker_info
 
         from trainer.data import Skip, iter_unit
-        from transforms.images import ImageError, decode_image
+        from transforms.io.images import ImageError, decode_image
 
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -147,7 +147,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if a.k < 1 or a.batch_size < 1:
         raise UsageError("--k and --batch_size must be >= 1")
     from trainer.predict import index_images, load_query_image, read_oven, write_predictions
-    from transforms.clip import load_open_clip, validate_clip_args
+    from transforms.models.clip import load_open_clip, validate_clip_args
 
     rows, bad = read_oven(a.oven)
     images = index_images(a.images)
@@ -226,6 +226,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    from transforms.cli import cli_main
+    from transforms.run.cli import cli_main
 
     cli_main(run)

@@ -14,8 +14,8 @@ import pytest
 from pipelines import oven_to_shards, refine
 from tests.conftest import write_jsonl
 from tests.helpers import draw_image
-from transforms.accounting import check_finished_input
-from transforms.common import UsageError
+from transforms.errors import UsageError
+from transforms.run.manifest import check_finished_input
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow

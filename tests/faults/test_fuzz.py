@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from prompts import load_prompt
 from transforms.formats.webdataset import DAMAGE, iter_samples
-from transforms.images import ImageError, decode_image
-from transforms.llm import validate_answer
-from transforms.readers import ReadCatalogFile, _clean_caption
+from transforms.io.images import ImageError, decode_image
+from transforms.io.readers import ReadCatalogFile, _clean_caption
+from transforms.llm.client import validate_answer
 from transforms.schema import Entity, Reject
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).

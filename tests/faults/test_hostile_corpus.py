@@ -22,7 +22,7 @@ from tests.fake_llm_server import FakeLLMServer
 from tests.faults import hostile
 from tests.faults.matrix import account
 from tests.helpers import draw_image, read_rejects
-from transforms.llm import validate_answer
+from transforms.llm.client import validate_answer
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow

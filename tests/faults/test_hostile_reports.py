@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from pipelines import inspect as inspect_cmd
-from transforms.card import md_code, md_table, md_text, write_card
 from transforms.formats.text import printable, strip_controls
-from transforms.llm_cost import image_size
-from transforms.viewer import script_json, thumbnail
+from transforms.llm.cost import image_size
+from transforms.report.card import md_code, md_table, md_text, write_card
+from transforms.report.viewer import script_json, thumbnail
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def test_script_json_has_no_angle_bracket_and_parses_back():
 
 
 def test_thumbnail_decodes_only_through_the_guarded_decoder(monkeypatch):
-    import transforms.images as images
+    import transforms.io.images as images
 
     calls = []
     real = images.decode_image
@@ -233,7 +233,7 @@ def test_card_tables_and_plots_take_titles_as_text(hostile):
 def test_plot_with_a_math_text_title_is_written(tmp_path):
     import matplotlib
 
-    from transforms.card import Plots, plain_text
+    from transforms.report.card import Plots, plain_text
 
     # Whatever the user's matplotlibrc says, titles and tick labels are not parsed.
     with matplotlib.rc_context({"text.parse_math": True}), plain_text():

@@ -46,7 +46,7 @@ def _args(inputs, catalog_path, entity_index, out, cache, url):
 
 
 def _stored(cache) -> int:
-    from transforms.llm_cache import count_entries
+    from transforms.llm.cache import count_entries
 
     try:
         return count_entries(str(cache)) if cache.exists() else 0

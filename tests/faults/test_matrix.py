@@ -237,7 +237,7 @@ def test_refine_llm_and_injection_faults(tmp_path, entity_index):
 
 def test_catalog_faults(tmp_path):
     from pipelines import build_entity_index
-    from transforms.readers import ReadCatalogFile  # noqa: F401 - the reader under test
+    from transforms.io.readers import ReadCatalogFile  # noqa: F401 - the reader under test
 
     folder = tmp_path / "catalog"
     folder.mkdir()

@@ -11,7 +11,7 @@ import pytest
 from pipelines import refine
 from tests.fake_llm_server import FakeLLMServer
 from tests.test_refine import CASES, write_samples
-from transforms.secrets import redact, redact_url, redact_value
+from transforms.run.secrets import redact, redact_url, redact_value
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow
@@ -30,11 +30,11 @@ def test_no_planted_key_in_any_output_or_log(tmp_path, catalog_path, entity_inde
     inputs = write_samples(tmp_path / "samples.parquet", cases)
     out, cache = tmp_path / "rew", tmp_path / "cache"
     caplog.set_level(logging.INFO)
-    from transforms.secrets import install_log_redaction
+    from transforms.run.secrets import install_log_redaction
 
     install_log_redaction()
     for handler in logging.getLogger().handlers:  # pytest's capture handler included
-        from transforms.secrets import RedactingFilter
+        from transforms.run.secrets import RedactingFilter
 
         handler.addFilter(RedactingFilter())
     with FakeLLMServer() as server:
@@ -109,7 +109,7 @@ def test_key_from_secret_manager_reaches_the_server_and_nothing_else(tmp_path, c
 def test_api_key_secret_names_are_checked_before_the_run(tmp_path, catalog_path, entity_index):
     import pytest
 
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     with pytest.raises(UsageError, match="--api_key_secret"):
         refine.run(["--input", catalog_path, "--entities", catalog_path, "--entity_index", entity_index, "--output",
@@ -128,7 +128,7 @@ def test_vllm_server_key_reaches_the_server_and_nothing_else(tmp_path, catalog_p
     and the OpenAI key are in no log line (unfiltered records and the processes' output),
     not on the server's command line (what `ps` shows), and in no file the run writes."""
     from tests.test_vllm_backend import FakeVLLM, proc_view, vllm_server_pids
-    from transforms import llm_vllm
+    from transforms.llm import vllm as llm_vllm
 
     fake = FakeVLLM(str(tmp_path / "fake_vllm"))
     monkeypatch.setenv(llm_vllm.VLLM_PYTHON_ENV, fake.python)
@@ -216,7 +216,7 @@ def test_vllm_server_arguments_are_registered_as_secrets_when_parsed(tmp_path):
     with nothing naming it; one vLLM could only read from its command line is refused."""
     import pytest
 
-    from transforms.common import UsageError
+    from transforms.errors import UsageError
 
     key = "plantedPARSEDkey0480"
     base = ["--input", "x", "--entities", "e", "--entity_index", "i", "--output", str(tmp_path / "o"),

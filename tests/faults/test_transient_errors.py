@@ -11,8 +11,8 @@ from pipelines import select_candidates
 from tests.faults.flaky_fs import PREFIX, FlakyFileSystem
 from tests.faults.matrix import account
 from tests.helpers import draw_image, read_rejects, write_webdataset
-from transforms.common import retry_call
 from transforms.formats.files import is_data_error
+from transforms.io.retry import retry_call
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow
@@ -58,7 +58,7 @@ def test_a_filesystem_that_fails_once_loses_nothing(tmp_path, entity_index):
 
 
 def test_an_environment_error_that_persists_fails_the_run_instead_of_rejecting(tmp_path, entity_index, monkeypatch):
-    monkeypatch.setattr("transforms.common.IO_RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr("transforms.io.retry.IO_RETRY_DELAY_S", 0.01)
     corpus = _corpus(tmp_path)
     FlakyFileSystem.reset(fail_times=100)
     with pytest.raises(Exception, match="flaky: connection reset"):

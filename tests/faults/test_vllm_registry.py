@@ -1,4 +1,4 @@
-"""The vLLM pid registry (transforms/llm_vllm.py) on a hostile filesystem: a run folder
+"""The vLLM pid registry (transforms/llm/vllm.py) on a hostile filesystem: a run folder
 swapped for a symlink, a registry root another user prepared or left open, files that are
 not pid files. `shutdown_vllm_servers()` must delete nothing outside the registry and signal
 no process this run did not start; a server that is ours is still stopped."""
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from transforms import llm_vllm
+from transforms.llm import vllm as llm_vllm
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow

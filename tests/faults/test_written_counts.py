@@ -15,9 +15,9 @@ from tests.conftest import write_jsonl
 from tests.fake_llm_server import FakeLLMServer
 from tests.helpers import draw_image, write_parquet
 from tests.test_refine import CASES, write_samples
-from transforms import shards as shards_mod
-from transforms import sinks
-from transforms.common import AccountingError
+from transforms.errors import AccountingError
+from transforms.io import writers as shards_mod
+from transforms.io import writers as sinks
 from transforms.schema import Candidate, arrow_schema, to_row
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).

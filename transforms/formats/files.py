@@ -10,6 +10,8 @@ of gzip-compressed zeros would cost gigabytes before a reader could look at them
 from __future__ import annotations
 
 import gzip
+import io
+import json
 import os
 
 
@@ -114,3 +116,55 @@ def is_data_error(e: BaseException) -> bool:
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         pass
     return isinstance(e, ValueError) and not isinstance(e, OSError)
+
+
+def maybe_gunzip(raw) -> io.BufferedIOBase:
+    """Wrap a binary stream in gzip when its first bytes are the gzip magic."""
+    head = raw.read(2)
+    rest = raw
+    stream = _Prepended(head, rest)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=stream)
+    return stream
+
+
+class _Prepended(io.RawIOBase):
+    def __init__(self, head: bytes, rest):
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+
+def write_json(path: str, obj) -> None:
+    """`obj` as indented JSON at `path` (local, or a URL through Beam's FileSystems)."""
+    data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    if is_url(path):
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.create(path) as f:
+            f.write(data)
+        return
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path).decode("utf-8"))
+
+
+def ensure_dir(path: str) -> None:
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)

@@ -84,7 +84,7 @@ def iter_shard_records(
                     row["image"] = None
                 yield ShardRecord(row, f"p:{rg}:{i}" if locate_images else None)
         elif kind == "tfrecord":
-            from transforms.example_proto import decode_example
+            from transforms.formats.tf_example import decode_example
             from transforms.schema import Sample
 
             columns = [fld for fld in Sample.__dataclass_fields__]

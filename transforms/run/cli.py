@@ -1,0 +1,92 @@
+"""Command-line conventions shared by every command (pipelines and trainer), without
+importing Beam: usage `python -m MODULE`, defaults shown in --help, no abbreviated flags,
+and a misspelt flag answered with the flag that was meant."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+from transforms.errors import AccountingError, UsageError
+
+BEAM_EPILOG = (
+    "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
+    "--direct_num_workers N --direct_running_mode multi_processing (local processes), --project, --region, "
+    "--temp_location, --max_num_workers, --machine_type, --sdk_container_image, ... (any option of "
+    "apache_beam.options.pipeline_options)."
+)
+
+
+def suggest(flag: str, known: Sequence[str]) -> str:
+    """`flag` (or `--flag=value`), with the known flag it most likely meant."""
+    name = flag.split("=", 1)[0]
+    if not name.startswith("--"):
+        return flag
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.7)
+    return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
+def unrecognized(unknown: Sequence[str], known: Sequence[str]) -> str:
+    return "unrecognized arguments: " + " ".join(suggest(u, known) for u in unknown)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the conventions of every command here: usage `python -m MODULE`,
+    defaults shown in --help, no abbreviated flags, and a misspelt flag answered with the
+    flag that was meant (`--treshold` -> `--threshold`)."""
+
+    def __init__(self, module: str, description: str, beam: bool = False, **kw):
+        super().__init__(
+            prog=f"python -m {module}",
+            description=description,
+            allow_abbrev=False,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            epilog=BEAM_EPILOG if beam else kw.pop("epilog", None),
+            **kw,
+        )
+
+    def flags(self) -> list[str]:
+        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 - argparse's, with suggestions
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras, self.flags()))
+        return ns
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 3m05s, 2h07m: durations in progress lines and ETAs."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def positive(flag: str, value, minimum=1):
+    if value is None or value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+    return value
+
+
+def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from transforms.run.secrets import install_log_redaction
+
+    install_log_redaction()
+    try:
+        run(None)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
