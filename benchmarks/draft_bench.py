@@ -1,7 +1,7 @@
 """Reduced-scale JPEG decoding (Pillow's `draft`) for CLIP inputs: what it saves in host
 decode time and what it changes in the pixels and embeddings decontamination compares.
 
-    .venv/bin/python benchmarks/draft_bench.py [--images 600] [--photos 'DIR/*.jpg,...'] [--clip_model ViT-S-32]
+    .venv/bin/python benchmarks/draft_bench.py [--images 600] [--photos 'DIR/*.jpg,...'] [--clip_model ViT-S-32] [--repeats 2]
 
 Photos: the real photographs installed on this machine (scikit-learn's, matplotlib's and,
 when installed, scikit-image's sample photos; `--photos` adds others), cut into web-sized
@@ -117,7 +117,11 @@ def main(argv=None) -> None:
                     help="also run decontaminate with --decode_draft yes and no on this many of the JPEGs as "
                          "candidates (and a tenth as evaluation images); 0 = skip")
     ap.add_argument("--out", default="/tmp/entityforge-draft")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="time each side this many times and keep the best (host decode and the decontaminate runs)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     import torch
 
@@ -143,7 +147,7 @@ def main(argv=None) -> None:
         return [preprocess(decode_image(b, draft=(side, side) if draft else None).image) for b in blobs]
 
     speed = {}
-    for draft in (False, True, False, True):
+    for draft in (False, True) * args.repeats:
         t0 = time.perf_counter()
         pixels(jpegs, draft)
         speed.setdefault(draft, []).append(len(jpegs) / (time.perf_counter() - t0))
@@ -152,7 +156,7 @@ def main(argv=None) -> None:
     d_draft = np.array([float((a - b).abs().mean()) for a, b in zip(full_px, draft_px)])
     d_dup = np.array([float((a - b).abs().mean()) for a, b in zip(full_px, dup_full_px)])
     full_s, draft_s = max(speed[False]), max(speed[True])
-    print("host decode + preprocess, 1 thread (best of 2):")
+    print(f"host decode + preprocess, 1 thread (best of {args.repeats}):")
     print(f"  full decode        {full_s:7.1f} images/s")
     print(f"  draft decode       {draft_s:7.1f} images/s   ratio {draft_s / full_s:.2f}")
     print("preprocessed pixels, mean |difference| (normalised units), median / 95th percentile:")
@@ -209,7 +213,7 @@ def pipeline_speed(args, cands: list[bytes], evals: list[bytes]) -> None:
     print(f"decontaminate, {len(cands)} candidates + {len(evals)} evaluation images (near-duplicates of the first "
           f"{len(evals)}), {args.clip_model} random weights, 2 threads, whole command:")
     result = {}
-    for draft in ("no", "yes", "no", "yes"):
+    for draft in ("no", "yes") * args.repeats:
         out = os.path.join(args.out, f"out_{draft}")
         shutil.rmtree(out, ignore_errors=True)
         seconds, rss, _ = run_child(["-m", "pipelines.decontaminate", "--input", os.path.join(args.out, "c.parquet"),

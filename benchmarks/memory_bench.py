@@ -81,14 +81,20 @@ def write_parts(folder: str, n: int, seed: int = 0) -> list[str]:
 CHILD = {
     "finalize": """
         import json, sys
-        from transforms.stages.build_entity_index import finalize_entity_index
+        try:
+            from transforms.stages.build_entity_index import finalize_entity_index
+        except ImportError:  # --before code from before transforms/ was grouped by role
+            from transforms.entity_index import finalize_entity_index
         parts, out = json.loads(sys.argv[1]), sys.argv[2]
         finalize_entity_index(parts, out, factory="Flat", train_sample=0, seed=0, model_name="synthetic", inputs=[])
     """,
     "grounding": """
         import sys
         import pyarrow.parquet as pq
-        from transforms import grounding
+        try:
+            from transforms.stages import ground as grounding
+        except ImportError:  # --before code from before transforms/ was grouped by role
+            from transforms import grounding
         table = pq.read_table(sys.argv[2] + "/entities.parquet", columns=["int_id", "qid", "title"])
         if hasattr(grounding.Grounder, "from_table"):
             g = grounding.Grounder.from_table(table)
@@ -131,7 +137,10 @@ def machine_grounding(code_root: str, index_dir: str, processes: int, shared: bo
         f"""
         import os, sys, time
         import pyarrow.parquet as pq
-        from transforms import grounding
+        try:
+            from transforms.stages import ground as grounding
+        except ImportError:  # --before code from before transforms/ was grouped by role
+            from transforms import grounding
 
         def load():
             table = pq.read_table({index_dir!r} + "/entities.parquet", columns=["int_id", "qid", "title"])

@@ -18,6 +18,7 @@ docstrings alone, cut into sentences, and says so.
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import os
 import random
@@ -29,6 +30,12 @@ MAX_CHARS = 2041
 
 
 def debian_descriptions() -> list[str]:
+    return list(_debian_descriptions())
+
+
+@functools.cache
+def _debian_descriptions() -> tuple[str, ...]:
+    """Read once per process (a benchmark builds several caption lists)."""
     out: set[str] = set()
     for path in glob.glob(f"{APT_LISTS}/*_Packages*"):
         if path.endswith(".lz4"):
@@ -44,10 +51,16 @@ def debian_descriptions() -> list[str]:
         for line in data.decode("utf-8", "replace").splitlines():
             if line.startswith("Description: "):
                 out.add(line[len("Description: "):].strip())
-    return sorted(t for t in out if t)
+    return tuple(sorted(t for t in out if t))
 
 
 def docstring_paragraphs(limit: int = 20000) -> list[str]:
+    return list(_docstring_paragraphs(limit))
+
+
+@functools.cache
+def _docstring_paragraphs(limit: int) -> tuple[str, ...]:
+    """Parsed once per process and limit (~4 s: the standard library's sources)."""
     paras: list[str] = []
     root = sysconfig.get_paths()["stdlib"]
     for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
@@ -69,7 +82,7 @@ def docstring_paragraphs(limit: int = 20000) -> list[str]:
                         paras.append(text[:MAX_CHARS])
         if len(paras) >= limit:
             break
-    return paras
+    return tuple(paras)
 
 
 def alt_texts(n: int, seed: int = 0) -> tuple[list[str], str]:
