@@ -19,7 +19,6 @@ COPY pipelines ./pipelines
 COPY transforms ./transforms
 COPY prompts ./prompts
 COPY trainer ./trainer
-COPY demo ./demo
 # The runtime requirements (setup.py reads requirements.txt up to its test section), pinned
 # as in CI: torch 2.14.1 + torchvision 0.29.1 are PyPI's CUDA builds.
 RUN pip install --no-cache-dir . && python -c "import torch, open_clip, faiss, sentence_transformers, apache_beam"

@@ -27,7 +27,6 @@ COPY pipelines ./pipelines
 COPY transforms ./transforms
 COPY prompts ./prompts
 COPY trainer ./trainer
-COPY demo ./demo
 # Beam's vLLM handler imports the openai client in the pipeline's own environment.
 RUN pip install --no-cache-dir ".[vllm-client]" && python -c "import apache_beam.ml.inference.vllm_inference"
 
