@@ -54,7 +54,7 @@ from transforms.llm.client import (
     chat_body,
     completion_entry,
     entry_text,
-    reask_message,
+    settle,
     shared_cache,
     validate_answer,
 )
@@ -165,14 +165,10 @@ class BatchRequestHandler(ModelHandler[LLMRequest, LLMResult, _Model]):
                 ))
                 return result
             result.cache_hits += 1
-            result.raw = entry_text(entry)
-            answer, why = validate_answer(result.raw, req.schema)
-            if answer is not None:
-                result.answer = answer
+            raw = entry_text(entry)
+            history = settle(result, raw, *validate_answer(raw, req.schema), history)
+            if history is None:
                 return result
-            _counter("llm_invalid_answers").inc()
-            result.detail = why
-            history = history + reask_message(result.raw, why)
         result.error = "llm_invalid_output"
         return result
 

@@ -243,6 +243,19 @@ def validate_answer(text: str, schema: dict) -> tuple[Optional[dict], str]:
     return obj, ""
 
 
+def settle(result, raw: str, answer, why: str, history: list, count_invalid: bool = True) -> Optional[list]:
+    """Record one answer of a request's re-ask chain on `result` (every backend's step):
+    None when it is valid (the chain ends), else the history that re-asks, with `why`."""
+    result.raw = raw
+    if answer is not None:
+        result.answer = answer
+        return None
+    if count_invalid:
+        _counter("llm_invalid_answers").inc()
+    result.detail = why
+    return history + reask_message(raw, why)
+
+
 def reask_message(raw: str, why: str) -> list[dict]:
     return [
         {"role": "assistant", "content": raw[:4000]},
@@ -581,13 +594,9 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 # `--llm_backend replay` follows the same re-ask chain to the same outcome.
                 answer, why = validate_answer(entry_text(entry), req.schema)
                 cache.put(key, entry if answer is not None else {**entry, "invalid": why})
-            result.raw = entry_text(entry)
-            if answer is not None:
-                result.answer = answer
+            history = settle(result, entry_text(entry), answer, why, history)
+            if history is None:
                 return result
-            _counter("llm_invalid_answers").inc()
-            result.detail = why
-            history = history + reask_message(result.raw, why)
         result.error = "llm_invalid_output"
         return result
 
@@ -736,12 +745,9 @@ def replay_one(req: LLMRequest, cache: ResponseCache, max_reasks: int) -> LLMRes
             result.error, result.detail = "not_in_cache", f"no cached answer for {req.prompt_id} (key {req.cache_key(history)[:16]})"
             return result
         result.cache_hits += 1
-        result.raw = entry_text(entry)
-        answer, why = validate_answer(result.raw, req.schema)
-        if answer is not None:
-            result.answer = answer
+        raw = entry_text(entry)
+        history = settle(result, raw, *validate_answer(raw, req.schema), history, count_invalid=False)
+        if history is None:
             return result
-        result.detail = why
-        history = history + reask_message(result.raw, why)
     result.error = "llm_invalid_output"
     return result
