@@ -80,7 +80,8 @@ def main(argv=None):
     ap.add_argument("--target_recall", type=float, default=0.95)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
-    from transforms.models.embedding import load_sentence_transformer, set_faiss_threads
+    from transforms.models.embedding import load_sentence_transformer
+    from transforms.models.faiss_index import set_faiss_threads
     from transforms.stages.build_entity_index import build_faiss_index, calibrate_search
 
     set_faiss_threads(args.threads)

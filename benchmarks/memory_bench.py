@@ -81,9 +81,12 @@ def write_parts(folder: str, n: int, seed: int = 0) -> list[str]:
 CHILD = {
     "finalize": """
         import json, sys
-        try:
+        import os
+        # The layout of the code being measured (its folder is the working directory): an
+        # import that fails is not enough, the installed checkout would answer it.
+        if os.path.isdir("transforms/stages"):
             from transforms.stages.build_entity_index import finalize_entity_index
-        except ImportError:  # --before code from before transforms/ was grouped by role
+        else:  # --before code from before transforms/ was grouped by role
             from transforms.entity_index import finalize_entity_index
         parts, out = json.loads(sys.argv[1]), sys.argv[2]
         finalize_entity_index(parts, out, factory="Flat", train_sample=0, seed=0, model_name="synthetic", inputs=[])
@@ -91,9 +94,10 @@ CHILD = {
     "grounding": """
         import sys
         import pyarrow.parquet as pq
-        try:
+        import os
+        if os.path.isdir("transforms/stages"):
             from transforms.stages import ground as grounding
-        except ImportError:  # --before code from before transforms/ was grouped by role
+        else:  # --before code from before transforms/ was grouped by role
             from transforms import grounding
         table = pq.read_table(sys.argv[2] + "/entities.parquet", columns=["int_id", "qid", "title"])
         if hasattr(grounding.Grounder, "from_table"):
@@ -137,9 +141,10 @@ def machine_grounding(code_root: str, index_dir: str, processes: int, shared: bo
         f"""
         import os, sys, time
         import pyarrow.parquet as pq
-        try:
+        import os
+        if os.path.isdir("transforms/stages"):
             from transforms.stages import ground as grounding
-        except ImportError:  # --before code from before transforms/ was grouped by role
+        else:  # --before code from before transforms/ was grouped by role
             from transforms import grounding
 
         def load():

@@ -16,31 +16,25 @@ The resolution step holds every entity's tokens on one worker: ~1 GB for the 6M 
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from typing import Optional
 
 import apache_beam as beam
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.codes.ald import COLLISION_RULES, STRATEGIES, TOKENIZER_FILE, WordPiece, resolve
+from transforms.codes.ald import COLLISION_RULES, STRATEGIES, WordPiece
 from transforms.errors import UsageError
-from transforms.formats.files import ensure_dir, match_files, read_json, write_json
+from transforms.formats.files import ensure_dir, match_files, read_json
 from transforms.formats.shards import count_records
 from transforms.io.readers import REJECTED, ReadCatalogFile
 from transforms.io.writers import WriteRejects
-from transforms.run.job import build_only, code_version, is_dry_run, run_and_count, sum_counters
+from transforms.run.job import run_job, sum_counters
 from transforms.run.manifest import finish_run
-from transforms.run.options import cli_main, new_parser, parse, positive
-from transforms.run.progress import counter as progress_counter
+from transforms.run.options import add_output, cli_main, new_parser, parse, positive
 from transforms.run.shuffles import MeasureShuffle
-from transforms.schema import Entity
-from transforms.stages.build_entity_index import CollapseDuplicateQids
+from transforms.stages.build_codes import ReadIndexEntities, ResolveAndWrite, Tokenize, write_manifest
+from transforms.stages.build_entity_index import ENTITIES_FILE, CollapseDuplicateQids, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +44,7 @@ def build_parser():
     p.add_argument("--entities", default=None,
                    help="catalog: JSONL(.gz) or Parquet (default: the entities of --entity_index, which must then be given)")
     p.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, a local folder or a Hugging Face id")
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    add_output(p)
     p.add_argument("--code_length", type=int, default=4, help="L: tokens per code, EOS included")
     p.add_argument("--seed", type=int, default=0, help="seed of the collision order, random tokens and hkc k-means")
     p.add_argument("--strategy", choices=STRATEGIES, default="ald",
@@ -67,133 +61,6 @@ def build_parser():
     return p
 
 
-class ReadIndexEntities(beam.DoFn):
-    """An entity index's `entities.parquet` -> Entity records in int_id order (the index
-    already collapsed duplicate QIDs; int ids stay the index's)."""
-
-    def process(self, path: str):
-
-        from transforms.formats.files import open_read
-
-        read, ok = progress_counter("catalog_rows_read"), progress_counter("catalog_rows_ok")
-        with open_read(path) as f:
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(columns=["int_id", "qid", "title"], batch_size=65536):
-                for int_id, qid, title in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                    read.inc()
-                    ok.inc()
-                    yield Entity(qid=qid, title=title, file_index=0, row=int_id)
-
-
-class Tokenize(beam.DoFn):
-    def __init__(self, tokenizer: str):
-        self.tokenizer = WordPiece(tokenizer)
-
-    def setup(self):
-        self.tokenizer.load()
-
-    def process(self, entity):
-        # Only what the single-worker resolution uses crosses to it: no summary, no extra
-        # fields (at 6M entities the whole records are several GB, these ~0.5 GB).
-        slim = Entity(qid=entity.qid, title=entity.title, file_index=entity.file_index, row=entity.row)
-        yield slim, self.tokenizer.encode(entity.title)
-
-
-class ResolveAndWrite(beam.DoFn):
-    def __init__(self, args):
-        self.args = args
-
-    def _hkc(self, items, tok):
-        """Codes from the entity index's embeddings, matched to the catalog by QID."""
-        import numpy as np
-
-        from transforms.codes.ald import CodeResult, hkc_codes
-        from transforms.formats.files import open_read
-        from transforms.stages.build_entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
-
-        root = self.args.entity_index.rstrip("/")
-        with open_read(f"{root}/{ENTITIES_FILE}") as f:
-            table = pq.read_table(f, columns=["int_id", "qid"])
-        row_of = dict(zip(table["qid"].to_pylist(), table["int_id"].to_pylist()))
-        with open_read(f"{root}/{EMBEDDINGS_FILE}") as f:
-            vectors = np.load(f)
-        missing = [qid for qid, _, _ in items if qid not in row_of]
-        if missing:
-            raise UsageError(f"--entity_index lacks {len(missing)} catalog entities (e.g. {missing[:3]}): build it from the same catalog")
-        rows = np.array([row_of[qid] for qid, _, _ in items])
-        codes = hkc_codes(
-            vectors[rows], [i for _, i, _ in items], length=self.args.code_length, eos=tok.eos_id,
-            vocab_ids=tok.regular_ids(), seed=self.args.seed,
-        )
-        return [CodeResult(qid, i, codes[i], "hkc", len(set(t))) for qid, i, t in items]
-
-    def _rq(self, items, tok):
-        """IRGen residual-quantization codes of the index's embeddings (transforms/codes/rq.py)."""
-        from transforms.codes.rq import rq_codes
-        from transforms.formats.files import open_read
-        from transforms.stages.build_entity_index import EMBEDDINGS_FILE, ENTITIES_FILE
-
-        root = self.args.entity_index.rstrip("/")
-        with open_read(f"{root}/{ENTITIES_FILE}") as f:
-            table = pq.read_table(f, columns=["int_id", "qid"])
-        row_of = dict(zip(table["qid"].to_pylist(), table["int_id"].to_pylist()))
-        missing = [qid for qid, _, _ in items if qid not in row_of]
-        if missing:
-            raise UsageError(f"--entity_index lacks {len(missing)} catalog entities (e.g. {missing[:3]}): build it from the same catalog")
-        results, self.rq_summary = rq_codes(
-            [(qid, i, row_of[qid]) for qid, i, _ in items], lambda: open_read(f"{root}/{EMBEDDINGS_FILE}"),
-            levels=self.args.code_length - 1, bits=self.args.rq_bits, eos=tok.eos_id, vocab_ids=tok.regular_ids(),
-            seed=self.args.seed, train_size=self.args.rq_train_size,
-        )
-        return results
-
-    def process(self, entities, counts):
-        a = self.args
-        tok = WordPiece(a.tokenizer)
-        ordered = sorted(entities, key=lambda et: (et[0].file_index, et[0].row))
-        items = [(e.qid, i, tokens) for i, (e, tokens) in enumerate(ordered)]
-        titles = [e.title for e, _ in ordered]
-        self.rq_summary = None
-        if a.strategy == "hkc":
-            results = self._hkc(items, tok)
-        elif a.strategy == "rq":
-            results = self._rq(items, tok)
-        else:
-            results = resolve(
-                items, counts, strategy=a.strategy, length=a.code_length, eos=tok.eos_id, vocab_ids=tok.regular_ids(), seed=a.seed,
-                collision_rule=a.collision_rule,
-            )
-        table = pa.table(
-            {
-                "qid": [r.qid for r in results],
-                "int_id": pa.array([r.int_id for r in results], pa.int64()),
-                "code": pa.array([r.code for r in results], pa.list_(pa.int32())),
-                "method": [r.method for r in results],
-                "title": [titles[r.int_id] for r in results],
-            }
-        )
-        with FileSystems.create(FileSystems.join(a.output, "codes.parquet")) as f:
-            pq.write_table(table, f)
-        # The tokenizer travels with the codes: the trainer and predict must use the same ids.
-        with FileSystems.create(FileSystems.join(a.output, TOKENIZER_FILE)) as f:
-            f.write(tok.to_json().encode("utf-8"))
-        methods = Counter(r.method for r in results)
-        eos = tok.eos_id
-        real = Counter(sum(1 for t in r.code if t != eos) for r in results)
-        n = len(results)
-        yield {
-            "entities": n,
-            "methods": dict(methods),
-            "random_fallback_share": round(methods.get("random", 0) / n, 6) if n and a.strategy != "atomic" else None,
-            "name_tokens_per_code_histogram": {str(k): v for k, v in sorted(real.items())},
-            "unique": len({tuple(r.code) for r in results}) == n,
-            # The published collision rule's full-length codes: L real tokens, no EOS.
-            "codes_without_eos": sum(1 for r in results if eos not in r.code),
-            "mean_name_tokens": float(np.mean([r.n_name_tokens for r in results])) if n else 0.0,
-            **({"rq": self.rq_summary} if self.rq_summary else {}),
-        }
-
-
 def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     args, options = parse(build_parser(), argv)
     positive("--code_length", args.code_length, minimum=2)
@@ -203,13 +70,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         if args.strategy == "rq":
             positive("--rq_bits", args.rq_bits)
             positive("--rq_train_size", args.rq_train_size)
-        from transforms.stages.build_entity_index import read_manifest
 
         read_manifest(args.entity_index)
     if args.entities:
         inputs = match_files(args.entities, "--entities")
     elif args.entity_index:
-        from transforms.stages.build_entity_index import ENTITIES_FILE, read_manifest
 
         read_manifest(args.entity_index)
         inputs = [f"{args.entity_index.rstrip('/')}/{ENTITIES_FILE}"]
@@ -254,11 +119,11 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     )
     _ = (read[REJECTED], deduped[REJECTED]) | "Rejects" >> WriteRejects(args.output, ["read_catalog", "dedup"])
     ensure_dir(args.output)
-    _ = summary_pc | "WriteManifest" >> beam.Map(_write_manifest, args, inputs)
-    if is_dry_run(options):
-        return build_only(p, "build_codes")
-    started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p, "build_codes")
+    _ = summary_pc | "WriteManifest" >> beam.Map(write_manifest, args, inputs)
+    return run_job(p, options, "build_codes", lambda ran: finish(ran, args))
+
+
+def finish(ran, args) -> dict:
     base = read_json(FileSystems.join(args.output, "manifest.json"))
     # The codes table counted again in the finished file, not by its writer.
     written = count_records(FileSystems.join(args.output, "codes.parquet"))
@@ -280,9 +145,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
         name="build_codes",
         output=args.output,
         kind="entity_codes",
-        counters=counters,
-        seconds=seconds,
-        started=started,
+        **ran.fields(),
         check=check,
         base=base,
         lines=(
@@ -291,23 +154,6 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
             f" -> {args.output}/codes.parquet",
         ),
     )
-
-
-def _write_manifest(summary: dict, args, inputs) -> dict:
-    manifest = {
-        "kind": "entity_codes",
-        "strategy": args.strategy,
-        "code_length": args.code_length,
-        "collision_rule": args.collision_rule,
-        "seed": args.seed,
-        "tokenizer": args.tokenizer,
-        "inputs": inputs,
-        **summary,
-        "code_version": code_version(),
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    write_json(FileSystems.join(args.output, "manifest.json"), manifest)
-    return manifest
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ with --device cuda) and `--index_factory IVF16384,SQ8` (2.25 GiB; flat: 8.7 GiB)
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Optional
@@ -31,9 +30,17 @@ from transforms.io.writers import DeadLetters, WriteRejects
 from transforms.models.embedding import DEFAULT_TEXT_MODEL, SentenceTransformerHandler, text_dimension
 from transforms.models.text_encoder import BACKENDS, ENCODER_DIR
 from transforms.models.text_export import export_encoder
-from transforms.run.job import build_only, is_dry_run, run_and_count, sum_counters, threads_per_process
+from transforms.run.job import run_and_count, run_job, sum_counters, threads_per_process
 from transforms.run.manifest import finish_run
-from transforms.run.options import cli_main, new_parser, parse, positive
+from transforms.run.options import (
+    add_output,
+    add_text_encoder,
+    add_threads,
+    cli_main,
+    new_parser,
+    parse,
+    positive,
+)
 from transforms.run.shuffles import MeasureShuffle
 from transforms.stages.build_entity_index import (
     ENTITIES_FILE,
@@ -55,7 +62,7 @@ def build_parser():
     p.add_argument("--entities", required=True, help="catalog: JSONL(.gz) or Parquet; path, dir or glob")
     p.add_argument("--max_line_bytes", type=int, default=MAX_CATALOG_LINE_BYTES,
                    help="a longer catalog line is a reject (line_too_long), read past without being held")
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    add_output(p)
     p.add_argument(
         "--text_model",
         default=DEFAULT_TEXT_MODEL,
@@ -80,12 +87,8 @@ def build_parser():
         help="IVF/HNSW: the smallest nprobe/efSearch whose recall@10 against exact search reaches this is stored "
         "in the manifest and used by select_candidates and grounding",
     )
-    p.add_argument("--batch_size", type=int, default=2048,
-                   help="titles handed to the text encoder at once; it groups them by token length")
-    p.add_argument("--embed_tokens_per_pass", type=int, default=0,
-                   help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
-    p.add_argument("--device", default="cpu", help="torch device of the text encoder")
-    p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
+    add_text_encoder(p, "--batch_size", "titles")
+    add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the IVF/PQ training sample and the calibration queries")
     return p
 
@@ -181,17 +184,21 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     new_faiss_index(text_dimension(args.text_model), args.index_factory)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, inputs, threads)
-    if is_dry_run(options):
-        return build_only(p, "build_entity_index")
-    encoder = None
-    if args.text_backend != "torch":
-        encoder = export_encoder(args.text_model, encoder_path(args), args.text_backend)
-    started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p, "build_entity_index")
+    encoder = {}
+
+    def execute():
+        if args.text_backend != "torch":
+            encoder.update(export_encoder(args.text_model, encoder_path(args), args.text_backend))
+        return run_and_count(p, "build_entity_index")
+
+    return run_job(p, options, "build_entity_index", lambda ran: finish(ran, args, encoder), execute=execute)
+
+
+def finish(ran, args, encoder: dict) -> dict:
     # FinalizeEntityIndex wrote the index's own manifest; the run's accounting joins it.
     base = read_json(f"{args.output.rstrip('/')}/{MANIFEST_FILE}")
     base["text_backend"] = args.text_backend
-    if encoder is not None:
+    if encoder:
         base["text_encoder"] = ENCODER_DIR
         base["text_encoder_sha256"] = encoder["sha256"]
     table_rows = count_records(f"{args.output.rstrip('/')}/{ENTITIES_FILE}")
@@ -208,9 +215,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         name="build_entity_index",
         output=args.output,
         kind=base.get("kind", "entity_index"),
-        counters=counters,
-        seconds=seconds,
-        started=started,
+        **ran.fields(),
         check=check,
         base=base,
         fields={"options": dict(vars(args))},

@@ -31,8 +31,6 @@ Runtime on CPU: ViT-L-14 embeds ~1 image/s per core, ViT-B-32 ~15; use GPU worke
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import json
 import logging
 import os
@@ -49,7 +47,7 @@ from transforms.formats.keys import input_root
 from transforms.formats.webdataset import is_tar
 from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from transforms.io.readers import REJECTED, ShardUnits
-from transforms.io.writers import SHARD_FORMATS, DeadLetters, WriteRejects, WriteShards, parse_formats
+from transforms.io.writers import SHARD_FORMATS, WriteRejects, WriteShards, parse_formats
 from transforms.models.clip import (
     DEFAULT_CLIP_MODEL,
     DEFAULT_CLIP_PRETRAINED,
@@ -58,9 +56,8 @@ from transforms.models.clip import (
     validate_clip_args,
 )
 from transforms.run.job import (
-    build_only,
     is_dry_run,
-    run_and_count,
+    run_job,
     sum_counters,
     threads_per_process,
     worker_processes,
@@ -70,25 +67,36 @@ from transforms.run.manifest import (
     check_finished_input,
     finish_run,
     input_summary,
-    prepare_output,
     rows_listed,
     written_gaps,
 )
-from transforms.run.options import cli_main, new_parser, parse, positive
-from transforms.run.progress import counter as progress_counter
+from transforms.run.options import (
+    add_output,
+    add_shards,
+    add_share,
+    add_threads,
+    add_unfinished_input,
+    cli_main,
+    new_parser,
+    parse,
+    positive,
+    shared,
+)
 from transforms.run.shuffles import MeasureShuffle
 from transforms.stages.decontaminate import (
     EVAL_IDS_FILE,
     EVAL_SET_DIR,
     EVAL_VECTORS_FILE,
-    DecodeImages,
     DropNearDuplicates,
+    EmbedImages,
     EvalMatrixHandler,
     ListEvalImages,
     ReadCandidateImages,
     ReadEvalImage,
     StackEval,
     WriteEvalSet,
+    WriteEvalThumbnails,
+    eval_vector,
     is_annotation_file,
 )
 
@@ -107,12 +115,7 @@ class EvalCoverageError(UsageError):
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0], "pipelines.decontaminate")
     p.add_argument("--input", required=True, help="candidate shards: Parquet (image column) and/or webdataset .tar")
-    p.add_argument(
-        "--allow_unfinished_input",
-        action="store_true",
-        help="read shards of ours even when their folder has no manifest.json or does not match it "
-        "(the run that wrote them did not finish); off by default, so a killed run is not read as whole",
-    )
+    add_unfinished_input(p)
     p.add_argument("--eval_images", default=None, help="folder / glob of images, or OVEN annotation JSON lines")
     p.add_argument("--eval_image_root", default=None, help="image folder for an annotation file")
     p.add_argument(
@@ -127,7 +130,7 @@ def build_parser():
         help="write shards even when some evaluation images could not be read, decoded or embedded "
         "(they are listed in eval_set/rejected/ and the manifest says the coverage is partial)",
     )
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    add_output(p)
     p.add_argument("--threshold", type=float, default=0.95, help="drop when max cosine > threshold")
     p.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help="open_clip architecture")
     p.add_argument(
@@ -135,10 +138,9 @@ def build_parser():
         default=DEFAULT_CLIP_PRETRAINED,
         help="open_clip pretrained tag, a local checkpoint path, or 'none' (random weights, tests only)",
     )
-    p.add_argument("--formats", default=",".join(SHARD_FORMATS), help=f"comma list of {SHARD_FORMATS}")
     p.add_argument("--batch_size", type=int, default=32, help="images per CLIP call")
     p.add_argument("--device", default="cpu", help="torch device of the CLIP model")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = cores / processes")
+    add_threads(p, "torch threads")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     p.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                    help="memory one image's decode may take (pixels x bytes per pixel of its mode and conversion); larger images are rejected (too_many_bytes)")
@@ -151,34 +153,16 @@ def build_parser():
         "decode of web photos, a pixel change half that of a re-encoded copy (benchmarks/README.md). An "
         "--eval_embeddings folder must have been made with the same setting",
     )
-    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
+    add_shards(p, formats=",".join(SHARD_FORMATS), shuffle_note=False)
+    add_share(p, "--share_clip", "hold the CLIP model once per machine and send it every SDK process's batches (the images "
+              "travel to the holder process)", auto="yes on a GPU (--device cuda) with several SDK processes, else no")
     p.add_argument(
-        "--share_clip",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="hold the CLIP model once per machine and send it every SDK process's batches (the images travel "
-        "to the holder process). auto: yes on a GPU (--device cuda) with several SDK processes, else no",
+        "--reject_thumbnails", choices=("yes", "no"), default="yes",
+        help="keep a <= 128 px JPEG (<= 8 KB) of each dropped image in its reject, and of each evaluation image in "
+        "eval_set/thumbnails-*.parquet, so the viewer shows a near-duplicate beside the image it matched",
     )
-    p.add_argument(
-        "--share_eval",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="hold the evaluation matrix once per machine and serve it to every SDK process "
-        "(auto: when the runner starts more than one process per machine)",
-    )
+    add_share(p, "--share_eval", "hold the evaluation matrix once per machine and serve it to every SDK process")
     return p
-
-
-def _with_image(item):
-    cand_or_id, decoded = item
-    # The decoded pixels are needed only for the embedding; keep the facts, drop the pixels.
-    return (cand_or_id, dataclasses.replace(decoded, image=None)), decoded.image
-
-
-def _eval_vector(kv):
-    (eval_id, _facts), vec = kv[0], kv[1].inference
-    progress_counter("eval_images_embedded").inc()
-    return eval_id, vec
 
 
 def decode_side(args) -> int:
@@ -208,28 +192,20 @@ def build_eval_pipeline(p, args, eval_dir: str, threads, share_clip: bool = Fals
         | "SpreadEval" >> beam.Reshuffle()
         | "ReadEval" >> beam.ParDo(ReadEvalImage()).with_outputs(REJECTED, main="images")
     )
-    decoder = DecodeImages("eval_images", args.max_pixels, decode_side(args), args.max_image_bytes)
-    decoded = read.images | "DecodeEval" >> beam.ParDo(decoder).with_outputs(
-        REJECTED, main="images"
-    )
-    embedded, dlq = (
-        decoded.images
-        | "EvalPixels" >> beam.Map(_with_image)
-        | "EmbedEval" >> RunInference(KeyedModelHandler(clip_handler(args, threads, share_clip))).with_exception_handling()
+    embedded = read.images | "EmbedEval" >> EmbedImages(
+        "eval_images", "eval_images", clip_handler(args, threads, share_clip), args.max_pixels, decode_side(args),
+        args.max_image_bytes,
     )
     _ = (
-        embedded
-        | "EvalVectors" >> beam.Map(_eval_vector)
+        embedded["vectors"]
+        | "EvalVectors" >> beam.Map(eval_vector)
         | "MeasureStackEval" >> MeasureShuffle("stack_eval")
         | "StackEval" >> beam.CombineGlobally(StackEval())
         | "WriteEvalSet" >> beam.ParDo(WriteEvalSet(eval_dir))
     )
-    rejects = (
-        list_rejects,
-        read[REJECTED],
-        decoded[REJECTED],
-        dlq.failed_inferences | "EvalEmbedFailures" >> beam.ParDo(DeadLetters("eval_images", "embed_failed")),
-    )
+    if args.reject_thumbnails == "yes":
+        _ = read.images | "EvalThumbnails" >> WriteEvalThumbnails(eval_dir)
+    rejects = (list_rejects, read[REJECTED], embedded["rejected"])
     _ = rejects | "WriteEvalRejects" >> WriteRejects(eval_dir, EVAL_STAGES)
 
 
@@ -291,33 +267,22 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadCandidates" >> beam.ParDo(ReadCandidateImages(input_root(args.input))).with_outputs(REJECTED, main="candidates")
     )
-    decoder = DecodeImages("decode", args.max_pixels, decode_side(args), args.max_image_bytes)
-    decoded = read.candidates | "Decode" >> beam.ParDo(decoder).with_outputs(
-        REJECTED, main="images"
-    )
-    embedded, cand_dlq = (
-        decoded.images
-        | "Pixels" >> beam.Map(_with_image)
-        | "EmbedCandidates" >> RunInference(KeyedModelHandler(clip_handler(args, threads, share_clip))).with_exception_handling()
+    embedded = read.candidates | "EmbedCandidates" >> EmbedImages(
+        "decode", "embed", clip_handler(args, threads, share_clip), args.max_pixels, decode_side(args),
+        args.max_image_bytes,
     )
     filtered = (
-        embedded
-        | "Vectors" >> beam.Map(lambda kv: (kv[0], kv[1].inference))
+        embedded["vectors"]
         | "NearestEval"
         >> RunInference(KeyedModelHandler(EvalMatrixHandler(eval_dir, share_across_processes=share_eval)))
-        | "DropNearDuplicates" >> beam.ParDo(DropNearDuplicates(args.threshold)).with_outputs(REJECTED, main="samples")
+        | "DropNearDuplicates" >> beam.ParDo(DropNearDuplicates(args.threshold, args.reject_thumbnails == "yes")).with_outputs(REJECTED, main="samples")
     )
     _ = (
         filtered.samples
         | "WriteShards" >> WriteShards(args.output, SHARD_NAME, formats, num_shards=args.num_shards)
         | "RecordWritten" >> RecordWritten(args.output, SHARD_NAME)
     )
-    rejects += [
-        read[REJECTED],
-        decoded[REJECTED],
-        filtered[REJECTED],
-        cand_dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters("embed", "embed_failed")),
-    ]
+    rejects += [read[REJECTED], embedded["rejected"], filtered[REJECTED]]
     _ = tuple(rejects) | "WriteRejects" >> WriteRejects(args.output, STAGES)
 
 
@@ -391,31 +356,23 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     for warning in check_finished_input(inputs, "--input", args.allow_unfinished_input):
         log.warning(warning)
     threads = threads_per_process(options, args.threads)
-    share_eval = {"yes": True, "no": False}.get(args.share_eval, worker_processes(options) != 1)
+    share_eval = shared(args.share_eval, options)
     # auto: on a GPU, one model per machine (several SDK processes must not each load it onto
     # the device); on CPU, a copy per process (shipping decoded images to one holder costs
     # more than the copy saves).
-    share_clip = {"yes": True, "no": False}.get(args.share_clip, args.device != "cpu" and worker_processes(options) != 1)
+    share_clip = shared(args.share_clip, options, auto=args.device != "cpu" and worker_processes(options) != 1)
     out = args.output.rstrip("/")
-    dry = is_dry_run(options)
     if args.eval_embeddings:
         eval_dir, eval_manifest = reused_eval_set(args)
     else:
         eval_dir = f"{out}/{EVAL_SET_DIR}"
         ep = beam.Pipeline(options=options)
         build_eval_pipeline(ep, args, eval_dir, threads, share_clip)
-        if dry:
-            eval_manifest = build_only(ep, "decontaminate (phase 1: evaluation set)")
-        else:
-            started = dt.datetime.now(dt.UTC)
-            counters, seconds = run_and_count(ep, "decontaminate (evaluation set)")
-            eval_manifest = finish_run(
+        eval_manifest = run_job(ep, options, "decontaminate (evaluation set)", lambda ran: finish_run(
+                **ran.fields(),
                 name="decontaminate, evaluation set",
                 output=eval_dir,
                 kind="eval_embeddings",
-                counters=counters,
-                seconds=seconds,
-                started=started,
                 check=check_eval_counts,
                 fields={
                     "eval_images": args.eval_images,
@@ -424,20 +381,20 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
                     "decode": decode_record(args),
                     "files": [EVAL_VECTORS_FILE, EVAL_IDS_FILE],
                 },
-            )
-    if dry:
-        p = test_pipeline or beam.Pipeline(options=options)
-        build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
-        return build_only(p, "decontaminate")
-    coverage = eval_coverage(
+            ))
+    # Checked before the candidates are read: a partial eval set stops the run here.
+    coverage = None if is_dry_run(options) else eval_coverage(
         eval_dir, eval_manifest, args.allow_partial_eval, "--eval_embeddings" if args.eval_embeddings else "--eval_images"
     )
     p = test_pipeline or beam.Pipeline(options=options)
     build_filter_pipeline(p, args, inputs, eval_dir, formats, threads, share_eval, share_clip)
-    prepare_output(out, (SHARD_NAME,))
-    started = dt.datetime.now(dt.UTC)
     listed = rows_listed(inputs)
-    counters, seconds = run_and_count(p, "decontaminate", ("candidates_read", listed) if listed else None)
+    return run_job(p, options, "decontaminate", lambda ran: finish(ran, args, inputs, eval_dir, coverage, formats),
+                   output=out, outputs=(SHARD_NAME,), expected=("candidates_read", listed) if listed else None)
+
+
+def finish(ran, args, inputs, eval_dir: str, coverage: dict, formats) -> dict:
+    out = args.output.rstrip("/")
     lines = []
     if not coverage["complete"]:
         lines.append(
@@ -449,9 +406,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         name="decontaminate",
         output=out,
         kind="decontaminated_shards",
-        counters=counters,
-        seconds=seconds,
-        started=started,
+        **ran.fields(),
         check=lambda c: check_counts(c, formats),
         fields={
             "inputs": input_summary(args.input, inputs),

@@ -17,9 +17,6 @@ and a split outside --splits end in rejected/<stage>/ with the reason; the count
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from typing import Optional
@@ -28,121 +25,31 @@ import apache_beam as beam
 from apache_beam.io import fileio
 
 from transforms.errors import UsageError
-from transforms.formats import safe_json
-from transforms.formats.files import match_files, read_bytes
-from transforms.formats.media import IMAGE_SUFFIXES
-from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
+from transforms.formats.files import match_files
+from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from transforms.io.readers import REJECTED, ReadCatalogFile
-from transforms.io.retry import retry_call
-from transforms.io.writers import SHARD_FORMATS, WriteRejects, WriteShards, parse_formats
-from transforms.run.job import build_only, is_dry_run, run_and_count
-from transforms.run.manifest import RecordWritten, finish_run, prepare_output, written_gaps
-from transforms.run.options import cli_main, new_parser, parse
-from transforms.run.progress import counter as progress_counter
+from transforms.io.writers import WriteRejects, WriteShards, parse_formats
+from transforms.run.job import run_job
+from transforms.run.manifest import RecordWritten, finish_run, written_gaps
+from transforms.run.options import add_output, add_shards, cli_main, new_parser, parse
 from transforms.run.shuffles import MeasureShuffle
-from transforms.schema import Reject, Sample
+from transforms.stages.oven_to_shards import BuildSamples, ParseAnnotation, image_entry
 
 STAGES = ["read_oven", "images", "read_catalog"]
-
-
-def _counter(name: str):
-    return progress_counter(name)
 
 
 def build_parser():
     p = new_parser(__doc__.split("\n\n")[0], "pipelines.oven_to_shards")
     p.add_argument("--oven", required=True, help="OVEN annotation JSON lines (glob or comma list)")
     p.add_argument("--images", required=True, help="folder of IMAGE_ID.<ext>, flat or one level of sub-folders")
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    add_output(p)
     p.add_argument("--entities", default=None, help="catalog: titles from it instead of entity_text")
     p.add_argument("--splits", default="", help="keep only these data_split values (comma list; default all)")
-    p.add_argument("--formats", default="parquet", help=f"comma list of {', '.join(SHARD_FORMATS)}")
-    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides (no shuffle)")
+    add_shards(p, formats="parquet")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     p.add_argument("--max_image_bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
                    help="memory one image's decode may take (pixels x bytes per pixel of its mode and conversion); larger images are rejected (too_many_bytes)")
     return p
-
-
-class ParseAnnotation(beam.DoFn):
-    def __init__(self, splits: frozenset):
-        self.splits = splits
-
-    def process(self, element):
-        path, line = element
-        if not line.strip():
-            return
-        _counter("annotations_read").inc()
-        try:
-            obj = safe_json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-            missing = [k for k in ("data_id", "image_id", "entity_id") if not obj.get(k)]
-            if missing:
-                raise ValueError(f"missing {', '.join(missing)}")
-        except ValueError as e:
-            yield beam.pvalue.TaggedOutput(REJECTED, Reject.of("read_oven", "bad_annotation", str(e)[:300], source=path, record=line[:1000]))
-            return
-        if self.splits and obj.get("data_split") not in self.splits:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, Reject.of("read_oven", "split_not_selected", str(obj.get("data_split")), key=str(obj["data_id"]), source=path)
-            )
-            return
-        yield str(obj["image_id"]), obj
-
-
-def _image_entry(metadata):
-    path = metadata.path
-    if not path.lower().endswith(IMAGE_SUFFIXES):
-        return
-    yield os.path.splitext(os.path.basename(path))[0], path
-
-
-class BuildSamples(beam.DoFn):
-    """(image_id, {"ann": [...], "path": [...]}) -> one Sample per annotation, or rejects."""
-
-    def __init__(self, max_pixels: int, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
-        self.max_pixels = max_pixels
-        self.max_image_bytes = max_image_bytes
-
-    def process(self, element, titles):
-        image_id, joined = element
-        anns, paths = joined["ann"], sorted(joined["path"])
-        if not anns:
-            return  # an image no annotation asks about
-        if not paths:
-            for a in anns:
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED, Reject.of("images", "image_missing", f"no {image_id}.<ext> under --images", key=str(a["data_id"]), record=a)
-                )
-            return
-        # An I/O error is retried, then raised (the runner retries the bundle); only what
-        # the decoder refuses is a reject.
-        data = retry_call(lambda: read_bytes(paths[0]), paths[0])
-        try:
-            decoded = decode_image(data, self.max_pixels, max_image_bytes=self.max_image_bytes)
-        except ImageError as e:
-            for a in anns:
-                yield beam.pvalue.TaggedOutput(REJECTED, Reject.of("images", e.reason, e.detail, key=str(a["data_id"]), source=paths[0]))
-            return
-        sha = hashlib.sha256(data).hexdigest()
-        for a in anns:
-            qid = str(a["entity_id"])
-            meta = {k: a.get(k) for k in ("question", "data_split", "image_id", "data_id") if a.get(k) is not None}
-            _counter("samples_built").inc()
-            yield Sample(
-                key=str(a["data_id"]),
-                image=data,
-                image_format=decoded.extension,
-                width=decoded.width,
-                height=decoded.height,
-                image_sha256=sha,
-                caption=str(a.get("question") or ""),
-                qid=qid,
-                title=titles.get(qid) or str(a.get("entity_text") or ""),
-                source=paths[0],
-                meta_json=json.dumps(meta, ensure_ascii=False, sort_keys=True),
-            )
 
 
 def check_counts(counters: dict, formats=("parquet",)) -> list[str]:
@@ -175,7 +82,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         p
         | "ImageGlobs" >> beam.Create([f"{root}/*", f"{root}/*/*"])
         | "MatchImages" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-        | "ImageIds" >> beam.FlatMap(_image_entry)
+        | "ImageIds" >> beam.FlatMap(image_entry)
     )
     titles = {}
     rejects = [parsed[REJECTED]]
@@ -210,22 +117,15 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         | "RecordWritten" >> RecordWritten(out, "samples")
     )
     _ = tuple(rejects) | "Rejects" >> WriteRejects(out, STAGES)
-    if is_dry_run(options):
-        return build_only(p, "oven_to_shards")
-    prepare_output(out, ("samples",))
-    started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p, "oven_to_shards")
-    return finish_run(
+    return run_job(p, options, "oven_to_shards", lambda ran: finish_run(
+        **ran.fields(),
         name="oven_to_shards",
         output=out,
         kind="oven_shards",
-        counters=counters,
-        seconds=seconds,
-        started=started,
         check=lambda c: check_counts(c, formats),
         fields={"inputs": oven_files, "images": args.images, "formats": list(formats), "options": vars(args)},
         lines=(f"shards: {out}/samples-*   rejects: {out}/rejected/   manifest: {out}/manifest.json",),
-    )
+    ), output=out, outputs=("samples",))
 
 
 if __name__ == "__main__":

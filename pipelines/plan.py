@@ -23,6 +23,7 @@ overridden.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,8 +32,22 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from transforms.errors import UsageError
-from transforms.llm.cost import image_tokens
-from transforms.run.cli import Parser
+from transforms.llm.cost import cheapest_readable_side, image_tokens
+from transforms.llm.rew_cost import (
+    RATIONALE_OUTPUT_TOKENS,
+    VERIFY_OUTPUT_TOKENS,
+    Prices,
+    RewWorkload,
+    SelfHosted,
+    add_design_flags,
+    check_design_flags,
+    designs,
+    render_designs,
+    self_hosted_from_data,
+)
+from transforms.run.cli import Parser, exit_code
+
+REW_DESIGNS = ("two", "one", "one_cheapest", "cascade")
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_data")
 
@@ -101,10 +116,19 @@ def build_parser() -> Parser:
     p.add_argument("--draft_decode", choices=("yes", "no"), default="yes", help="reduced-scale JPEG decode for CLIP")
     p.add_argument("--llm", default="gpt-4.1-mini", help="a model in prices.json llm_per_million_tokens, or 'none'")
     p.add_argument("--llm_backend", choices=("online", "batch"), default="batch", help="price and time of refine's LLM calls")
-    p.add_argument("--requests_per_sample", type=float, default=2.0, help="verify + rationale/QA")
-    p.add_argument("--prompt_tokens", type=float, default=400.0, help="text tokens per request (prompt + caption)")
-    p.add_argument("--output_tokens", type=float, default=205.0, help="mean output tokens per request (60 verify, 350 rationale)")
-    p.add_argument("--image_side", type=int, default=512, help="longest side images are sent at")
+    p.add_argument("--requests_per_sample", type=float, default=2.0,
+                   help="2: verify, then rationale + QA for the kept samples (refine's default); 1: one request per "
+                        "sample (refine --rew_requests 1)")
+    p.add_argument("--rew_design", choices=REW_DESIGNS, default=None,
+                   help="the REW design the refine stage is priced at (default: two or one, from --requests_per_sample); "
+                        "every design is listed side by side either way")
+    p.add_argument("--prompt_tokens", type=float, default=400.0,
+                   help="text tokens of a verify request (its instructions ~305 + caption, title and summary); the "
+                        "rationale and one-request prompts carry the same data with their own instructions")
+    p.add_argument("--output_tokens", type=float, default=None,
+                   help="mean output tokens of every answer (default: 60 for a verdict, 350 for a rationale + QA)")
+    p.add_argument("--image_side", type=int, default=512, help="longest side images are sent at (refine --max_image_side)")
+    add_design_flags(p)
     p.add_argument("--llm_rpm", type=float, default=30000.0, help="requests per minute the provider allows the job")
     p.add_argument("--train_epochs", type=float, default=1.0, help="0: no training stage")
     p.add_argument("--workers", type=int, default=100, help="Dataflow workers for the CPU stages")
@@ -136,6 +160,7 @@ class Planner:
         if args.llm != "none" and args.llm not in self.prices.get("llm_per_million_tokens", {}):
             known = ", ".join(self.prices.get("llm_per_million_tokens", {}))
             raise UsageError(f"--llm {args.llm!r} has no price in {args.prices}; known: {known} (or add it, or --llm none)")
+        check_design_flags(args)
         for name in ("workers", "gpus", "k"):
             if getattr(args, name) < 1:
                 raise UsageError(f"--{name} must be >= 1")
@@ -249,26 +274,69 @@ class Planner:
         self.used["gpu_utilisation"] = f"{self.mfu:g} of peak FLOP/s (estimate; --gpu_utilisation)"
         return Stage("decontaminate", work, f"{a.gpus} x {a.gpu}", seconds, dollars, limit, notes)
 
+    def rew_designs(self) -> tuple[list[dict], Prices]:
+        """REW's designs in $ per 1M samples (transforms/llm/rew_cost.py), at this plan's settings."""
+        a = self.a
+        price = self.prices["llm_per_million_tokens"][a.llm]
+        rule = price.get("image_tokens", "openai")
+        factor = price.get("batch_factor", 0.5) if a.llm_backend == "batch" else 1.0
+        prices = Prices(a.llm, price["input"], price["output"], factor)
+        static = prompt_instruction_tokens()
+        data = max(0.0, a.prompt_tokens - static["verify"])  # caption, title and summary
+        out_v = a.output_tokens if a.output_tokens is not None else VERIFY_OUTPUT_TOKENS
+        out_r = a.output_tokens if a.output_tokens is not None else RATIONALE_OUTPUT_TOKENS
+        w = RewWorkload(
+            verify_text=a.prompt_tokens, rationale_text=static["rationale_qa"] + data, rew_text=static["rew"] + data,
+            image_tokens=lambda side: image_tokens(side, side, rule), side=a.image_side,
+            cheapest_side=cheapest_readable_side(rule, a.min_readable_side), keep_share=a.keep_share,
+            verify_out=out_v, rationale_out=out_r,
+        )
+        self.used["rew_prompts"] = (f"instructions of verify / rationale_qa / rew: {static['verify']:.0f} / "
+                                    f"{static['rationale_qa']:.0f} / {static['rew']:.0f} tokens (prompts/), plus "
+                                    f"{data:.0f} tokens of caption, title and summary")
+        return designs(w, prices, self.self_hosted(out_v + a.keep_share * out_r), a.escalate_share), prices
+
+    def self_hosted(self, mean_output: float) -> Optional[SelfHosted]:
+        a = self.a
+        if a.self_hosted_requests_per_s <= 0 and "vlm_7b_requests" in self.rates:
+            self.rate("vlm_7b_requests")  # listed under "rates used"
+        return self_hosted_from_data(a.self_hosted_gpu, a.self_hosted_requests_per_s, mean_output, self.prices, self.rates,
+                                     default_gpu=a.gpu if a.gpu != "none" else "")
+
     def refine(self) -> Optional[Stage]:
         a = self.a
         if a.llm == "none":
             return None
+        rows, prices = self.rew_designs()
+        self.designs, self.rew_prices = rows, dataclasses.asdict(prices)
+        choice = a.rew_design or ("two" if a.requests_per_sample >= 2 else "one")
+        by_key = {r["key"]: r for r in rows}
+        by_key.setdefault("one_cheapest", by_key["one"])  # the side asked is already the cheapest
+        matching = [by_key[choice]] if choice in by_key else []
+        if not matching:
+            raise UsageError("--rew_design cascade needs a self-hosted rate: --self_hosted_requests_per_s or "
+                             "vlm_7b_requests in --throughputs")
+        row = matching[0]
+        n = self.images
+        requests = n * row["requests_per_sample"]
+        tokens_in, tokens_out = n * row["input_tokens"], n * row["output_tokens"]
+        dollars = n * row["usd_per_million"] / 1e6
+        api_requests = requests if choice != "cascade" else n * a.escalate_share
+        seconds = api_requests / (a.llm_rpm / 60)
+        if choice == "cascade":
+            sh = self.self_hosted(0)  # its rate is only for the time: cost is in the row
+            seconds = max(seconds, n / (sh.requests_per_s * a.gpus)) if sh else seconds
         price = self.prices["llm_per_million_tokens"][a.llm]
-        requests = self.images * a.requests_per_sample
-        w = h = a.image_side
-        img = image_tokens(w, h, price.get("image_tokens", "openai"))
-        tokens_in = requests * (a.prompt_tokens + img)
-        tokens_out = requests * a.output_tokens
-        online = tokens_in / 1e6 * price["input"] + tokens_out / 1e6 * price["output"]
-        factor = price.get("batch_factor", 0.5) if a.llm_backend == "batch" else 1.0
-        seconds = requests / (a.llm_rpm / 60)
-        work = {"items": self.images, "unit": "samples", "requests": requests, "input_tokens": tokens_in,
-                "output_tokens": tokens_out, "image_tokens_per_request": img, "flops": 0.0,
-                "bytes_read": self.images * a.image_bytes, "bytes_shuffled": self.images * 1000.0}
+        rule = price.get("image_tokens", "openai")
+        w = a.image_side if choice in ("two", "one") else cheapest_readable_side(rule, a.min_readable_side)
+        work = {"items": n, "unit": "samples", "requests": requests, "input_tokens": tokens_in, "output_tokens": tokens_out,
+                "image_tokens_per_request": image_tokens(w, w, rule), "flops": 0.0,
+                "bytes_read": n * a.image_bytes, "bytes_shuffled": n * 1000.0}
         limit = {"bound": "provider rate limit", "seconds": seconds, "share_of_peak": 1.0}
-        notes = [f"online price ${online:,.0f}; {a.llm_backend} price x{factor:g}",
+        notes = [f"design: {row['design']}, ${row['usd_per_million']:,.0f} per 1M samples ({prices.model} "
+                 f"{a.llm_backend}, x{prices.batch_factor:g} of online prices)",
                  f"time at --llm_rpm {a.llm_rpm:g}; batch APIs return within 24 h per batch"]
-        return Stage("refine", work, f"{a.llm} {a.llm_backend}", seconds, online * factor, limit, notes)
+        return Stage("refine", work, f"{a.llm} {a.llm_backend}", seconds, dollars, limit, notes)
 
     def train(self) -> Optional[Stage]:
         a = self.a
@@ -289,14 +357,33 @@ class Planner:
                      [f"GIT-large, {a.train_epochs:g} epoch(s), {rate:,.0f} samples/s per GPU (estimate)"])
 
     def plan(self) -> dict:
+        self.designs, self.rew_prices = [], None
         stages = [s for s in (self.entity_index(), self.select(), self.download(), self.decontaminate(),
                               self.refine(), self.train()) if s is not None]
         return {
             "inputs": {k: v for k, v in vars(self.a).items() if k not in ("json",)},
             "stages": [s.to_json() for s in stages],
             "totals": {"seconds": sum(s.seconds for s in stages), "dollars": sum(s.dollars for s in stages)},
+            "rew_designs": self.designs,
+            "rew_prices": self.rew_prices,
             "assumptions": dict(self.used),
         }
+
+
+def prompt_instruction_tokens() -> dict[str, float]:
+    """Text tokens of each REW prompt without its data (caption, title, summary empty)."""
+    from prompts import load_prompt, render_rationale_qa, render_verify, split_image
+    from transforms.llm.cost import text_tokens
+
+    out = {}
+    for task in ("verify", "rationale_qa", "rew"):
+        p = load_prompt(task)
+        if task == "rationale_qa":
+            text = render_rationale_qa(p, entity="", summary="", caption="", context="wiki_caption")
+        else:
+            text = render_verify(p, caption="", title="", summary="", mode="correct", context="wiki_caption")
+        out[task] = float(text_tokens("".join(split_image(text))))
+    return out
 
 
 def human_seconds(s: float) -> str:
@@ -340,6 +427,11 @@ def render(plan: dict) -> str:
     t = plan["totals"]
     lines.append(f"{'total':<19} {'':<58} {'':<22} {human_seconds(t['seconds']):>7} {'$' + format(t['dollars'], ',.0f'):>9}")
     lines.append("")
+    if plan.get("rew_designs"):
+        prices = plan["rew_prices"]
+        lines += ["REW designs, " + line if i == 0 else line
+                  for i, line in enumerate(render_designs(plan["rew_designs"], Prices(**prices)))]
+        lines.append("")
     lines.append("rates used:")
     for k, v in plan["assumptions"].items():
         lines.append(f"  {k}: {v}")
@@ -354,12 +446,7 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        run(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(run, argv)
 
 
 if __name__ == "__main__":

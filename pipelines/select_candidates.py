@@ -17,7 +17,6 @@ counters. Steps and memory: see ARCHITECTURE.md.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import shlex
 from collections.abc import Sequence
@@ -40,18 +39,23 @@ from transforms.io.readers import (
     SplitParquet,
 )
 from transforms.io.writers import CountWritten, WriteRecordsToParquet, WriteRejects
-from transforms.models.embedding import FaissSearchHandler, SentenceTransformerHandler
+from transforms.models.embedding import SentenceTransformerHandler
+from transforms.models.faiss_index import FaissSearchHandler
 from transforms.models.text_encoder import BACKENDS, check_backend, index_encoder
-from transforms.run.job import (
-    build_only,
-    is_dry_run,
-    run_and_count,
-    sum_counters,
-    threads_per_process,
-    worker_processes,
+from transforms.run.job import run_job, sum_counters, threads_per_process
+from transforms.run.manifest import RecordWritten, finish_run, input_summary, summarize_files
+from transforms.run.options import (
+    add_output,
+    add_shards,
+    add_share,
+    add_text_encoder,
+    add_threads,
+    cli_main,
+    new_parser,
+    parse,
+    positive,
+    shared,
 )
-from transforms.run.manifest import RecordWritten, finish_run, input_summary, prepare_output, summarize_files
-from transforms.run.options import cli_main, new_parser, parse, positive
 from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Candidate
 from transforms.stages.build_entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
@@ -70,7 +74,7 @@ def build_parser():
     p = new_parser(__doc__.split("\n\n")[0], "pipelines.select_candidates")
     p.add_argument("--entity_index", required=True, help="directory written by build_entity_index")
     p.add_argument("--captions", required=True, help="caption shards: path, dir, glob or comma list")
-    p.add_argument("--output", required=True, help="output directory (local or gs://)")
+    add_output(p)
     p.add_argument("--k", type=int, default=50, help="images kept per entity (top-K captions)")
     p.add_argument("--caption_format", choices=CAPTION_FORMATS, default="laion_parquet",
                    help="laion_parquet: URL/TEXT metadata; webdataset: img2dataset .tar shards; parquet: caption + image columns")
@@ -102,26 +106,16 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=256, help="captions per entity-index search call")
     p.add_argument("--text_backend", choices=BACKENDS, default=None,
                    help="the text encoder's runtime; default (and the only one allowed): the one the entity index was built with")
-    p.add_argument("--embed_chunk", type=int, default=2048,
-                   help="captions handed to the text encoder at once; it groups them by token length")
-    p.add_argument("--embed_tokens_per_pass", type=int, default=0,
-                   help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
-    p.add_argument("--device", default="cpu", help="torch device of the text encoder")
-    p.add_argument("--threads", type=int, default=0, help="torch/faiss threads; 0 = cores / processes")
+    add_text_encoder(p, "--embed_chunk", "captions")
+    add_threads(p)
     p.add_argument(
         "--nprobe",
         type=int,
         default=0,
         help="IVF cells searched; 0 = the value build_entity_index calibrated for the index (its manifest's search.params)",
     )
-    p.add_argument(
-        "--share_index",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="load the faiss index once per machine and share it across SDK processes "
-        "(auto: when the runner starts more than one process per machine)",
-    )
-    p.add_argument("--num_shards", type=int, default=0, help="output shards; 0 = runner decides")
+    add_share(p, "--share_index", "load the faiss index once per machine and share it across SDK processes")
+    add_shards(p, shuffle_note=False)
     p.add_argument(
         "--hot_key_fanout",
         type=int,
@@ -280,14 +274,14 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     validate(args, manifest)
     files = match_files(args.captions, "--captions")
     threads = threads_per_process(options, args.threads)
-    share = {"yes": True, "no": False}.get(args.share_index, worker_processes(options) != 1)
+    share = shared(args.share_index, options)
     p = test_pipeline or beam.Pipeline(options=options)
     build_pipeline(p, args, manifest, threads, share)
-    if is_dry_run(options):
-        return build_only(p, "select_candidates")
-    prepare_output(args.output, (OUTPUT_NAME,))
-    started = dt.datetime.now(dt.UTC)
-    counters, seconds = run_and_count(p, "select_candidates")
+    return run_job(p, options, "select_candidates", lambda ran: finish(ran, args, manifest, files),
+                   output=args.output, outputs=(OUTPUT_NAME,))
+
+
+def finish(ran, args, manifest, files) -> dict:
     out = args.output.rstrip("/")
     lines = [f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json"]
     if args.caption_format == "laion_parquet":
@@ -297,13 +291,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             f"{out} --input_format parquet --url_col url --caption_col caption "
             f"--save_additional_columns {cols} --output_format webdataset --output_folder IMAGES"
         )
+    counters = ran.counters
     return finish_run(
+        **ran.fields(),
         name="select_candidates",
         output=out,
         kind="candidates",
-        counters=counters,
-        seconds=seconds,
-        started=started,
         check=check_counts,
         fields={
             "entity_index": args.entity_index,

@@ -83,3 +83,34 @@ def pytest_configure(config):
         "slow: the slow tier (multi-process runs, the fault matrix, Chromium, Dataflow job builds, the GCS emulator, "
         "torchrun, long property tests, the real-vLLM test): run by `pytest -m slow tests`, after the fast tier",
     )
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def gcs(monkeypatch_module):
+    """A GCS emulator on loopback (gcp-storage-emulator) with a bucket "bucket": gs:// paths
+    through Beam's FileSystems, no cloud, no credentials."""
+    import socket
+
+    emulator = pytest.importorskip("gcp_storage_emulator.server")
+    from apache_beam.internal.gcp import auth
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server.start()
+    monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    # Beam looks for Google credentials with retries and back-off (~25 s) before it falls
+    # back to an anonymous client; there are none here, so go anonymous at once.
+    monkeypatch_module.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch_module.setattr(auth._Credentials, "_credentials", None)
+    yield "gs://bucket"
+    server.stop()

@@ -9,7 +9,13 @@ said otherwise): [[SLOW]] (sleeps past the client's timeout), [[429]], [[500]], 
 re-ask gets a valid one), [[ALWAYSBAD]] (never valid JSON), [[DEEP]] (`[` x 3000), [[TWO_OBJECTS]] (an injected object quoted before the real one), [[FENCED]] (valid JSON inside a
 ``` fence with prose around it), [[CORRECT_TO:Name]] (verdict corrected with that name),
 [[NOTENTITY]], [[DEAD]] (503 forever), [[ECHO_AUTH]] (401 quoting the
-Authorization header and the URL, as careless servers do). With `refuse_json_schema`, the server answers 400 to
+Authorization header and the URL, as careless servers do), [[CONF:0.3]] (with `logprobs`
+asked, the verdict's tokens carry that probability; every other token probability 1).
+One-request prompts (task `rew`) get the verdict and, unless it is not_an_entity, the
+rationale and QA in one answer. `plain=True` ignores the markers that script answers (a
+second, stronger model in escalation tests). Usage reports `cached_tokens`: the longest
+prefix of the request's first text part shared with an earlier request, /4, as a provider's
+prefix cache would. With `refuse_json_schema`, the server answers 400 to
 the `json_schema` form of response_format, like servers that only know `json_object`.
 Every request is recorded: its body hash, the prompt text, the size and format of its image,
 the response_format form.
@@ -34,7 +40,13 @@ from PIL import Image
 
 class FakeLLMServer:
     def __init__(self, slow_s: float = 2.0, refuse_json_schema: bool = False, latency_s: float = 0.0, max_answers=None,
-                 rate_limit_per_s: float = 0.0):
+                 rate_limit_per_s: float = 0.0, plain: bool = False, script: dict | None = None):
+        self.plain = plain
+        # This server's own answers: a caption containing a key is answered as if it also
+        # carried the marker (two servers, two different models, on the same input).
+        self.script = dict(script or {})
+        self.prefixes: list[str] = []  # first text parts seen (the prefix cache)
+        self.usages: list[dict] = []  # every usage reported, in order
         self.slow_s = slow_s
         # Enforced rate: above it, 429 with Retry-After (seconds until a slot frees up).
         self.rate_limit_per_s = rate_limit_per_s
@@ -171,16 +183,25 @@ class FakeLLMServer:
             request.transport.close()
             return web.Response(status=200)
         content = self._answer(text, caption, len(body["messages"]))
+        first_text = next((p.get("text", "") for p in first_user["content"] if p.get("type") == "text"), "")
         usage = {"prompt_tokens": len(text) // 4 + 100, "completion_tokens": len(content) // 4}
         with self._lock:
+            shared = max((_common_prefix(first_text, seen) for seen in self.prefixes[-200:]), default=0)
+            self.prefixes.append(first_text)
+            usage["prompt_tokens_details"] = {"cached_tokens": shared // 4}
+            self.usages.append(usage)
             self.answered[digest] += 1
             self.tokens_seen.append((time.monotonic(), usage["prompt_tokens"] + usage["completion_tokens"]))
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        if body.get("logprobs"):
+            m = re.search(r"\[\[CONF:([0-9.]+)\]\]", caption)
+            choice["logprobs"] = {"content": _logprobs(content, float(m.group(1)) if m and not self.plain else 1.0)}
         return web.json_response(
             {
                 "id": "chatcmpl-fake",
                 "object": "chat.completion",
                 "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "choices": [choice],
                 "usage": usage,
             }
         )
@@ -270,6 +291,9 @@ class FakeLLMServer:
         b["counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
 
     def _answer(self, text: str, caption: str, n_messages: int) -> str:
+        caption = caption + "".join(f" {marker}" for needle, marker in self.script.items() if needle in caption)
+        if self.plain:
+            caption = re.sub(r"\[\[[A-Z_]+(:[^\]]*)?\]\]", "", caption)
         if '"verdict"' in text:
             candidate = _between(text, "<<<CANDIDATE", "CANDIDATE>>>")
             m = re.search(r"\[\[CORRECT_TO:([^\]]+)\]\]", caption)
@@ -286,20 +310,56 @@ class FakeLLMServer:
                 answer = {"verdict": "corrected", "entity": m.group(1), "reason": "the visible shape differs"}
             else:
                 answer = {"verdict": "correct", "entity": candidate, "reason": "matches the visible landmark"}
+            if '"rationale"' in text:  # one request: the rationale too, where the image is kept
+                keep = answer["verdict"] != "not_an_entity"
+                answer = {"reason": answer["reason"], "verdict": answer["verdict"], "entity": answer["entity"],
+                          **(_rationale(answer["entity"]) if keep else {"rationale": "", "qa": []})}
         else:
-            entity = re.search(r'shows the entity "([^"]*)"', text).group(1)
-            answer = {
-                "rationale": f"The image shows the typical outline and colours of {entity}.",
-                "qa": [
-                    {"question": "What is the main colour?", "answer": "grey"},
-                    {"question": "Is it outdoors?", "answer": "yes"},
-                    {"question": "How many objects are in focus?", "answer": "one"},
-                ],
-            }
+            m = re.search(r'shows the entity "([^"]*)"', text)
+            answer = _rationale(m.group(1) if m else _between(text, "<<<ENTITY", "ENTITY>>>"))
         out = json.dumps(answer)
         if "[[FENCED]]" in caption:
             out = f"Sure! Here is the answer:\n```json\n{out}\n```\nHope this helps."
         return out
+
+
+def _rationale(entity: str) -> dict:
+    return {
+        "rationale": f"The image shows the typical outline and colours of {entity}.",
+        "qa": [
+            {"question": "What is the main colour?", "answer": "grey"},
+            {"question": "Is it outdoors?", "answer": "yes"},
+            {"question": "How many objects are in focus?", "answer": "one"},
+        ],
+    }
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _logprobs(content: str, verdict_prob: float) -> list[dict]:
+    """The answer in tokens of up to 4 characters, as a server's logprobs; the tokens of the
+    verdict's value carry `verdict_prob` (on the first), all others probability 1."""
+    import math
+
+    m = re.search(r'"verdict"\s*:\s*"', content)
+    start = m.end() if m else -1
+    tokens, pos = [], 0
+    while pos < len(content):
+        end = start if pos < start < pos + 4 else pos + 4
+        tokens.append(content[pos:end])
+        pos = end
+    out, pos = [], 0
+    for tok in tokens:
+        lp = math.log(verdict_prob) if pos == start and verdict_prob < 1.0 else 0.0
+        out.append({"token": tok, "logprob": lp, "bytes": list(tok.encode())})
+        pos += len(tok)
+    return out
 
 
 def _between(text: str, start: str, end: str) -> str:

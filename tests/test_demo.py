@@ -230,16 +230,33 @@ def test_viewer_in_a_real_browser(run, tmp_path):
     rejected = json.load(open(out / "rew" / "manifest.json"))["counters"]["rejects_emitted"]
     # Every sampled record renders as a card with its image decoded by the browser.
     assert int(state["shown"]) == len(refined) + rejected
-    assert int(state["images-loaded"]) == len(refined)
+    assert int(state["images-loaded"]) == len(refined) + rejected
     assert dom.count('class="card kept"') == len(refined) and dom.count('class="card rejected"') == rejected
     assert "Mars" in dom and "Hubble Space Telescope" in dom
     # A filter changes what is shown: only the corrected labels, then only the rejects.
     _, corrected = _rendered(url + "#verdict=corrected")
     assert int(corrected["shown"]) == sum(r["verdict"] == "corrected" for r in refined) == 10
     _, rejects = _rendered(url + "#show=rejected")
-    assert int(rejects["shown"]) == rejected and int(rejects["images-loaded"]) == 0
+    # A reject's image is read back from the Parquet input it came from (the decontaminated shards).
+    assert int(rejects["shown"]) == rejected and int(rejects["images-loaded"]) == rejected
     _, by_entity = _rendered(url + "#entity=q111")
     assert int(by_entity["shown"]) == sum(r["qid"] == "Q111" or r["candidate_qid"] == "Q111" for r in refined) >= 1
+    # A near-duplicate reject of decontaminate shows its own image (a thumbnail its reject
+    # kept, <= 8 KB) beside the evaluation image it matched, both decoded by the browser,
+    # and its entity's title.
+    import base64
+    from urllib.parse import quote
+
+    near = [json.loads(line) for p in glob.glob(str(out / "shards" / "rejected" / "decontaminate" / "*.jsonl"))
+            for line in open(p) if line.strip()]
+    near = [r for r in near if r["reason"] == "near_duplicate_of_eval"]
+    assert near and all(r["thumbnail"].startswith("data:image/jpeg;base64,") for r in near)
+    sizes = [len(base64.b64decode(r["thumbnail"].split(",", 1)[1])) for r in near]
+    assert max(sizes) <= 8192 and all(json.loads(r["record_json"])["title"] for r in near)
+    print(f"\nnear-duplicate reject thumbnails: {len(sizes)}, mean {sum(sizes) / len(sizes):.0f} B, max {max(sizes)} B")
+    shards_url = (out / "shards" / "viewer.html").as_uri()
+    _, dups = _rendered(shards_url + "#show=rejected&reason=" + quote("decontaminate / near_duplicate_of_eval"))
+    assert int(dups["shown"]) == len(near) == int(dups["images-loaded"]) == int(dups["eval-images-loaded"])
     # A screenshot of the page, kept with the test's files.
     shot = tmp_path / "viewer.png"
     _browser(f"--screenshot={shot}", "--window-size=1280,900", url)

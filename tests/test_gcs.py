@@ -2,7 +2,6 @@
 
 import glob
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,35 +11,6 @@ from tests.helpers import draw_image, write_webdataset
 
 # The slow tier: .venv/bin/python -m pytest -m slow tests (docs/testing.md).
 pytestmark = pytest.mark.slow
-
-emulator = pytest.importorskip("gcp_storage_emulator.server")
-
-
-@pytest.fixture(scope="module")
-def gcs(monkeypatch_module):
-    from apache_beam.internal.gcp import auth
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
-    server.start()
-    monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    # Beam looks for Google credentials with retries and back-off (~25 s) before it falls
-    # back to an anonymous client; there are none here, so go anonymous at once.
-    monkeypatch_module.setattr(auth._Credentials, "_credentials_init", True)
-    monkeypatch_module.setattr(auth._Credentials, "_credentials", None)
-    yield "gs://bucket"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
-
 
 def _upload(local, remote):
     from apache_beam.io.filesystems import FileSystems

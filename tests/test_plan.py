@@ -72,12 +72,27 @@ def test_plan_arithmetic_matches_a_hand_computation(data, capsys):
     assert dec["dollars"] == pytest.approx(dec["seconds"] / 3600 * 3.6 * 2)
     assert "the GPU is the limit" in dec["notes"][0]
 
-    # 400 requests of 400 text + 255 image tokens (512 px, OpenAI tiles) and 205 out, batch x0.5.
+    # Two requests (refine's default): verify for all 200 samples (400 text + 255 image tokens:
+    # 512 px, OpenAI tiles), rationale + QA for the 70 % kept (the rationale prompt's own
+    # instructions + the same data, and the image again); 60 + 0.7 x 350 tokens out; batch x0.5.
     ref = stages["refine"]
+    static = plan.prompt_instruction_tokens()
+    rationale_text = static["rationale_qa"] + (400 - static["verify"])
+    per_sample_in = 400 + 255 + 0.7 * (rationale_text + 255)
     assert ref["work"]["image_tokens_per_request"] == 255
-    assert ref["work"]["input_tokens"] == pytest.approx(400 * 655)
-    assert ref["dollars"] == pytest.approx((400 * 655 / 1e6 * 1.0 + 400 * 205 / 1e6 * 2.0) * 0.5)
-    assert ref["seconds"] == pytest.approx(400 / 500)
+    assert ref["work"]["requests"] == pytest.approx(200 * 1.7)
+    assert ref["work"]["input_tokens"] == pytest.approx(200 * per_sample_in)
+    assert ref["dollars"] == pytest.approx(200 * (per_sample_in * 1.0 + 305 * 2.0) / 1e6 * 0.5)
+    assert ref["seconds"] == pytest.approx(340 / 500)
+    # The designs side by side, in $ per 1M samples: one request drops the second image and
+    # instructions; the legacy 1024 px design (tiles: shorter side 768, 4 tiles = 765 tokens).
+    rows = {r["key"]: r for r in p["rew_designs"]}
+    assert list(rows) == ["today", "two", "one"]  # 512 px is already the cheapest readable side for tiles
+    one_in = static["rew"] + (400 - static["verify"]) + 255
+    assert rows["one"]["usd_per_million"] == pytest.approx((one_in * 1.0 + 305 * 2.0) * 0.5, abs=0.01)
+    today_in = 400 + 765 + 0.7 * (rationale_text + 765)
+    assert rows["today"]["usd_per_million"] == pytest.approx((today_in * 1.0 + 305 * 2.0) * 0.5, abs=0.01)
+    assert rows["two"]["usd_per_million"] == pytest.approx(ref["dollars"] / 200 * 1e6, abs=0.01)
 
     tr = stages["train"]
     assert tr["seconds"] == pytest.approx(200 / (1e12 * 0.5 / (6 * 394e6 * 297) * 2))
@@ -125,3 +140,19 @@ def test_the_shipped_data_files_plan_the_full_job():
     # nlist: the power of two at or above 4 x sqrt(6,063,945) = 9,850, the README's IVF16384,SQ8.
     sel = {s["name"]: s for s in p["stages"]}["select_candidates"]
     assert sel["notes"][0].startswith("IVF16384,SQ8 nprobe 64: 40,071 vectors")
+
+
+def test_the_cascade_row_prices_the_self_hosted_gpu_and_the_escalated_share(data):
+    p = plan.run(data + ["--self_hosted_requests_per_s", "2", "--escalate_share", "0.2", "--rew_design", "cascade"])
+    rows = {r["key"]: r for r in p["rew_designs"]}
+    # The plan's GPU "g" at $3.6/h answering 2 requests/s, plus 20 % of samples asked again
+    # at the API in one request.
+    per_sample = 3.6 / (2 * 3600) + 0.2 * rows["one"]["usd_per_million"] / 1e6
+    assert rows["cascade"]["usd_per_million"] == pytest.approx(per_sample * 1e6, abs=0.01)
+    ref = {s["name"]: s for s in p["stages"]}["refine"]
+    assert ref["dollars"] == pytest.approx(200 * per_sample, rel=1e-6)
+    # Without a rate for the self-hosted model there is no cascade row, and asking for it says why.
+    with pytest.raises(UsageError, match="--self_hosted_requests_per_s"):
+        plan.run(data + ["--rew_design", "cascade"])
+    with pytest.raises(UsageError, match="--self_hosted_gpu 'TPU' has no price"):
+        plan.run(data + ["--self_hosted_gpu", "TPU"])

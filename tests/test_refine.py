@@ -110,7 +110,7 @@ def test_openai_backend_faults(tmp_path, catalog_path, entity_index, monkeypatch
     assert summary["verdicts"]["not_an_entity"] == 1 and summary["tokens"]["input"] > 0
     expected_cost = summary["tokens"]["input"] * 1.5 / 1e6 + summary["tokens"]["output"] * 6 / 1e6
     assert summary["cost_usd"] == pytest.approx(expected_cost, rel=1e-6)
-    assert rows["ok"]["verify_prompt"].startswith("verify/v1@") and rows["ok"]["llm_model"] == "fake-vlm"
+    assert rows["ok"]["verify_prompt"].startswith("verify/v2@") and rows["ok"]["llm_model"] == "fake-vlm"
 
 
 def test_structured_output_dialect_fallback(tmp_path, catalog_path, entity_index):

@@ -234,8 +234,8 @@ def test_index_manifest_search_params_reach_the_searchers(tmp_path, catalog_path
     import faiss
 
     from pipelines import build_entity_index
-    from transforms.models.embedding import FaissSearchHandler
-    from transforms.stages.refine import load_grounder
+    from transforms.models.faiss_index import FaissSearchHandler
+    from transforms.stages.ground import load_grounder
 
     out = tmp_path / "ivf"
     manifest = build_entity_index.run(["--entities", catalog_path, "--output", str(out), "--index_factory", "IVF4,Flat"])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import direct_pipeline
 from transforms.io.readers import REJECTED
-from transforms.models.embedding import FaissSearchHandler
+from transforms.models.faiss_index import FaissSearchHandler
 from transforms.schema import Caption
 from transforms.stages.select_candidates import Proposal, SelectFromSearchResults, TopKDistinctImages
 

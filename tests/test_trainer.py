@@ -128,7 +128,7 @@ def test_resume_continues_the_step_count(data, tmp_path):
     # `latest` names a checkpoint that is gone: the newest complete one is used instead...
     import shutil
 
-    from trainer.train import latest_checkpoint
+    from trainer.checkpoints import latest_checkpoint
 
     shutil.rmtree(out / "checkpoints" / "step-0000010")
     assert latest_checkpoint(str(out)).endswith("step-0000009")
@@ -137,6 +137,46 @@ def test_resume_continues_the_step_count(data, tmp_path):
         shutil.rmtree(out / "checkpoints" / d)
     with pytest.raises(UsageError, match=r"names checkpoint 'step-0000010', which is missing.*--resume never"):
         train(data, out, "--max_steps", "12")
+
+
+def test_checkpoint_helper_publishes_finds_and_resumes(tmp_path):
+    """trainer.checkpoints, shared by trainer.train and trainer.contrastive, without torch:
+    publish (state last, rename, `latest`, keep the newest N), find, resolve, resume."""
+    from trainer import checkpoints as C
+
+    out = str(tmp_path / "run")
+    config = {"model_config": "tiny", "entity_target": "code", "max_steps": 9}
+    assert C.latest_checkpoint(out) is None
+    assert C.resume(out, "auto", config, ("model_config",)) == (None, C.new_state())
+    for step in (3, 6, 9):
+        tmp = C.staging_folder(out, step)
+        open(os.path.join(tmp, "weights.bin"), "wb").close()
+        path = C.publish_checkpoint(out, step, config, {**C.new_state(), "step": step}, keep=2)
+        assert path == os.path.join(out, "checkpoints", f"step-{step:07d}")
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-0000006", "step-0000009"]
+    assert open(os.path.join(out, "checkpoints", "latest")).read() == "step-0000009"
+    newest = C.latest_checkpoint(out)
+    assert newest.endswith("step-0000009") and C.read_config(newest) == config
+    assert os.path.exists(os.path.join(newest, "weights.bin"))
+    # A folder without its state file (a kill mid-save) is not complete: never chosen.
+    os.makedirs(os.path.join(out, "checkpoints", "step-0000012"))
+    assert C.latest_checkpoint(out) == newest
+    assert C.resolve_checkpoint(out) == newest and C.resolve_checkpoint(newest) == newest
+    with pytest.raises(UsageError, match="neither a checkpoint folder"):
+        C.resolve_checkpoint(str(tmp_path))
+    # resume: auto -> the newest; a path -> that one; never -> step 0.
+    frm, state = C.resume(out, "auto", config, ("model_config", "entity_target"))
+    assert frm == newest and state["step"] == 9 and state["resumed_from"] == [newest]
+    older = os.path.join(out, "checkpoints", "step-0000006")
+    frm, state = C.resume(out, older, config, ())
+    assert frm == older and state["step"] == 6
+    assert C.resume(out, "never", config, ("model_config",)) == (None, C.new_state())
+    with pytest.raises(UsageError, match=r"--entity_target 'name' differs from the checkpoint's 'code'.*--resume never"):
+        C.resume(out, "auto", {**config, "entity_target": "name"}, ("model_config", "entity_target"))
+    # trainer.train re-exports the same names (older code imports them from there).
+    from trainer import train
+
+    assert train.latest_checkpoint is C.latest_checkpoint and train.CONFIG_FILE == "train_config.json"
 
 
 def _flip_byte(path, offset_from_end):

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 
+from trainer.checkpoints import OPTIMIZER_FILE, latest_checkpoint, publish_checkpoint, resume, staging_folder
 from transforms.errors import UsageError
 from transforms.run.cli import Parser
 
@@ -277,20 +277,13 @@ def collate_queries(items: list[dict]) -> dict:
 
 
 def save(output: str, step: int, adaptor, optimizer, state: dict, config: dict, keep: int) -> str:
-    """Written to a temporary folder and renamed (trainer.train's layout and pointer)."""
+    """Written to a temporary folder and renamed (trainer.checkpoints: trainer.train's layout and pointer)."""
     import torch
 
-    from trainer.train import CHECKPOINTS, publish_checkpoint
-
-    root = os.path.join(output, CHECKPOINTS)
-    os.makedirs(root, exist_ok=True)
-    name = f"step-{step:07d}"
-    tmp = os.path.join(root, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = staging_folder(output, step)
     torch.save(adaptor.state_dict(), os.path.join(tmp, ADAPTOR_FILE))
-    torch.save({"optimizer": optimizer.state_dict()}, os.path.join(tmp, "optimizer.pt"))
-    return publish_checkpoint(root, name, tmp, config, state, keep)
+    torch.save({"optimizer": optimizer.state_dict()}, os.path.join(tmp, OPTIMIZER_FILE))
+    return publish_checkpoint(output, step, config, state, keep)
 
 
 def build_adaptor(config: dict, text_dim: int, dim: int):
@@ -352,8 +345,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     )
     from trainer.data import ShardStream, list_units, normalize
     from trainer.train import (
-        CONFIG_FILE,
-        STATE_FILE,
         _device,
         _dist_setup,
         _gather_counts,
@@ -361,8 +352,6 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         _precision,
         _write_manifest,
         format_duration,
-        latest_checkpoint,
-        resolve_checkpoint,
     )
 
     rank, world, local_rank, local_world = _dist_setup()
@@ -373,22 +362,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     units = list_units(a.train)
     texts = read_catalog_texts(a.entities)
     config = {k: getattr(a, k) for k in vars(a)}
-    resume_from = None
-    if a.resume == "auto":
-        resume_from = latest_checkpoint(a.output)
-    elif a.resume != "never":
-        resume_from = resolve_checkpoint(a.resume)
-    state = {"step": 0, "samples": 0, "skipped": {}, "elapsed_s": 0.0, "resumed_from": []}
-    if resume_from:
-        with open(os.path.join(resume_from, CONFIG_FILE), encoding="utf-8") as f:
-            saved = json.load(f)
-        for k in MODEL_FLAGS:
-            if saved.get(k) != config.get(k):
-                raise UsageError(f"--{k} {config.get(k)!r} differs from the checkpoint's {saved.get(k)!r} in {resume_from}: "
-                                 "pass the same value, --resume never, or a new --output")
-        with open(os.path.join(resume_from, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        state.setdefault("resumed_from", []).append(resume_from)
+    resume_from, state = resume(a.output, a.resume, config, MODEL_FLAGS)
 
     clip = FrozenClip(a.clip_model, a.clip_pretrained, device)
     encoder = FrozenText(a.text_encoder, device, a.max_text_tokens)
@@ -413,7 +387,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                                   lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
     if resume_from:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), map_location=device, weights_only=True)["optimizer"])
+        optimizer.load_state_dict(torch.load(os.path.join(resume_from, OPTIMIZER_FILE), map_location=device, weights_only=True)["optimizer"])
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     stream = ShardStream(units, QueryItems(frozenset(texts), clip.image_size, a.crop), seed=a.seed, shuffle_buffer=a.shuffle_buffer,

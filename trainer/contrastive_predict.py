@@ -59,16 +59,13 @@ def build_parser() -> Parser:
 def _load(checkpoint: str, device):
     import torch
 
+    from trainer.checkpoints import read_config, read_state, resolve_checkpoint
     from trainer.contrastive import ADAPTOR_FILE, build_adaptor
-    from trainer.train import CONFIG_FILE, STATE_FILE, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     if not os.path.exists(os.path.join(path, ADAPTOR_FILE)):
         raise UsageError(f"--checkpoint {checkpoint!r}: no {ADAPTOR_FILE}; is it a trainer.contrastive checkpoint?")
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        config = json.load(f)
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
+    config, state = read_config(path), read_state(path)
     adaptor = build_adaptor(config, int(state["text_dim"]), int(state["dim"]))
     adaptor.load_state_dict(torch.load(os.path.join(path, ADAPTOR_FILE), map_location="cpu", weights_only=True))
     return path, config, adaptor.to(device).eval()

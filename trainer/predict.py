@@ -147,11 +147,11 @@ class Decoder:
         import torch
         from transformers import GitForCausalLM
 
+        from trainer.checkpoints import read_config
         from trainer.codebook import CodeBook, PrefixIndex, bos_id, eos_id, load_tokenizer, pad_id
 
         self.path = checkpoint
-        with open(os.path.join(checkpoint, "train_config.json"), encoding="utf-8") as f:
-            self.config = json.load(f)
+        self.config = read_config(checkpoint)
         self.tok = load_tokenizer(checkpoint)
         self.bos, self.eos, self.pad = bos_id(self.tok), eos_id(self.tok), pad_id(self.tok)
         self.codebook = CodeBook.load(checkpoint)
@@ -235,7 +235,7 @@ class Decoder:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
     a = build_parser().parse_args(argv)
-    from trainer.train import resolve_checkpoint
+    from trainer.checkpoints import resolve_checkpoint
 
     if a.num_beams < 1 or a.batch_size < 1:
         raise UsageError("--num_beams and --batch_size must be >= 1")

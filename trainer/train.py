@@ -30,12 +30,23 @@ import datetime as dt
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Optional
 
+from trainer.checkpoints import (  # noqa: F401  (re-exported: tests and tools import them from here)
+    CHECKPOINTS,
+    CONFIG_FILE,
+    LATEST,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    publish_checkpoint,
+    resolve_checkpoint,
+    resume,
+    staging_folder,
+)
 from transforms.errors import UsageError
 from transforms.run.cli import Parser, format_duration
 
@@ -46,10 +57,6 @@ STAGE_DEFAULTS = {
     "pretrain": {"lr": 1e-5, "label_smoothing": 0.3, "warmup_steps": 250},
     "finetune": {"lr": 3e-7, "label_smoothing": 0.1, "warmup_steps": 250},
 }
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "train_state.json"
-CONFIG_FILE = "train_config.json"
 # Flags that change what a checkpoint means: a resumed run must agree on them.
 MODEL_FLAGS = ("model_config", "init", "entity_target")
 
@@ -95,90 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 
 
-def _complete_checkpoints(root: str) -> list[str]:
-    """Checkpoint folders that were saved to the end (renamed from their temporary name,
-    with their state file), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    names = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.exists(os.path.join(root, d, STATE_FILE)))
-    return [os.path.join(root, d) for d in names]
-
-
-def latest_checkpoint(output: str) -> Optional[str]:
-    """The newest checkpoint of a training --output, or None when it has none.
-
-    `checkpoints/latest` names it. When the pointer is missing but complete checkpoints
-    exist (a kill between the rename and the pointer), the newest of them is used. When
-    the pointer names a folder that is gone, the newest complete one is used with a
-    warning; with none left this is an error, never a silent restart from step 0.
-    """
-    root = os.path.join(output, CHECKPOINTS)
-    pointer = os.path.join(root, LATEST)
-    complete = _complete_checkpoints(root)
-    if not os.path.exists(pointer):
-        return complete[-1] if complete else None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        return path
-    if complete:
-        log.warning("%s names %r, which is missing or incomplete; resuming from %s", pointer, name, complete[-1])
-        return complete[-1]
-    raise UsageError(
-        f"{pointer} names checkpoint {name!r}, which is missing, and no other complete checkpoint is in {root}: "
-        "restore it, or pass --resume never (or a new --output) to start from step 0 on purpose"
-    )
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a training --output folder (its newest checkpoint)."""
-    if os.path.exists(os.path.join(path, STATE_FILE)):
-        return path
-    found = latest_checkpoint(path)
-    if found:
-        return found
-    raise UsageError(f"--checkpoint {path!r} is neither a checkpoint folder nor a training --output with checkpoints")
-
-
 def save_checkpoint(output: str, step: int, model, optimizer, scaler, state: dict, config: dict, codes_dir: str, keep: int) -> str:
-    """Written to a temporary folder and renamed, so a kill mid-save leaves the previous
-    checkpoint as the newest."""
+    """Written to a temporary folder and renamed (trainer.checkpoints), so a kill mid-save
+    leaves the previous checkpoint as the newest."""
     import torch
 
-    root = os.path.join(output, CHECKPOINTS)
-    os.makedirs(root, exist_ok=True)
-    name = f"step-{step:07d}"
-    tmp = os.path.join(root, f".{name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(output, step)
     model.save_pretrained(tmp)
     from transforms.formats.files import read_bytes
 
     for f in ("tokenizer.json", "codes.parquet"):  # --codes may be gs://
         with open(os.path.join(tmp, f), "wb") as out:
             out.write(read_bytes(f"{codes_dir.rstrip('/')}/{f}"))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, os.path.join(tmp, "optimizer.pt"))
-    return publish_checkpoint(root, name, tmp, config, state, keep)
-
-
-def publish_checkpoint(root: str, name: str, tmp: str, config: dict, state: dict, keep: int) -> str:
-    """Finish a checkpoint written to `tmp`: config and state files (the state last: it
-    marks a complete checkpoint), rename to `name`, point `latest` at it, keep the newest
-    `keep`. Shared by trainer.train and trainer.contrastive."""
-    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2, sort_keys=True)
-    final = os.path.join(root, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, LATEST + ".tmp"), "w", encoding="utf-8") as f:
-        f.write(name)
-    os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-"))
-    for old in steps[: max(0, len(steps) - max(1, keep))]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None}, os.path.join(tmp, OPTIMIZER_FILE))
+    return publish_checkpoint(output, step, config, state, keep)
 
 
 # --------------------------------------------------------------------------------------
@@ -326,24 +263,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     vocab = tok.get_vocab_size()
 
     config = {k: getattr(a, k) for k in vars(a)}
-    resume_from = None
-    if a.resume == "auto":
-        resume_from = latest_checkpoint(a.output)
-    elif a.resume != "never":
-        resume_from = resolve_checkpoint(a.resume)
-    state = {"step": 0, "samples": 0, "skipped": {}, "elapsed_s": 0.0, "resumed_from": []}
+    resume_from, state = resume(a.output, a.resume, config, MODEL_FLAGS)
     if resume_from:
-        with open(os.path.join(resume_from, CONFIG_FILE), encoding="utf-8") as f:
-            saved = json.load(f)
-        for k in MODEL_FLAGS:
-            if saved.get(k) != config.get(k):
-                raise UsageError(
-                    f"--{k} {config.get(k)!r} differs from the checkpoint's {saved.get(k)!r} in {resume_from}: "
-                    f"pass the same value, --resume never, or a new --output"
-                )
-        with open(os.path.join(resume_from, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-        state.setdefault("resumed_from", []).append(resume_from)
         if state["step"] >= a.max_steps:
             log.info("checkpoint %s is already at step %d >= --max_steps %d", resume_from, state["step"], a.max_steps)
         from transformers import GitForCausalLM
@@ -370,7 +291,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     if resume_from:
-        saved_opt = torch.load(os.path.join(resume_from, "optimizer.pt"), map_location=device, weights_only=True)
+        saved_opt = torch.load(os.path.join(resume_from, OPTIMIZER_FILE), map_location=device, weights_only=True)
         optimizer.load_state_dict(saved_opt["optimizer"])
         if scaler is not None and saved_opt.get("scaler"):
             scaler.load_state_dict(saved_opt["scaler"])
@@ -541,9 +462,9 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 def _write_manifest(a, summary: dict, started_at) -> None:
     """`<output>/manifest.json` (kind "model": the run's options, inputs and summary, like
     every pipeline output) and its card (README.md with the loss curve)."""
-    from transforms.run.job import code_version
-    from transforms.run.manifest import write_card_safely
+    from transforms.report.card import write_card_safely
     from transforms.run.secrets import redact_value
+    from transforms.run.version import code_version
 
     manifest = {
         "kind": "model",

@@ -124,6 +124,21 @@ class Sample:
     llm_model: Optional[str] = _f(pa.string(), None, tf="rew/llm_model")
     verify_prompt: Optional[str] = _f(pa.string(), None, doc="prompt id@sha256", tf="rew/verify_prompt")
     rationale_prompt: Optional[str] = _f(pa.string(), None, doc="prompt id@sha256", tf="rew/rationale_prompt")
+    escalated: Optional[bool] = _f(pa.bool_(), None, doc="decided by the escalation model (refine --escalate_backend)", tf="rew/escalated")
+    first_verdict: Optional[str] = _f(
+        pa.string(), None, doc="the first model's verdict when escalated (invalid: its answer failed the schema)", tf="rew/first_verdict"
+    )
+    verdict_prob: Optional[float] = _f(
+        pa.float32(), None, doc="probability of the first model's verdict, from its logprobs (when asked)", tf="rew/verdict_prob"
+    )
+
+
+# Every reject stage of the project (what `rejected/<stage>/` folders are called), so a
+# counter `rejected_<stage>_<reason>` can be split back into its stage and reason.
+KNOWN_STAGES = (
+    "read_catalog", "dedup", "embed", "read_captions", "search", "select", "read_candidates", "decode",
+    "decontaminate", "eval_images", "read_samples", "verify", "ground", "rationale_qa", "read_oven", "images", "other",
+)
 
 
 @dataclasses.dataclass
@@ -137,9 +152,13 @@ class Reject:
     source: Optional[str] = _f(pa.string(), None)
     record_json: Optional[str] = _f(pa.string(), None, doc="the offending record, truncated")
     count: int = _f(pa.int64(), 1, doc="records this reject stands for (a whole file: its rows)")
+    thumbnail: Optional[str] = _f(pa.string(), None, doc="data: URL of a small JPEG of the rejected image, where kept")
 
     def to_json(self) -> str:
-        return json.dumps(to_row(self), ensure_ascii=False, sort_keys=True)
+        row = to_row(self)
+        if row.get("thumbnail") is None:
+            row.pop("thumbnail", None)  # most rejects have none: their lines stay as they were
+        return json.dumps(row, ensure_ascii=False, sort_keys=True)
 
     @classmethod
     def of(cls, stage, reason, detail, key=None, source=None, record=None, count=1) -> Reject:

@@ -286,7 +286,7 @@ def decode_image(
 
 # What current VLM endpoints accept as image parts without conversion.
 LLM_MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-DEFAULT_LLM_MAX_SIDE = 1024
+DEFAULT_LLM_MAX_SIDE = 512
 
 
 def image_for_llm(data: bytes, max_side: int = DEFAULT_LLM_MAX_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str]:
@@ -314,6 +314,35 @@ def image_for_llm(data: bytes, max_side: int = DEFAULT_LLM_MAX_SIDE, max_pixels:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue(), "image/jpeg"
+
+
+# A reject's thumbnail (decontaminate --reject_thumbnails): small enough that keeping one
+# with every reject costs little (measured on the demo: docs/decontaminate.md).
+REJECT_THUMB_SIDE = 128
+REJECT_THUMB_MAX_BYTES = 8192
+
+
+def small_jpeg(data: bytes, side: int = REJECT_THUMB_SIDE, max_bytes: int = REJECT_THUMB_MAX_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[bytes]:
+    """A JPEG of at most `side` px and `max_bytes` bytes of an image (through the guarded
+    decoder, at reduced scale), or None when the image does not decode or no quality fits."""
+    try:
+        img = decode_image(data, max_pixels, draft=(side, side)).image
+    except ImageError:
+        return None
+    img.thumbnail((side, side))
+    for quality in (75, 50, 30):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        if buf.tell() <= max_bytes:
+            return buf.getvalue()
+    return None
+
+
+def data_url(jpeg: Optional[bytes]) -> Optional[str]:
+    import base64
+
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _mime_of(data: bytes) -> str:

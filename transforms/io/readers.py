@@ -46,7 +46,7 @@ from transforms.formats.webdataset import (
     webdataset_corpus_key,
 )
 from transforms.io.retry import read_guarded, retry_stream
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 from transforms.schema import Caption, Entity, Reject, truncate_json
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,6 @@ log = logging.getLogger(__name__)
 REJECTED = "rejected"
 CAPTION_FORMATS = ("laion_parquet", "webdataset", "parquet")
 
-
-def _counter(name: str):
-    return progress_counter(name)
 
 
 # --------------------------------------------------------------------------------------
@@ -139,8 +136,8 @@ class ReadCatalogFile(beam.DoFn):
 
     def __init__(self, max_line_bytes: int = MAX_CATALOG_LINE_BYTES):
         self.max_line_bytes = max_line_bytes
-        self.rows = _counter("catalog_rows_read")
-        self.ok = _counter("catalog_rows_ok")
+        self.rows = counter("catalog_rows_read")
+        self.ok = counter("catalog_rows_ok")
 
     def _reject(self, reason, detail, source, row=None, record=None, count=1):
         return beam.pvalue.TaggedOutput(
@@ -162,7 +159,7 @@ class ReadCatalogFile(beam.DoFn):
         def unreadable(e):
             # A broken file is a reject, not a crash; an I/O error is raised (retried).
             log.warning("catalog file %s unreadable: %s", path, e)
-            _counter("catalog_files_unreadable").inc()
+            counter("catalog_files_unreadable").inc()
             yield self._reject("unreadable_file", f"{type(e).__name__}: {e}", path, count=0)
 
         reader = self._parquet if is_parquet(path) else self._jsonl
@@ -388,8 +385,8 @@ class _CaptionReaderBase(beam.DoFn):
         self.max_caption_chars = max_caption_chars
         # None: keys are not qualified by their file (caption-only corpora without keys).
         self.root = root
-        self.rows = _counter("captions_rows_read")
-        self.ok = _counter("captions_rows_ok")
+        self.rows = counter("captions_rows_read")
+        self.ok = counter("captions_rows_ok")
 
     def _reject(self, reason, detail, source, key=None, record=None, count=1):
         return beam.pvalue.TaggedOutput(REJECTED, Reject.of(self.STAGE, reason, detail, key, source, record, count))
@@ -432,7 +429,7 @@ class SplitParquet(beam.DoFn):
                 yield from row_group_units(path, f)
 
         def unreadable(e):
-            _counter("captions_files_unreadable").inc()
+            counter("captions_files_unreadable").inc()
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
                 Reject(stage="read_captions", reason="unreadable_file", detail=f"{type(e).__name__}: {e}", source=path, count=0),
@@ -453,7 +450,7 @@ class ReadParquetCaptions(_CaptionReaderBase):
         path, rg = element
 
         def unreadable(e):
-            _counter("captions_files_unreadable").inc()
+            counter("captions_files_unreadable").inc()
             yield self._reject("unreadable_file", f"row group {rg}: {type(e).__name__}: {e}", path, count=0)
 
         yield from read_guarded(lambda: self._read(path, rg), row_group_source(path, rg), unreadable)
@@ -548,7 +545,7 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
 
         (samples, damage), = retry_stream(read, path)
         if damage is not None:
-            _counter("captions_files_broken").inc()
+            counter("captions_files_broken").inc()
             yield self._reject(
                 damage_reason(damage),
                 f"after {len(samples)} samples: {type(damage).__name__}: {damage}",

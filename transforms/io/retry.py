@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def retry_stream(make, what: str, retries: int = IO_RETRIES, delay_s: float = IO
             delay = next(delays, None)
             if delay is None:
                 raise
-            progress_counter("io_retries").inc()
+            counter("io_retries").inc()
             log.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, e, delay)
             time.sleep(delay)
 

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.errors import UsageError
 from transforms.formats.tf_example import encode_example
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 from transforms.schema import Reject, Sample, arrow_schema, to_row, truncate_json
 
 WRITTEN_PREFIX = "written_"
@@ -38,8 +38,8 @@ class _CountFile(beam.DoFn):
 
         rows = count_records(path)
         size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
-        progress_counter(f"{WRITTEN_PREFIX}{self.what}").inc(rows)
-        progress_counter(f"files_{WRITTEN_PREFIX}{self.what}").inc()
+        counter(f"{WRITTEN_PREFIX}{self.what}").inc(rows)
+        counter(f"files_{WRITTEN_PREFIX}{self.what}").inc()
         yield {"path": path, "rows": rows, "bytes": size}
 
 
@@ -111,13 +111,6 @@ class _QuietEmptySinks(logging.Filter):
 
 logging.getLogger("apache_beam.io.filebasedsink").addFilter(_QuietEmptySinks())
 
-# Every reject stage of the project (what `rejected/<stage>/` folders are called), so a
-# counter `rejected_<stage>_<reason>` can be split back into its stage and reason.
-KNOWN_STAGES = (
-    "read_catalog", "dedup", "embed", "read_captions", "search", "select", "read_candidates", "decode",
-    "decontaminate", "eval_images", "read_samples", "verify", "ground", "rationale_qa", "read_oven", "images", "other",
-)
-
 REJECTS_EMITTED = "rejects_emitted"
 REJECTS_WRITTEN = f"{WRITTEN_PREFIX}rejects"
 
@@ -132,11 +125,11 @@ class _CountReject(beam.DoFn):
         r = dataclasses.replace(
             r, detail=redact(r.detail or "") or r.detail, record_json=redact(r.record_json, strip_query=False) if r.record_json else r.record_json
         )
-        progress_counter(REJECTS_EMITTED).inc()
-        progress_counter(f"rejected_{r.stage}_{r.reason}").inc(r.count)
+        counter(REJECTS_EMITTED).inc()
+        counter(f"rejected_{r.stage}_{r.reason}").inc(r.count)
         if r.count == 0:
             # A file that could not be read at all: its rows are unknown, count the file.
-            progress_counter(f"rejected_{r.stage}_{r.reason}_files").inc()
+            counter(f"rejected_{r.stage}_{r.reason}_files").inc()
         yield r
 
 

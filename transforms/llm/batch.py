@@ -1,4 +1,5 @@
-"""REW through a provider's batch API (`refine --llm_backend openai_batch`): the same
+"""REW through a provider's batch API (`refine --llm_backend openai_batch` for the OpenAI
+Batch API, `vertex_batch` for Gemini on Vertex AI, transforms/llm/vertex.py): the same
 requests, cache, interpretation and rejects as the online backend, at batch prices.
 
 A batch run is resumable and goes in rounds, each an ordinary refine pipeline:
@@ -58,7 +59,7 @@ from transforms.llm.client import (
     shared_cache,
     validate_answer,
 )
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,6 @@ FINISHED = {"completed", "expired", "cancelled", "failed"}
 CHAT_URL = "/v1/chat/completions"
 
 
-def _counter(name: str):
-    return progress_counter(name)
-
 
 def batch_dir(output: str) -> str:
     return f"{output.rstrip('/')}/{BATCH_DIR}"
@@ -79,25 +77,61 @@ def batch_dir(output: str) -> str:
 
 @dataclass(frozen=True)
 class BatchClientSpec:
-    """How workers and the launcher reach the provider (the key is read where used)."""
+    """How workers and the launcher reach the provider (the key is read where used).
+    `provider` "openai": the Files + Batches API at `endpoint`; "vertex": Vertex AI batch
+    prediction (`vertex_*`; the request files staged under `vertex_staging`)."""
 
-    endpoint: str
+    endpoint: Optional[str] = None
     api_key_env: Optional[str] = "OPENAI_API_KEY"
     api_key_secret: Optional[str] = None
     secret_manager_endpoint: Optional[str] = None
     timeout_s: float = 600.0
     max_retries: int = 5
+    provider: str = "openai"
+    vertex_project: Optional[str] = None
+    vertex_location: str = "us-central1"
+    vertex_staging: Optional[str] = None
+    vertex_endpoint: Optional[str] = None
 
     def client(self):
-        """The `openai` client: its retries (connection errors, 408/409/429/5xx, with
-        back-off) and typed errors, pointed at `endpoint`."""
+        """The provider: submit(name, data) -> record fields, poll(record) -> status, and
+        results(record, polled, ids) -> output texts in the OpenAI batch output format."""
+        if self.provider == "vertex":
+            from transforms.llm.vertex import VertexBatches
+
+            return VertexBatches(self.vertex_project, self.vertex_location, self.vertex_staging, self.vertex_endpoint,
+                                 min(self.timeout_s, 120.0), self.max_retries)
         import openai
 
         from transforms.llm.client import _chat_url
 
         base = _chat_url(self.endpoint)[: -len("/chat/completions")]
         key = api_key(self.api_key_env, self.api_key_secret, self.secret_manager_endpoint)
-        return openai.OpenAI(base_url=base, api_key=key or "none", timeout=self.timeout_s, max_retries=self.max_retries)
+        return OpenAIBatches(openai.OpenAI(base_url=base, api_key=key or "none", timeout=self.timeout_s,
+                                           max_retries=self.max_retries))
+
+
+class OpenAIBatches:
+    """The OpenAI Files + Batches API through the `openai` client (its retries on connection
+    errors, 408/409/429/5xx with back-off, and typed errors)."""
+
+    def __init__(self, client):
+        self.c = client
+
+    def submit(self, name: str, data: bytes) -> dict:
+        uploaded = self.c.files.create(file=(f"{name}.jsonl", data), purpose="batch")
+        created = self.c.batches.create(
+            input_file_id=uploaded.id, endpoint=CHAT_URL, completion_window="24h",
+            metadata={"tool": "entityforge", "request_file": name},
+        )
+        return {"id": created.id, "input_file_id": uploaded.id, "status": created.status}
+
+    def poll(self, record: dict) -> dict:
+        batch = self.c.batches.retrieve(record["id"])
+        return {"status": batch.status, "errors": f"{batch.errors}"[:300], "files": [batch.output_file_id, batch.error_file_id]}
+
+    def results(self, record: dict, polled: dict, ids: list[str]) -> list[str]:
+        return [self.c.files.content(fid).content.decode("utf-8") for fid in polled["files"] if fid]
 
 
 # --------------------------------------------------------------------------------------
@@ -213,15 +247,10 @@ class SubmitBatch(beam.DoFn):
         record = {"name": name, "request_file": request_file, "requests": len(ids), "bytes": len(data),
                   "run": self.run_id, "submitted_at": time.time(), "status": "written"}
         if self._client is not None:
-            uploaded = self._client.files.create(file=(f"{name}.jsonl", data), purpose="batch")
-            created = self._client.batches.create(
-                input_file_id=uploaded.id, endpoint=CHAT_URL, completion_window="24h",
-                metadata={"tool": "entityforge", "request_file": name},
-            )
-            record.update(id=created.id, input_file_id=uploaded.id, status=created.status)
-            _counter("batches_submitted").inc()
+            record.update(self._client.submit(name, data))
+            counter("batches_submitted").inc()
         retry_call(lambda: _write_atomic(record_path, json.dumps(record, indent=1).encode()), record_path)
-        _counter("batch_requests_submitted").inc(len(ids))
+        counter("batch_requests_submitted").inc(len(ids))
         return record
 
 
@@ -322,26 +351,26 @@ def collect(folder: str, cache_dir: str, spec: Optional[BatchClientSpec], result
         record = json.loads(_read(m.path).decode("utf-8"))
         if record.get("collected") or "id" not in record or client is None:
             continue
-        batch = client.batches.retrieve(record["id"])
-        record["status"] = batch.status
-        if batch.status in RUNNING:
+        polled = client.poll(record)
+        status = polled["status"]
+        record["status"] = status
+        if status in RUNNING or status == "running":
             summary["running"] += 1
             continue
         usage = {"input": 0, "output": 0}
         answered: set[str] = set()
         failures: list[dict] = []
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                text = client.files.content(file_id).content.decode("utf-8")
-                got, failed = read_results(text, cache, usage)
-                answered |= got
-                failures += failed
+        ids = _request_ids(record["request_file"])
+        for text in client.results(record, polled, ids):
+            got, failed = read_results(text, cache, usage)
+            answered |= got
+            failures += failed
         reported = answered | {f["custom_id"] for f in failures}
         why = {"expired": "the batch expired before this request ran", "cancelled": "the batch was cancelled",
-               "failed": f"the batch failed: {batch.errors}"[:300]}.get(batch.status, "not in the batch's output")
-        for cid in _request_ids(record["request_file"]):
+               "failed": f"the batch failed: {polled.get('errors')}"[:300]}.get(status, "not in the batch's output")
+        for cid in ids:
             if cid not in reported:
-                failures.append({"custom_id": cid, "reason": f"batch_{batch.status}" if batch.status != "completed" else "batch_missing",
+                failures.append({"custom_id": cid, "reason": f"batch_{status}" if status != "completed" else "batch_missing",
                                  "detail": why})
         cache.flush()  # the answers are stored before the batch counts as collected
         if failures:

@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -42,7 +43,7 @@ from transforms.formats import safe_json
 from transforms.llm.budget import Budget, BudgetSpec, registry_for
 from transforms.llm.cache import ResponseCache
 from transforms.llm.cost import request_tokens
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 from transforms.run.secrets import register_secret
 
 log = logging.getLogger(__name__)
@@ -67,17 +68,13 @@ class _DeferredCounter:
             _PENDING[self.name] = _PENDING.get(self.name, 0) + n
 
 
-def _counter(name: str) -> _DeferredCounter:
-    return _DeferredCounter(name)
-
-
 def flush_counts() -> None:
     """Report the counts made on any thread to Beam, from the DoFn's thread."""
     with _PENDING_LOCK:
         pending = dict(_PENDING)
         _PENDING.clear()
     for name, n in pending.items():
-        progress_counter(name).inc(n)
+        counter(name).inc(n)
 
 
 @dataclass
@@ -93,6 +90,11 @@ class LLMRequest:
     schema: dict
     sampling: dict = field(default_factory=dict)
     tag: Any = None  # the caller's record; not part of the key
+    # Text after the image (prompts laid out for prefix caching: the caption goes last).
+    text_after: str = ""
+    # Requests of one group (refine: one entity) go out next to each other, so a provider's
+    # prefix cache sees their shared prefix back to back; not part of the key.
+    group: Any = None
 
     @property
     def image_sha256(self) -> Optional[str]:
@@ -107,6 +109,8 @@ class LLMRequest:
                 else f"sha256:{self.image_sha256}"
             )
             content.append({"type": "image_url", "image_url": {"url": url}})
+        if self.text_after:
+            content.append({"type": "text", "text": self.text_after})
         return [{"role": "user", "content": content}, *history]
 
     def cache_key(self, history: Sequence[dict] = ()) -> str:
@@ -133,6 +137,8 @@ class LLMResult:
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, read from the provider's prefix cache
+    logprobs: Optional[list] = None  # [[token, logprob], ...] of the last answer, when asked
     pending: Optional[tuple] = None  # batch backends: (attempt, the request line asked in a batch)
 
 
@@ -251,7 +257,7 @@ def settle(result, raw: str, answer, why: str, history: list, count_invalid: boo
         result.answer = answer
         return None
     if count_invalid:
-        _counter("llm_invalid_answers").inc()
+        _DeferredCounter("llm_invalid_answers").inc()
     result.detail = why
     return history + reask_message(raw, why)
 
@@ -382,7 +388,10 @@ def _chat_url(url: str) -> str:
     parts = urlsplit(url)
     path = parts.path.rstrip("/")
     if not path.endswith("/chat/completions"):
-        path = path + ("/chat/completions" if path.endswith("/v1") else "/v1/chat/completions")
+        # A base URL that names its API version (`/v1`, `/v1beta`) or is an OpenAI-compatible
+        # root (Gemini's `/v1beta/openai`) gets the route; a bare host gets `/v1` first.
+        versioned = re.search(r"/(v\d+\w*|openai)$", path) is not None
+        path = path + ("/chat/completions" if versioned else "/v1/chat/completions")
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
 
 
@@ -406,6 +415,9 @@ def _split_credentials(url: str, key: Optional[str]) -> tuple[str, Optional[tupl
 
 
 def _response_format(dialect: str, schema: dict, name: str) -> Optional[dict]:
+    # Strict structured outputs know no conditional subschemas (`allOf` / `if`): the server
+    # is given the shape, and the answer is checked against the whole schema here.
+    schema = {k: v for k, v in schema.items() if k != "allOf"}
     if dialect == "json_schema":
         return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
     if dialect == "json_object":
@@ -428,10 +440,79 @@ def completion_entry(payload: dict, dialect: str) -> dict:
     content = message.get("content") or ""
     if not isinstance(content, str):
         raise TypeError(f"message content is a {type(content).__name__}, not text")
-    usage = payload.get("usage")
-    usage = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} if isinstance(usage, dict) else {}
+    raw_usage = payload.get("usage")
+    usage = {}
+    if isinstance(raw_usage, dict):
+        usage = {k: v for k, v in raw_usage.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+        cached = _cached_tokens(raw_usage)
+        if cached:
+            usage["cached_tokens"] = cached
     model = payload.get("model")
-    return {"text": content, "usage": usage, "model": model if isinstance(model, str) else None, "dialect": dialect}
+    entry = {"text": content, "usage": usage, "model": model if isinstance(model, str) else None, "dialect": dialect}
+    logprobs = _token_logprobs(payload["choices"][0])
+    if logprobs is not None:
+        entry["logprobs"] = logprobs
+    return entry
+
+
+# A REW answer is a few hundred tokens; a longer list is cut (the verdict comes early).
+MAX_LOGPROB_TOKENS = 4096
+
+
+def _token_logprobs(choice) -> Optional[list]:
+    """[[token, logprob], ...] from a choice's `logprobs.content` (OpenAI's and vLLM's
+    form), None when absent or not that shape."""
+    lp = choice.get("logprobs") if isinstance(choice, dict) else None
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list):
+        return None
+    out = []
+    for t in content[:MAX_LOGPROB_TOKENS]:
+        tok = t.get("token") if isinstance(t, dict) else None
+        value = t.get("logprob") if isinstance(t, dict) else None
+        if not isinstance(tok, str) or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            return None
+        out.append([tok, float(value)])
+    return out
+
+
+def value_probability(text: str, logprobs: Optional[list], key: str) -> Optional[float]:
+    """The probability the model gave the string value of `key` in its JSON answer: exp of
+    the summed logprobs of the tokens that spell it (for "verdict": how sure it was of
+    "correct" against the other verdicts). None without logprobs, or when the tokens do not
+    spell the answer's text (then nothing is known about its confidence)."""
+    if not logprobs or not isinstance(text, str):
+        return None
+    if "".join(tok for tok, _ in logprobs) != text:
+        return None
+    m = re.search('"' + re.escape(key) + r'"\s*:\s*"', text)
+    if m is None:
+        return None
+    start = m.end()
+    end = text.find('"', start)
+    if end < 0:
+        return None
+    end = max(end, start + 1)  # an empty value: the token that closes it
+    total, pos, hit = 0.0, 0, False
+    for tok, lp in logprobs:
+        a, b = pos, pos + len(tok)
+        pos = b
+        if b > start and a < end:
+            total += lp
+            hit = True
+        if a >= end:
+            break
+    return math.exp(total) if hit else None
+
+
+def _cached_tokens(usage: dict) -> int:
+    """Prompt tokens served from the provider's prefix cache: OpenAI's and vLLM's
+    `prompt_tokens_details.cached_tokens`, Gemini's `cached_content_token_count`."""
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    if value is None:
+        value = usage.get("cached_content_token_count")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class _Failure(Exception):
@@ -554,7 +635,12 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         batch = list(batch)
 
         async def run_batch(session):
-            results = await asyncio.gather(*(self._one(req, model, cache, session) for req in batch))
+            # Sent grouped (one entity's requests back to back), answered in batch order.
+            order = sorted(range(len(batch)), key=lambda i: str(batch[i].group or ""))
+            answers = await asyncio.gather(*(self._one(batch[i], model, cache, session) for i in order))
+            results = [None] * len(batch)
+            for i, res in zip(order, answers):
+                results[i] = res
             # The batch's answers are stored before its results go on (off the event loop).
             await asyncio.get_running_loop().run_in_executor(None, cache.flush)
             return results
@@ -573,14 +659,19 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
             entry = await asyncio.get_running_loop().run_in_executor(None, cache.get, key) if cache.root else None
             if entry is not None:
                 answer, why = validate_answer(entry_text(entry), req.schema)
-                if answer is None:
+                if answer is None and isinstance(entry.get("invalid"), str):
+                    # An invalid answer this backend got and marked: its re-ask chain goes on
+                    # from the cache, as replay's does, and is not paid for again.
+                    result.cache_hits += 1
+                    _DeferredCounter("llm_cache_hits").inc()
+                elif answer is None:
                     # A cached answer that fails validation (a poisoned or older cache) is a
                     # miss: asked again, and the new answer replaces it.
-                    _counter("llm_cache_invalid").inc()
+                    _DeferredCounter("llm_cache_invalid").inc()
                     entry = None
                 else:
                     result.cache_hits += 1
-                    _counter("llm_cache_hits").inc()
+                    _DeferredCounter("llm_cache_hits").inc()
             if entry is None:
                 try:
                     entry = await self._post_with_retries(req, history, endpoint, session)
@@ -590,10 +681,12 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                 result.requests_sent += 1
                 result.prompt_tokens += entry.get("usage", {}).get("prompt_tokens", 0) or 0
                 result.completion_tokens += entry.get("usage", {}).get("completion_tokens", 0) or 0
+                result.cached_tokens += entry.get("usage", {}).get("cached_tokens", 0) or 0
                 # Validated before it is cached; an invalid answer is kept too (marked), so
                 # `--llm_backend replay` follows the same re-ask chain to the same outcome.
                 answer, why = validate_answer(entry_text(entry), req.schema)
                 cache.put(key, entry if answer is not None else {**entry, "invalid": why})
+            result.logprobs = entry.get("logprobs")
             history = settle(result, entry_text(entry), answer, why, history)
             if history is None:
                 return result
@@ -604,7 +697,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         """Tokens a request may use, held against --max_tokens_per_minute until its usage is known."""
         if not self.tokens_per_minute:
             return 0.0
-        text = req.text + "".join(str(m.get("content", "")) for m in history)
+        text = req.text + req.text_after + "".join(str(m.get("content", "")) for m in history)
         t, i = request_tokens(text, req.image, self.image_token_rule)
         return float(t + i + int(req.sampling.get("max_tokens") or 0))
 
@@ -623,7 +716,7 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
         reserve = self._reserve(req, history)
         while True:
             queued = await budget.acquire(reserve)
-            _counter("llm_budget_wait_ms_total").inc(int(queued * 1000))
+            _DeferredCounter("llm_budget_wait_ms_total").inc(int(queued * 1000))
             tries += 1
             entry = None
             try:
@@ -657,9 +750,9 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                     f.detail = f"{f.detail} (gave up after {tries} tries and {waited:.1f} s of waiting)"
                 raise f
             if limited:
-                _counter("llm_rate_limited").inc()
+                _DeferredCounter("llm_rate_limited").inc()
                 budget.on_rate_limited()
-            _counter("llm_retries").inc()
+            _DeferredCounter("llm_retries").inc()
             waited += wait
             await asyncio.sleep(wait)
 
@@ -684,12 +777,12 @@ class OpenAICompatibleHandler(ModelHandler[LLMRequest, LLMResult, _Endpoint]):
                     retry_after = resp.headers.get("Retry-After")
                     text = await resp.text()
             except TimeoutError as e:
-                _counter("llm_timeouts").inc()
+                _DeferredCounter("llm_timeouts").inc()
                 raise _Failure("endpoint_timeout", f"no answer within {self.timeout_s} s", True) from e
             except aiohttp.ClientError as e:
                 raise _Failure("endpoint_unreachable", f"{type(e).__name__}: {e}"[:300], True) from e
-            _counter("llm_requests").inc()
-            _counter("llm_latency_ms_total").inc(int((time.perf_counter() - started) * 1000))
+            _DeferredCounter("llm_requests").inc()
+            _DeferredCounter("llm_latency_ms_total").inc(int((time.perf_counter() - started) * 1000))
             if status == 200:
                 try:
                     entry = completion_entry(safe_json.loads(text), dialect)
@@ -746,6 +839,7 @@ def replay_one(req: LLMRequest, cache: ResponseCache, max_reasks: int) -> LLMRes
             return result
         result.cache_hits += 1
         raw = entry_text(entry)
+        result.logprobs = entry.get("logprobs")
         history = settle(result, raw, *validate_answer(raw, req.schema), history, count_invalid=False)
         if history is None:
             return result

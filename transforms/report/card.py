@@ -21,6 +21,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -132,12 +133,37 @@ def md_table(header: list[str], rows: list[list]) -> str:
 # ---------------------------------------------------------------------------- plots
 
 
+def bin_edges(values: list[float], bins: int = 40, threshold: Optional[float] = None) -> list[float]:
+    """Histogram bin edges over `values` with `threshold` (when inside their range, or at its
+    edge) one of the edges: nothing on one side of a threshold line is drawn in a bin that
+    reaches over to the other side."""
+    lo, hi = min(values), max(values)
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        return [lo - 0.5, hi + 0.5] if threshold is None else [threshold - 0.5, threshold, threshold + 0.5]
+    width = (hi - lo) / bins
+    if threshold is None:
+        return [lo + width * i for i in range(bins + 1)]
+    # Whole bins of the same width counted from the threshold both ways, so the threshold
+    # is an edge and the bins stay equal.
+    below = max(0, math.ceil((threshold - lo) / width - 1e-9))
+    above = max(0, math.ceil((hi - threshold) / width - 1e-9))
+    edges = [threshold - width * i for i in range(below, 0, -1)] + [threshold] + [threshold + width * i for i in range(1, above + 1)]
+    if len(edges) < 2:
+        edges.append(threshold + width)
+    # A value exactly at the top edge counts in the last bin (numpy's closed last bin).
+    return edges
+
+
 class Plots:
-    """Draws figures into `<out>/plots/NAME.png` and remembers them for the card."""
+    """Draws figures into `<out>/plots/NAME.png` and remembers them for the card, and the bin
+    edges of every histogram (`edges[name]`)."""
 
     def __init__(self, out: str):
         self.out = out
         self.made: list[tuple[str, str]] = []  # (relative path, caption)
+        self.edges: dict[str, list[float]] = {}
 
     def save(self, fig, name: str, caption: str) -> None:
         import matplotlib.pyplot as plt
@@ -179,7 +205,8 @@ class Plots:
 
     def histogram(self, name, values, title, xlabel, caption, *, threshold=None, threshold_label=None, bins=40):
         fig, ax = self.figure(title)
-        ax.hist(values, bins=bins, color="#4C72B0")
+        self.edges[name] = bin_edges(values, bins, threshold)
+        ax.hist(values, bins=self.edges[name], color="#4C72B0")
         if threshold is not None:
             ax.axvline(threshold, color="#C44E52", linestyle="--", label=threshold_label or f"threshold {threshold:g}")
             ax.legend(fontsize=9)
@@ -323,6 +350,14 @@ def models_used(manifest: dict) -> list[tuple[str, str]]:
         found.append(("architecture", f"GIT ({opts.get('model_config', '?')}, init {opts.get('init', '?')})"))
     if manifest.get("backend"):
         found.append(("llm_backend", str(manifest["backend"])))
+    if manifest.get("rew_requests") in (1, 2):
+        found.append(("rew_requests", "1 (verdict and rationale in one answer)" if manifest["rew_requests"] == 1
+                      else "2 (verify, then rationale + QA)"))
+    escalate = (manifest.get("backends") or {}).get("escalate")
+    if isinstance(escalate, dict):
+        share = (manifest.get("escalation") or {}).get("escalated_share")
+        found.append(("llm_escalation", f"{escalate.get('model')} ({escalate.get('backend')})"
+                      + (f", {100 * share:.1f} % of samples escalated" if isinstance(share, (int, float)) else "")))
     return found
 
 
@@ -404,6 +439,9 @@ def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_rec
         )
         plots.bars("rejects", [f"{s} / {r}" for s, r, _ in rejects], [n for _, _, n in rejects], "Rejects by reason",
                    "Rejected records by stage and reason.", horizontal=True)
+    audit = _read_audit(out)
+    if audit:
+        card.add("Audit", *_audit_parts(audit))
     if models:
         card.add("Models and prompts", md_table(["role", "model"], [[k, md_code(v)] for k, v in models])
                  + _prompts_table(manifest))
@@ -436,7 +474,8 @@ def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_rec
     with FileSystems.create(f"{out}/{CARD_FILE}") as f:
         f.write(text.encode("utf-8"))
     viewer = write_viewer(out, manifest, files, max_records=viewer_records) if (files or kind in KIND_WITH_VIEWER) else None
-    return {"card": f"{out}/{CARD_FILE}", "plots": [f"{out}/{rel}" for rel, _ in plots.made], "viewer": viewer}
+    return {"card": f"{out}/{CARD_FILE}", "plots": [f"{out}/{rel}" for rel, _ in plots.made], "viewer": viewer,
+            "bin_edges": dict(plots.edges)}
 
 
 KIND_WITH_VIEWER = ("candidates", "decontaminated_shards", "rew_shards", "oven_shards")
@@ -512,10 +551,9 @@ def _records_section(card: Card, plots: Plots, out: str, manifest: dict, table, 
                     continue
         if kept or dropped:
             fig, ax = plots.figure(f"Highest cosine to any evaluation image{of_what}")
-            bins = 40
-            lo = min(kept + dropped)
-            hi = max(kept + dropped + ([threshold] if threshold is not None else []))
-            edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)] if hi > lo else bins
+            # Dropped means cosine > threshold: the threshold is a bin edge, so no dropped
+            # image is drawn left of its line and no kept one right of it.
+            edges = plots.edges["decontamination"] = bin_edges(kept + dropped, 40, threshold)
             if kept:
                 ax.hist(kept, bins=edges, color="#4C72B0", label=f"kept ({len(kept):,})")
             if dropped:
@@ -540,8 +578,9 @@ def _records_section(card: Card, plots: Plots, out: str, manifest: dict, table, 
         grounded = {k[len("grounded_"):]: v for k, v in sorted(counters.items()) if k.startswith("grounded_")}
         methods = Counter(m for m in table.column("grounding_method").to_pylist() if m) if "grounding_method" in cols else Counter()
         if methods:
-            plots.bars("grounding_methods", list(methods), list(methods.values()), f"How corrected names were grounded{of_what}",
-                       "How an LLM-given entity name was matched to a catalog entity.")
+            plots.bars("grounding_methods", list(methods), list(methods.values()), f"How each label was grounded{of_what}",
+                       "How each kept label was matched to a catalog entity: verified (the candidate was confirmed) or, "
+                       "for a corrected name, exact, normalized, disambiguation or embedding.")
         if grounded:
             card.add("Grounding of corrected names", md_table(["method", "samples"], [[k, fmt_number(v)] for k, v in grounded.items()]))
         if "changed" in cols:
@@ -624,3 +663,48 @@ def _model_section(card: Card, plots: Plots, out: str, manifest: dict) -> None:
         ax.set_ylabel("loss")
         ax.legend(fontsize=8)
         plots.save(fig, "loss", "Training loss per logged step (total and per task).")
+
+
+def write_card_safely(out: str, manifest: dict) -> Optional[dict]:
+    """The output's dataset card and viewer. A card is a report: when
+    it cannot be drawn the run still stands, with a warning that says how to redraw it."""
+    try:
+        return write_card(out, manifest)
+    except Exception as e:  # noqa: BLE001
+        log.warning("the dataset card of %s could not be written (%s: %s); the data is complete. "
+                    "Redraw it with: python -m pipelines.card %s", out, type(e).__name__, e, out)
+        return None
+
+
+def _read_audit(out: str) -> Optional[dict]:
+    from transforms.formats.files import read_json
+
+    try:
+        return read_json(f"{out}/audit/results.json")
+    except Exception:  # noqa: BLE001 - no audit yet
+        return None
+
+
+def _audit_parts(results: dict) -> list[str]:
+    """The Audit section of an output's card, from `<out>/audit/results.json`
+    (`pipelines.audit DIR --judgments FILE`)."""
+
+    def row(name, v):
+        if not v:
+            return None
+        return [md_text(name), f"{100 * v['precision']:.1f} %", f"{100 * v['low']:.1f}-{100 * v['high']:.1f} %", str(v["judged"])]
+
+    parts = [f"{results['judged']} of the {results['sample']} sampled records judged by "
+             f"{', '.join(md_text(r) for r in results['reviewers']) or 'nobody'} ({results['unsure']} unsure, left out); "
+             "precisions re-weighted to the whole output by the sample's strata, with Wilson 95 % intervals "
+             "(`python -m pipelines.audit DIR --judgments FILE`)."]
+    for group, title in (("overall", "overall"), ("verdict", "by verdict"), ("grounding_method", "by grounding method"),
+                         ("score_bucket", "by retrieval score"), ("rejection_reason", "rejects, by reason")):
+        rows = [r for r in (row(k, v) for k, v in results["precision"][group].items()) if r]
+        if rows:
+            parts.append(f"**{title}**\n\n" + md_table(["group", "precision", "95 % interval", "judged"], rows))
+    if results["agreement"]:
+        parts.append("**reviewers' agreement**\n\n" + md_table(["reviewers", "records", "agreement", "kappa"], [
+            [md_text(" / ".join(a["reviewers"])), str(a["records"]), f"{100 * a['agreement']:.1f} %",
+             "-" if a["kappa"] is None else f"{a['kappa']:.3f}"] for a in results["agreement"]]))
+    return parts

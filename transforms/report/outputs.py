@@ -9,6 +9,7 @@ import json
 from typing import Optional
 
 from transforms.formats.files import open_read
+from transforms.schema import KNOWN_STAGES
 
 MAX_ROWS = 200_000
 
@@ -59,8 +60,6 @@ def reject_counts(out: str, counters: dict) -> list[tuple[str, str, int]]:
     """(stage, reason, records) from the manifest counters `rejected_<stage>_<reason>`;
     the stage is told apart from the reason by the `rejected/<stage>/` folders and the
     stages this project knows."""
-    from transforms.io.writers import KNOWN_STAGES
-
     stages = set(KNOWN_STAGES)
     try:
         from apache_beam.io.filesystems import FileSystems
@@ -100,4 +99,63 @@ def read_rejects(out: str, stage: Optional[str] = None, limit: int = 1000) -> li
                     found.append(json.loads(line))
                     if len(found) >= limit:
                         return found
+    return found
+
+
+def image_sources(dirs: list[str], own: bool = True) -> list[str]:
+    """Parquet files that may hold the images of outputs' records: each output's own shards
+    (unless `own` is False), then the Parquet inputs its manifest lists (a reject's image is
+    in the input it came from)."""
+    paths: list[str] = []
+    for d in dirs:
+        d = d.rstrip("/")
+        try:
+            with open_read(f"{d}/manifest.json") as f:
+                manifest = json.load(f)
+        except Exception:  # noqa: BLE001 - no manifest: nothing to look in
+            continue
+        if own:
+            paths += [p for p, _ in parquet_files(d, manifest)]
+        paths += [p for p in (manifest.get("inputs") or {}).get("listed") or [] if str(p).endswith(".parquet")]
+    return paths
+
+
+def thumbnails(paths: list[str], keys: set[str], side: int, max_files: int = 64) -> dict[str, str]:
+    """key -> `data:` URL of a JPEG of at most `side` px (through the guarded decoder), for
+    `keys`, from the first of `paths` (Parquet with `key` and `image`) holding each. Only the
+    row groups holding a wanted key are read, and of them only those rows' images; at most
+    `max_files` files are looked in (a card at the end of a web-scale run stays cheap: a key
+    not found by then has no thumbnail)."""
+    import base64
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from transforms.io.images import ImageError, image_for_llm
+
+    found: dict[str, str] = {}
+    for path in paths[:max_files]:
+        want = keys - set(found)
+        if not want:
+            break
+        try:
+            with open_read(path) as f:
+                pf = pq.ParquetFile(f)
+                if not {"key", "image"} <= set(pf.schema_arrow.names):
+                    continue
+                wanted = pa.array(sorted(want))
+                for i in range(pf.num_row_groups):
+                    mask = pc.is_in(pf.read_row_group(i, columns=["key"]).column("key"), value_set=wanted)
+                    if not pc.any(mask).as_py():
+                        continue
+                    table = pf.read_row_group(i, columns=["key", "image"]).filter(mask)
+                    for key, data in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
+                        try:
+                            thumb, mime = image_for_llm(data or b"", side)
+                        except ImageError:
+                            continue
+                        found.setdefault(key, f"data:{mime};base64,{base64.b64encode(thumb).decode('ascii')}")
+        except OSError:
+            continue
     return found

@@ -94,10 +94,14 @@ def _reject(r: dict) -> dict:
         rec = {"record": r.get("record_json")}
     if not isinstance(rec, dict):
         rec = {"record": rec}
+    thumb = r.get("thumbnail")
     return {
         "kind": "rejected",
         "key": r.get("key"),
-        "img": "",
+        # A thumbnail the reject kept (a `data:image/jpeg` URL, nothing else is shown).
+        "img": thumb if isinstance(thumb, str) and thumb.startswith("data:image/jpeg;base64,") else "",
+        "eval_id": rec.get("eval_id"),
+        "eval_img": "",
         "stage": r.get("stage"),
         "reason": r.get("reason"),
         "detail": r.get("detail"),
@@ -162,7 +166,27 @@ def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_rec
             step = max(1, table.num_rows // max_records)
             rows = table.slice(0).to_pylist()[::step][:max_records]
             records = [_record(r) for r in rows]
-    records += [_reject(r) for r in sample_rejects(out, max_records)]
+    rejects = [_reject(r) for r in sample_rejects(out, max_records)]
+    # A reject's image is not in the output; where it came from a Parquet input the run lists,
+    # the sampled rejects' images are read back from there (those rows only).
+    from transforms.report.outputs import image_sources, thumbnails
+
+    wanted = {r["key"] for r in rejects if r.get("key") and not r["img"]}
+    if wanted:
+        found = thumbnails(image_sources([out], own=False), wanted, THUMB_SIDE)
+        for r in rejects:
+            r["img"] = r["img"] or found.get(r.get("key"), "")
+    # A near-duplicate beside the evaluation image it matched (eval_set/thumbnails-*.parquet).
+    eval_ids = {str(r["eval_id"]) for r in rejects if r.get("eval_id")}
+    if eval_ids and manifest.get("eval_set"):
+        try:
+            paths = sorted(m.path for m in FileSystems.match([f"{manifest['eval_set'].rstrip('/')}/thumbnails-*.parquet"])[0].metadata_list)
+        except Exception:  # noqa: BLE001 - an eval set from before thumbnails were kept
+            paths = []
+        found = thumbnails(paths, eval_ids, THUMB_SIDE)
+        for r in rejects:
+            r["eval_img"] = found.get(str(r.get("eval_id") or ""), "")
+    records += rejects
     kind = manifest.get("kind", "?")
     counters = manifest.get("counters") or {}
     meta = {
@@ -257,7 +281,13 @@ function render(r) {
   c.dataset.kind = r.kind;
   const top = el("div", "top");
   if (r.img) { const im = el("img", "thumb"); im.src = r.img; im.alt = r.title || r.key || ""; im.loading = "eager"; top.appendChild(im); }
-  else top.appendChild(el("div", "noimg", r.kind === "rejected" ? "image not kept with rejects" : "no image"));
+  else top.appendChild(el("div", "noimg", r.kind === "rejected" ? "image not kept with this reject" : "no image"));
+  if (r.eval_img) {
+    const ev = el("figure", "evalfig");
+    const im = el("img", "thumb eval"); im.src = r.eval_img; im.alt = "evaluation image " + (r.eval_id || ""); im.loading = "eager";
+    ev.appendChild(im); ev.appendChild(el("figcaption", "qid", "matched evaluation image " + (r.eval_id || "")));
+    top.appendChild(ev);
+  }
   const side = el("div");
   const ent = el("div", "entity", r.title || "(no entity)");
   if (r.qid) ent.appendChild(el("span", "qid", " " + r.qid));
@@ -295,19 +325,24 @@ function state() {
 }
 function apply() {
   const f = state();
-  let shown = 0, images = 0;
+  let shown = 0, images = 0, evals = 0;
   for (const { r, node } of cards) {
     const ok = (f.show === "all" || r.kind === f.show) && (!f.verdict || r.verdict === f.verdict) &&
       (!f.reason || (r.reason && r.stage + " / " + r.reason === f.reason)) &&
       (!f.entity || (r.title || "").toLowerCase().includes(f.entity) || (r.qid || "").toLowerCase() === f.entity ||
        (r.cand_title || "").toLowerCase().includes(f.entity) || (r.cand_qid || "").toLowerCase() === f.entity);
     node.style.display = ok ? "" : "none";
-    if (ok) { shown++; const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++; }
+    if (ok) {
+      shown++;
+      const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++;
+      const ev = node.querySelector("img.eval"); if (ev && ev.complete && ev.naturalWidth > 0) evals++;
+    }
   }
   empty.style.display = shown ? "none" : "";
   document.getElementById("count").textContent = shown + " of " + cards.length + " shown";
   document.body.dataset.shown = String(shown);
   document.body.dataset.imagesLoaded = String(images);
+  document.body.dataset.evalImagesLoaded = String(evals);
   const h = new URLSearchParams();
   for (const [k, v] of Object.entries(f)) if (v && !(k === "show" && v === "all")) h.set(k, v);
   const hash = h.toString();

@@ -75,6 +75,20 @@ def positive(flag: str, value, minimum=1):
     return value
 
 
+def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
+    """`run(argv)` as a command's exit status: 0; 2 for misuse (UsageError) and 3 for counts
+    that do not add up (AccountingError), with the message on stderr."""
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except AccountingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -82,11 +96,6 @@ def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:
     from transforms.run.secrets import install_log_redaction
 
     install_log_redaction()
-    try:
-        run(None)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except AccountingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    code = exit_code(run)
+    if code:
+        sys.exit(code)

@@ -1,37 +1,23 @@
-"""Running a job: the code version a manifest records, thread budgets per SDK process (decided
-on the worker), running a pipeline with progress lines and reading its counters back, the
-counters table, and Beam's --dry_run (a Dataflow job built, not submitted)."""
+"""Running a job: thread budgets per SDK process (decided on the worker), running a pipeline
+with progress lines and reading its counters back, Beam's --dry_run (a Dataflow job built,
+not submitted), and `run_job`, the tail every Beam command ends with."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import os
-import subprocess
+from collections.abc import Callable
 from typing import Optional
 
 from transforms.errors import UsageError
-
-__version__ = "0.1.0"
+from transforms.run.manifest import prepare_output
+from transforms.run.version import code_version  # noqa: F401 - where commands found it before
 
 METRICS_NAMESPACE = "entityforge"
 
 log = logging.getLogger(__name__)
-
-
-def code_version() -> str:
-    """Package version plus the git commit when running from a checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+g{sha}" if sha else __version__
 
 
 def machine_cores() -> int:
@@ -109,15 +95,6 @@ def query_counters(result, namespace: str = METRICS_NAMESPACE) -> dict[str, int]
     return dict(sorted(counters.items()))
 
 
-def format_counters(counters: dict[str, int], title: str = "counters") -> str:
-    if not counters:
-        return f"{title}: (none reported)"
-    width = max(len(k) for k in counters)
-    lines = [title, "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:>12,}" for k, v in counters.items()]
-    return "\n".join(lines)
-
-
 def sum_counters(counters: dict[str, int], prefix: str) -> int:
     """Records counted under every `prefix*` counter (file-level `*_files` counters excluded)."""
     return sum(v for k, v in counters.items() if k.startswith(prefix) and not k.endswith("_files"))
@@ -181,3 +158,47 @@ def build_only(pipeline, name: str) -> dict:
     print(f"{name}: built for {summary['runner']} without submitting{detail}")
     return summary
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    """What a finished pipeline run hands to its manifest (`finish_run(**ran.fields(), ...)`)."""
+
+    counters: dict
+    seconds: float
+    started: dt.datetime
+
+    def fields(self) -> dict:
+        return {"counters": self.counters, "seconds": self.seconds, "started": self.started}
+
+
+def run_job(
+    pipeline,
+    options,
+    name: str,
+    finish: Callable[[Ran], dict],
+    *,
+    output: Optional[str] = None,
+    outputs: tuple[str, ...] = (),
+    expected: Optional[tuple[str, int]] = None,
+    execute: Optional[Callable[[], tuple]] = None,
+) -> dict:
+    """The tail of every Beam command: with Beam's `--dry_run` the job is built and nothing
+    runs; otherwise `output` is made ready for a (re-)run (the shard files `outputs` of an
+    earlier, possibly killed run removed, see `prepare_output`), the pipeline runs with
+    progress lines (`expected` feeds the ETA), and `finish(ran)` writes the manifest and
+    returns it. `execute` replaces the plain run where a command runs its pipeline its own
+    way (refine's batch rounds, its vLLM servers): it returns (counters, seconds), or
+    (None, status) when the run goes on later, and the status is returned."""
+    if is_dry_run(options):
+        return build_only(pipeline, name)
+    if output is not None:
+        prepare_output(output, outputs)
+    started = dt.datetime.now(dt.UTC)
+    if execute is None:
+        counters, seconds = run_and_count(pipeline, name, expected)
+    else:
+        counters, seconds = execute()
+        if counters is None:
+            return seconds
+    return finish(Ran(counters, seconds, started))

@@ -22,8 +22,9 @@ import apache_beam as beam
 from transforms.errors import AccountingError, UsageError
 from transforms.formats.files import read_json, write_json
 from transforms.io.writers import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX, files_summary
-from transforms.run.job import code_version, format_counters
+from transforms.report.card import write_card_safely
 from transforms.run.shuffles import SHUFFLE_PREFIX, format_shuffles, shuffle_report
+from transforms.run.version import code_version
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class RecordWritten(beam.PTransform):
             | "Json" >> beam.Map(lambda xs: json.dumps({"name": name, "outputs": sorted(xs, key=lambda x: x["format"])}, sort_keys=True))
             | "Write" >> beam.io.WriteToText(self.path, file_name_suffix=".json", shard_name_template="", num_shards=1)
         )
+
+
+def format_counters(counters: dict[str, int], title: str = "counters") -> str:
+    if not counters:
+        return f"{title}: (none reported)"
+    width = max(len(k) for k in counters)
+    lines = [title, "-" * (width + 14)]
+    lines += [f"{k:<{width}}  {v:>12,}" for k, v in counters.items()]
+    return "\n".join(lines)
 
 
 def summarize_files(fmt: str = "parquet") -> beam.PTransform:
@@ -302,19 +312,6 @@ def finish_run(
             + f" (counters in {out}/manifest.json)"
         )
     return manifest
-
-
-def write_card_safely(out: str, manifest: dict) -> Optional[dict]:
-    """The output's dataset card and viewer (transforms/report/card.py). A card is a report: when
-    it cannot be drawn the run still stands, with a warning that says how to redraw it."""
-    from transforms.report.card import write_card
-
-    try:
-        return write_card(out, manifest)
-    except Exception as e:  # noqa: BLE001
-        log.warning("the dataset card of %s could not be written (%s: %s); the data is complete. "
-                    "Redraw it with: python -m pipelines.card %s", out, type(e).__name__, e, out)
-        return None
 
 
 MAX_LISTED_INPUTS = 1000

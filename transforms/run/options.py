@@ -18,6 +18,7 @@ from typing import Optional
 
 from apache_beam.options import pipeline_options as po
 
+from transforms.io.writers import SHARD_FORMATS
 from transforms.run.cli import Parser, cli_main, positive, unrecognized  # noqa: F401 - cli_main, positive: the pipelines import them from here
 
 
@@ -77,3 +78,56 @@ def parse(
 
         progress.INTERVAL = max(0.0, float(args.progress_interval))
     return args, po.PipelineOptions(rest)
+
+
+# Flag groups: a flag that several commands take is declared once, with one help text.
+
+def add_output(p: argparse.ArgumentParser, help: str = "output directory (local or gs://)") -> None:
+    p.add_argument("--output", required=True, help=help)
+
+
+def add_threads(p: argparse.ArgumentParser, what: str = "torch/faiss threads") -> None:
+    p.add_argument("--threads", type=int, default=0, help=f"{what}; 0 = cores / processes")
+
+
+def add_shards(p: argparse.ArgumentParser, formats: Optional[str] = None, shuffle_note: bool = True) -> None:
+    """--num_shards, and --formats (a comma list of shard formats) when `formats` gives its default."""
+    if formats is not None:
+        p.add_argument("--formats", default=formats, help=f"comma list of {', '.join(SHARD_FORMATS)}")
+    p.add_argument("--num_shards", type=int, default=0,
+                   help="output shards; 0 = runner decides" + (" (no shuffle)" if shuffle_note else ""))
+
+
+def add_text_encoder(p: argparse.ArgumentParser, chunk_flag: str = "--embed_chunk", what: str = "texts") -> None:
+    """How the text encoder runs: texts per call (`chunk_flag`), --embed_tokens_per_pass, --device."""
+    p.add_argument(chunk_flag, type=int, default=2048,
+                   help=f"{what} handed to the text encoder at once; it groups them by token length")
+    p.add_argument("--embed_tokens_per_pass", type=int, default=0,
+                   help="padded tokens per encoder forward pass (0: 2048 on CPU, 65536 on a GPU)")
+    p.add_argument("--device", default="cpu", help="torch device of the text encoder")
+
+
+def add_unfinished_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow_unfinished_input",
+        action="store_true",
+        help="read shards of ours even when their folder has no manifest.json or does not match it "
+        "(the run that wrote them did not finish); off by default, so a killed run is not read as whole",
+    )
+
+
+def add_share(p: argparse.ArgumentParser, flag: str, what: str, auto: str = "when the runner starts more than one process per machine") -> None:
+    """An auto|yes|no choice of holding something once per machine for every SDK process."""
+    p.add_argument(flag, choices=("auto", "yes", "no"), default="auto", help=f"{what} (auto: {auto})")
+
+
+def shared(choice: str, options, auto: Optional[bool] = None) -> bool:
+    """An `add_share` flag's value: yes / no, or for auto `auto` when given, else whether the
+    runner starts more than one SDK process per machine."""
+    if choice in ("yes", "no"):
+        return choice == "yes"
+    if auto is not None:
+        return auto
+    from transforms.run.job import worker_processes
+
+    return worker_processes(options) != 1

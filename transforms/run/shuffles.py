@@ -11,7 +11,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 
 SHUFFLE_PREFIX = "shuffle_"
 
@@ -54,8 +54,8 @@ def approx_size(value: Any, _depth: int = 0) -> int:
 
 class _Measure(beam.DoFn):
     def __init__(self, step: str):
-        self.elements = progress_counter(f"{SHUFFLE_PREFIX}{step}_elements")
-        self.bytes = progress_counter(f"{SHUFFLE_PREFIX}{step}_bytes")
+        self.elements = counter(f"{SHUFFLE_PREFIX}{step}_elements")
+        self.bytes = counter(f"{SHUFFLE_PREFIX}{step}_bytes")
 
     def process(self, element):
         self.elements.inc()

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.errors import UsageError
-from transforms.formats.files import write_json
+from transforms.formats.files import read_json, write_json
 from transforms.io.readers import REJECTED
-from transforms.run.job import code_version
-from transforms.run.progress import counter as progress_counter
+from transforms.models.faiss_index import set_faiss_threads
+from transforms.run.progress import counter
+from transforms.run.version import code_version
 from transforms.schema import Entity, Reject, arrow_schema, to_row, truncate_json
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class CollapseDuplicateQids(beam.DoFn):
     STAGE = "dedup"
 
     def __init__(self):
-        self.unique = progress_counter("entities_unique")
+        self.unique = counter("entities_unique")
 
     def process(self, element):
         qid, entities = element
@@ -107,7 +108,7 @@ class WriteVectorPart(beam.DoFn):
         path = FileSystems.join(self.output_dir, PARTS_DIR, f"part-{uuid.uuid4().hex}.parquet")
         with FileSystems.create(path) as f:
             pq.write_table(table, f)
-        progress_counter("entities_embedded").inc(len(batch))
+        counter("entities_embedded").inc(len(batch))
         yield path
 
 
@@ -305,7 +306,6 @@ def finalize_entity_index(
     table are memory-mapped files; then the faiss index (a flat 6M x 384 index: 9.2 GB)."""
     import faiss
 
-    from transforms.models.embedding import set_faiss_threads
 
     set_faiss_threads(threads)
     part_paths = sorted(set(part_paths))
@@ -431,7 +431,6 @@ class FinalizeEntityIndex(beam.DoFn):
 
 
 def read_manifest(entity_index_dir: str, flag: str = "--entity_index") -> dict:
-    from transforms.formats.files import read_json
 
     path = FileSystems.join(entity_index_dir, MANIFEST_FILE)
     if not FileSystems.exists(path):

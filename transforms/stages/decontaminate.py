@@ -7,6 +7,7 @@ Pieces:
   ListEvalImages       a folder, a glob, or OVEN annotation JSON lines + an image root
                        -> (eval id, path), matched and read inside the pipeline
   DecodeImages         bytes -> (record, DecodedImage); bad images -> Reject with the reason
+  EmbedImages          decode -> CLIP vectors, the chain the eval set and the candidates share
   StackEval, WriteEvalSet  eval vectors -> one EvalMatrix -> eval_set/embeddings.npy + ids.json
   EvalMatrixHandler    exact nearest eval image (one matrix product per batch), loaded once
                        per machine when shared across SDK processes
@@ -26,7 +27,7 @@ from typing import NamedTuple, Optional
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from transforms.formats import parquet, safe_json
 from transforms.formats.files import open_read
@@ -39,16 +40,22 @@ from transforms.formats.webdataset import (
     iter_samples,
     webdataset_corpus_key,
 )
-from transforms.io.images import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, ImageError, decode_image
-from transforms.io.readers import REJECTED
+from transforms.io.images import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    data_url,
+    decode_image,
+    small_jpeg,
+)
+from transforms.io.readers import REJECTED, ListFiles
 from transforms.io.retry import read_guarded, retry_stream
-from transforms.run.progress import counter as progress_counter
+from transforms.io.writers import DeadLetters
+from transforms.run.progress import counter
+from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Candidate, Reject, Sample, from_row, truncate_json
 
 log = logging.getLogger(__name__)
-
-def _counter(name: str):
-    return progress_counter(name)
 
 
 _reject = Reject.of
@@ -82,7 +89,7 @@ class ReadCandidateImages(beam.DoFn):
 
         def unreadable(e):
             # A broken file is a reject, not a crash; I/O errors are retried, then raised.
-            _counter("candidate_files_unreadable").inc()
+            counter("candidate_files_unreadable").inc()
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
                 _reject(self.STAGE, "unreadable_file", f"{type(e).__name__}: {e}"[:500], source=source, count=0),
@@ -92,7 +99,7 @@ class ReadCandidateImages(beam.DoFn):
         yield from read_guarded(make, source, unreadable)
 
     def _emit(self, row: dict, source: str):
-        _counter("candidates_read").inc()
+        counter("candidates_read").inc()
         image = row.get("image")
         if image is None:
             image = row.get("jpg")
@@ -140,7 +147,7 @@ class ReadCandidateImages(beam.DoFn):
             for s in iter_samples(f, path=path):
                 if isinstance(s, TarDamage):
                     # The samples before the damage went on; the rest of the file is one reject.
-                    _counter("candidate_files_broken").inc()
+                    counter("candidate_files_broken").inc()
                     yield beam.pvalue.TaggedOutput(
                         REJECTED,
                         _reject(self.STAGE, damage_reason(s.error),
@@ -148,13 +155,13 @@ class ReadCandidateImages(beam.DoFn):
                     )
                     break
                 if s.refused or s.bad_json:
-                    _counter("candidates_read").inc()
+                    counter("candidates_read").inc()
                     reason, detail = s.refused or ("bad_json", s.bad_json)
                     yield beam.pvalue.TaggedOutput(REJECTED, _reject(self.STAGE, reason, detail, s.key, path))
                     continue
                 ident = image_identity(webdataset_corpus_key(s.key, s.meta), None, tag)
                 if isinstance(s.image, TarMemberRef):  # larger than MAX_MEMBER_BYTES: never read
-                    _counter("candidates_read").inc()
+                    counter("candidates_read").inc()
                     yield beam.pvalue.TaggedOutput(
                         REJECTED, _reject(self.STAGE, "image_too_large", f"image member of {s.image.size} bytes", ident, path)
                     )
@@ -195,14 +202,14 @@ class _ParseAnnotation(beam.DoFn):
         path, line = element
         if not line.strip():
             return
-        _counter("eval_annotation_lines").inc()
+        counter("eval_annotation_lines").inc()
         try:
             obj = safe_json.loads(line)
             image_id = obj["image_id"]
             if image_id is None or str(image_id) == "":
                 raise KeyError("image_id is empty")
         except (ValueError, KeyError, TypeError) as e:
-            _counter("eval_annotation_lines_bad").inc()
+            counter("eval_annotation_lines_bad").inc()
             yield beam.pvalue.TaggedOutput(
                 REJECTED, _reject("eval_images", "bad_annotation", f"{type(e).__name__}: {e}"[:300], source=path, record=line[:500])
             )
@@ -214,7 +221,7 @@ def _match_annotation(element):
     image_id, joined = element
     if not list(joined["ann"]):
         return  # an image no annotation asks about
-    _counter("eval_images_listed").inc()
+    counter("eval_images_listed").inc()
     paths = sorted(joined["path"])
     if not paths:
         yield beam.pvalue.TaggedOutput(
@@ -229,7 +236,7 @@ def _ids_by_stem(element):
     stem, paths = element
     paths = sorted(paths)
     for path in paths:
-        _counter("eval_images_listed").inc()
+        counter("eval_images_listed").inc()
         yield (stem if len(paths) == 1 else path), path
 
 
@@ -249,8 +256,6 @@ class ListEvalImages(beam.PTransform):
         self.image_root = image_root
 
     def expand(self, pbegin):
-        from transforms.io.readers import ListFiles
-        from transforms.run.shuffles import MeasureShuffle
 
         suffixes = IMAGE_SUFFIXES
         if is_annotation_file(self.eval_images):
@@ -337,9 +342,82 @@ class DecodeImages(beam.DoFn):
                 ),
             )
             return
-        _counter(f"{self.stage}_decoded").inc()
+        counter(f"{self.stage}_decoded").inc()
         # Eval images continue as their id alone: their bytes are not needed any more.
         yield (item if isinstance(item, Candidate) else key), decoded
+
+
+def _without_pixels(item):
+    record, decoded = item
+    # The decoded pixels are needed only for the embedding; keep the facts, drop the pixels.
+    return (record, dataclasses.replace(decoded, image=None)), decoded.image
+
+
+class EmbedImages(beam.PTransform):
+    """Images -> decoded -> CLIP vectors: the one chain both sides of decontaminate run.
+
+    Input: (eval id, bytes) or Candidate (DecodeImages). Output: {"vectors": ((record,
+    decoded facts without pixels), vector), "rejected": images that did not decode (stage
+    `stage`) and batches the model failed on (stage `embed_stage`, reason embed_failed)}.
+    `handler` is the CLIP image handler; `draft` the decode side (0 = full size)."""
+
+    def __init__(self, stage: str, embed_stage: str, handler, max_pixels: int, draft: int, max_image_bytes: int):
+        super().__init__()
+        self.stage, self.embed_stage, self.handler = stage, embed_stage, handler
+        self.decoder = DecodeImages(stage, max_pixels, draft, max_image_bytes)
+
+    def expand(self, images):
+
+
+        decoded = images | "Decode" >> beam.ParDo(self.decoder).with_outputs(REJECTED, main="images")
+        embedded, dlq = (
+            decoded.images
+            | "Pixels" >> beam.Map(_without_pixels)
+            | "Embed" >> RunInference(KeyedModelHandler(self.handler)).with_exception_handling()
+        )
+        failed = dlq.failed_inferences | "EmbedFailures" >> beam.ParDo(DeadLetters(self.embed_stage, "embed_failed"))
+        return {
+            "vectors": embedded | "Vectors" >> beam.Map(lambda kv: (kv[0], kv[1].inference)),
+            "rejected": (decoded[REJECTED], failed) | "Rejects" >> beam.Flatten(),
+        }
+
+
+def eval_vector(item):
+    """((eval id, decoded facts), vector) -> (eval id, vector), counted."""
+    (eval_id, _facts), vec = item
+    counter("eval_images_embedded").inc()
+    return eval_id, vec
+
+
+EVAL_THUMBNAILS = "thumbnails"
+
+
+def eval_thumbnail(item) -> Optional[dict]:
+    """(eval id, image bytes) -> {"key", "image": <= 128 px JPEG} for eval_set/thumbnails-*.parquet,
+    or None when the image does not decode (the decoder's reject tells why)."""
+    eval_id, data = item
+    thumb = small_jpeg(data)
+    return None if thumb is None else {"key": str(eval_id), "image": thumb}
+
+
+class WriteEvalThumbnails(beam.PTransform):
+    """(eval id, bytes) -> eval_set/thumbnails-*.parquet (`key`, `image`: small JPEGs), what the
+    viewer shows next to a near-duplicate reject."""
+
+    def __init__(self, eval_dir: str):
+        super().__init__()
+        self.eval_dir = eval_dir
+
+    def expand(self, images):
+        import pyarrow as pa
+
+        schema = pa.schema([("key", pa.string()), ("image", pa.binary())])
+        return (
+            images
+            | "Thumbnail" >> beam.Map(eval_thumbnail)
+            | "Decoded" >> beam.Filter(lambda r: r is not None)
+            | "Write" >> beam.io.WriteToParquet(f"{self.eval_dir}/{EVAL_THUMBNAILS}", schema, file_name_suffix=".parquet")
+        )
 
 
 class EvalMatrix(NamedTuple):
@@ -480,15 +558,18 @@ class DropNearDuplicates(beam.DoFn):
 
     STAGE = "decontaminate"
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, thumbnails: bool = True):
         self.threshold = np.float32(threshold)
+        # A dropped image keeps a <= 128 px JPEG (<= 8 KB) in its reject, so the viewer and
+        # the audit show what was dropped next to the evaluation image it matched.
+        self.thumbnails = thumbnails
 
     def process(self, element):
         (cand, decoded), result = element
         nearest, sim = result.inference
         s = np.float32(sim) if sim is not None else None
         if s is not None and s > self.threshold:
-            _counter("decontaminate_dropped").inc()
+            counter("decontaminate_dropped").inc()
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
                 Reject(
@@ -498,10 +579,12 @@ class DropNearDuplicates(beam.DoFn):
                     key=cand.key,
                     source=cand.source,
                     record_json=truncate_json(
-                        {"eval_id": nearest, "similarity": round(float(s), 6), "qid": cand.qid, "url": cand.url, "caption": cand.caption}
+                        {"eval_id": nearest, "similarity": round(float(s), 6), "qid": cand.qid, "title": cand.title, "url": cand.url,
+                         "caption": cand.caption}
                     ),
+                    thumbnail=data_url(small_jpeg(cand.image)) if self.thumbnails and cand.image else None,
                 ),
             )
         else:
-            _counter("decontaminate_kept").inc()
+            counter("decontaminate_kept").inc()
             yield to_sample(cand, decoded, None if s is None else float(s), nearest)

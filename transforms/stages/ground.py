@@ -1,4 +1,5 @@
-"""Grounding: map a free-text entity name to one catalog entity (QID).
+"""Grounding: map a free-text entity name to one catalog entity (QID); `GroundingHandler`
+runs it in `RunInference` (refine's corrected names, the `ground` command).
 
 In order:
   1. exact title                                  method "exact"          score 1.0
@@ -16,13 +17,28 @@ else the first in catalog order; the others are recorded in `ambiguous`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.ml.inference.base import ModelHandler
+
+from transforms.formats import safe_json
+from transforms.formats.files import open_read
+from transforms.models.embedding import load_sentence_transformer
+from transforms.models.faiss_index import load_faiss_index
+from transforms.models.text_encoder import index_encoder
+from transforms.run.progress import counter
+from transforms.schema import Reject
+from transforms.stages.build_entity_index import ENTITIES_FILE, INDEX_FILE, read_manifest
 
 _DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
 
@@ -101,7 +117,6 @@ class Grounder:
     """
 
     def __init__(self, entities: Sequence[tuple[int, str, str]], encode=None, index=None):
-        import pyarrow as pa
 
         rows = sorted(entities)
         self._set_tables(
@@ -116,8 +131,6 @@ class Grounder:
     def from_table(cls, table, encode=None, index=None) -> Grounder:
         """From an Arrow table with int_id, qid, title (the entity index's entities.parquet),
         without a Python object per entity."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
 
         table = table.take(pc.sort_indices(table, [("int_id", "ascending")]))
         self = cls.__new__(cls)
@@ -207,3 +220,78 @@ class Grounder:
                     twins = [hit]
                 out[i] = self._pick(twins, items[i][1], "embedding", float(s))
         return [g if g is not None else Grounding(None, None, "ungrounded", 0.0) for g in out]
+
+
+def json_item(element) -> tuple:
+    """{"text": ..., "candidate_qid"?: ...} -> (text, candidate qid)."""
+    return str(element.get("text") or ""), element.get("candidate_qid") or element.get("qid")
+
+
+class GroundingHandler(ModelHandler[object, Grounding, Grounder]):
+    """element -> (element, Grounding) against the entity index (titles, then embeddings).
+    `item_fn` picks (name, candidate qid) out of an element."""
+
+    def __init__(
+        self,
+        entity_index: str,
+        text_model: str,
+        min_score: float,
+        threads=0,
+        item_fn=json_item,
+        share_across_processes: bool = False,
+    ):
+        # Shared: the title tables, the faiss index and the encoder are held once per
+        # machine and every SDK process calls into them.
+        super().__init__(min_batch_size=1, max_batch_size=256, large_model=share_across_processes)
+        self.entity_index = entity_index.rstrip("/")
+        self.text_model = text_model
+        self.min_score = min_score
+        self.threads = threads
+        self.item_fn = item_fn
+
+    def load_model(self) -> Grounder:
+        return load_grounder(self.entity_index, self.text_model, self.threads)
+
+    def run_inference(self, batch, model: Grounder, inference_args=None):
+        items = [self.item_fn(e) for e in batch]
+        yield from zip(batch, model.ground_many(items, self.min_score))
+
+    def get_metrics_namespace(self) -> str:
+        return "grounding"
+
+
+def load_grounder(entity_index: str, text_model: Optional[str] = None, threads=0) -> Grounder:
+    manifest = read_manifest(entity_index)
+    with open_read(f"{entity_index}/{ENTITIES_FILE}") as f:
+        table = pq.read_table(f, columns=["int_id", "qid", "title"])
+    model = load_sentence_transformer(text_model or index_encoder(manifest, entity_index), threads=threads)
+    index = load_faiss_index(f"{entity_index}/{INDEX_FILE}", threads, params=manifest.get("search", {}).get("params", {}))
+
+    def encode(texts):
+        return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+    return Grounder.from_table(table, encode, index)
+
+
+def parse_line(line: str):
+    """A line of the `ground` command's input -> its object, or a reject (bad JSON, no 'text')."""
+    counter("names_read").inc()
+    try:
+        obj = safe_json.loads(line)
+    except ValueError as e:
+        yield beam.pvalue.TaggedOutput("rejected", Reject(stage="ground", reason="bad_json", detail=str(e), record_json=line[:1000]))
+        return
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        yield beam.pvalue.TaggedOutput(
+            "rejected", Reject(stage="ground", reason="missing_text", detail="expected an object with a string 'text'", record_json=line[:1000])
+        )
+        return
+    yield obj
+
+
+def to_line(element) -> str:
+    """(object, Grounding) -> the output line: the object plus the grounding's fields."""
+    obj, g = element
+    counter(f"grounded_{g.method}").inc()
+    out = {**obj, "qid": g.qid, "title": g.title, "method": g.method, "score": round(float(g.score), 6), "ambiguous": g.ambiguous}
+    return json.dumps(out, ensure_ascii=False)

@@ -28,13 +28,9 @@ from transforms.formats.shards import read_images_at
 from transforms.io.readers import REJECTED
 from transforms.io.retry import retry_call
 from transforms.io.writers import DeadLetters
-from transforms.run.progress import counter as progress_counter
+from transforms.run.progress import counter
 from transforms.run.shuffles import MeasureShuffle
 from transforms.schema import Candidate, Caption, Reject, truncate_json
-
-
-def _counter(name: str):
-    return progress_counter(name)
 
 
 class Proposal(NamedTuple):
@@ -125,10 +121,10 @@ class ProposeEntities(beam.DoFn):
     def __init__(self, per_caption_entities: int, min_score: float):
         self.m = per_caption_entities
         self.min_score = min_score
-        self.searched = _counter("captions_searched")
-        self.proposing = _counter("captions_proposing")
-        self.below = _counter("captions_below_min_score")
-        self.proposals = _counter("proposals")
+        self.searched = counter("captions_searched")
+        self.proposing = counter("captions_proposing")
+        self.below = counter("captions_below_min_score")
+        self.proposals = counter("proposals")
 
     def process(self, element):
         caption, result = element
@@ -150,7 +146,7 @@ class ProposeEntities(beam.DoFn):
 
 def _rank_top_k(element):
     entity_id, top = element
-    _counter("proposals_in_top_k").inc(len(top))
+    counter("proposals_in_top_k").inc(len(top))
     for rank, (score, caption) in enumerate(top, start=1):
         yield caption.key, Assignment(entity_id, score, rank, caption)
 
@@ -161,8 +157,8 @@ class KeepBestEntity(beam.DoFn):
     STAGE = "select"
 
     def __init__(self):
-        self.kept = _counter("images_kept")
-        self.lost = _counter("proposals_lost_to_other_entity")
+        self.kept = counter("images_kept")
+        self.lost = counter("proposals_lost_to_other_entity")
 
     def process(self, element):
         key, assignments = element
@@ -207,7 +203,7 @@ class RankAndName(beam.DoFn):
             return
         names = list(joined["entity"])
         if not names:
-            _counter("entities_missing_from_table").inc()
+            counter("entities_missing_from_table").inc()
             qid, title = "", ""
         else:
             qid, title = names[0]
@@ -351,7 +347,7 @@ class ReadSelectedImages(beam.DoFn):
 
     def __init__(self, image_col: Optional[str]):
         self.image_col = image_col
-        self.attached = _counter("candidates_with_image")
+        self.attached = counter("candidates_with_image")
 
     def _reject(self, c: Candidate, reason: str, detail: str):
         return beam.pvalue.TaggedOutput(
