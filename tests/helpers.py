@@ -67,3 +67,28 @@ def read_candidates(output_dir, prefix="candidates") -> list[dict]:
     files = sorted(glob.glob(os.path.join(output_dir, f"{prefix}-*.parquet")))
     assert files, f"no {prefix}-*.parquet in {output_dir}"
     return pq.read_table(files).to_pylist()
+
+
+def chrome_driver(downloads=None, window="1280,1000"):
+    """Debian's headless Chromium driven through its WebDriver (Selenium), as a person's
+    browser; `downloads` is where files the page saves land."""
+    import shutil
+
+    import pytest
+    from selenium import webdriver
+
+    from tests.test_demo import _chromium
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        pytest.fail("no chromedriver on this machine: install Debian's `chromium-driver` package (.ci/run does)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = _chromium()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={window}"):
+        opts.add_argument(arg)
+    if downloads is not None:
+        opts.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    if downloads is not None:
+        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    return driver

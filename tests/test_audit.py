@@ -123,29 +123,18 @@ def test_judging_ten_records_with_the_keyboard_in_chromium(rew, tmp_path):
     """As a person uses it: Chromium driven through its WebDriver (Selenium) opens the page,
     keys judge 10 records, Export downloads the file, and the precision read back from it
     equals a hand computation."""
-    import shutil
     import time
 
-    from selenium import webdriver
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from tests.test_demo import _chromium
+    from tests.helpers import chrome_driver
 
-    driver_path = shutil.which("chromedriver")
-    if driver_path is None:
-        pytest.fail("no chromedriver on this machine: install Debian's `chromium-driver` package (.ci/run does)")
     audit.run([str(rew), "--sample", "10", "--seed", "2"])
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = _chromium()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"):
-        opts.add_argument(arg)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
-    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_path))
+    driver = chrome_driver(downloads)
     try:
-        driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
         driver.get((rew / "audit" / "audit.html").as_uri())
         driver.find_element(By.ID, "reviewer").send_keys("selenium")
         driver.find_element(By.ID, "caption").click()  # focus out of the name field

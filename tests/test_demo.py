@@ -196,6 +196,35 @@ def test_dataset_cards(run, folder):
         assert "plots/loss.png" in plots
 
 
+@pytest.mark.parametrize("folder", ["shards", "rew"])
+def test_datasets_loads_the_images_as_pictures(run, folder, tmp_path, monkeypatch):
+    """`datasets.load_dataset(<folder>)` reads the card's `dataset_info` and decodes `image`
+    to PIL images; pyarrow (and so DuckDB and the trainer) still reads plain bytes."""
+    import io
+
+    import datasets
+    import pyarrow as pa
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out, _ = run
+    root = out / folder
+    ds = datasets.load_dataset(str(root), split="train", cache_dir=str(tmp_path / "hf"))
+    files = sorted(glob.glob(str(root / "samples-*.parquet")))
+    table = pq.read_table(files)
+    assert table.schema.field("image").type == pa.binary()
+    listed = [e for e in json.load(open(root / "manifest.json"))["files"] if e["format"] == "parquet"]
+    assert len(ds) == table.num_rows == sum(f["rows"] for e in listed for f in e["files"]) > 0
+    assert isinstance(ds.features["image"], datasets.Image)
+    by_key = {k: (b, w, h) for k, b, w, h in zip(*(table.column(c).to_pylist() for c in ("key", "image", "width", "height")))}
+    for row in ds.select(range(min(5, len(ds)))):
+        im = row["image"]
+        assert isinstance(im, Image.Image)
+        data, w, h = by_key[row["key"]]
+        assert im.size == (w, h)
+        assert Image.open(io.BytesIO(data)).convert("RGB").tobytes() == im.convert("RGB").tobytes()
+
+
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)

@@ -9,8 +9,9 @@ What a card reads, at any scale:
   columns a plot needs from at most `max_rows` rows (200,000 by default) taken from files
   spread over the whole output, so a 2B-row output costs the same as a 200k-row one; a
   plot drawn from a sample says so in its title;
-* the viewer holds `viewer_records` records and as many rejects (thumbnails re-encoded
-  to ~10 KB each).
+* the viewer holds `viewer_records` records (thumbnails re-encoded to ~10 KB each) and
+  up to `viewer_rejects` rejects (the thumbnails they kept, or read back from the inputs);
+  the page builds only the cards a filter shows, a page at a time.
 Everything is drawn on the machine that launched the run (the Dataflow launcher), after
 the pipeline: nothing here runs on workers.
 """
@@ -30,7 +31,7 @@ from typing import Optional
 from transforms.formats.files import open_read
 from transforms.formats.text import strip_controls
 from transforms.report.outputs import MAX_ROWS, parquet_files, read_rejects, read_sample, reject_counts
-from transforms.report.viewer import write_viewer
+from transforms.report.viewer import MAX_REJECTS, write_viewer
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,8 @@ def _ellipsis(text: str, width: int) -> str:
 # ---------------------------------------------------------------------------- the card
 
 
-def _front_matter(kind: str, manifest: dict, rows: int, models: list[tuple[str, str]], data_files: Optional[str]) -> str:
+def _front_matter(kind: str, manifest: dict, rows: int, models: list[tuple[str, str]], data_files: Optional[str],
+                  features: Optional[list[tuple[str, str]]] = None) -> str:
     title, _ = KINDS.get(kind, (kind, ""))
     tasks = ["image-classification", "image-to-text"] if kind not in ("entity_index", "entity_codes") else ["feature-extraction"]
     lines = [
@@ -281,6 +283,13 @@ def _front_matter(kind: str, manifest: dict, rows: int, models: list[tuple[str, 
         lines += ["entityforge_prompts:", *[f"  {k}: {json.dumps(_prompt_version(v))}" for k, v in sorted(prompts.items())]]
     if data_files:
         lines += ["configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {json.dumps(data_files)}"]
+    if data_files and features:
+        # The columns' types for `datasets` and the Hub: `image` is declared an Image, so
+        # `load_dataset(<folder>)` decodes it to a PIL image and the Hub's viewer shows it;
+        # the Parquet column itself stays plain bytes for pyarrow, DuckDB and the trainer.
+        lines += ["dataset_info:", "  features:"]
+        for name, dtype in features:
+            lines += [f"  - name: {json.dumps(name)}", f"    dtype: {dtype}"]
     lines.append("---")
     return "\n".join(lines)
 
@@ -372,15 +381,16 @@ class Card:
         self.sections.append(f"## {heading}\n\n{body}" if body else f"## {heading}")
 
 
-def write_card(out: str, manifest: Optional[dict] = None, *, max_rows: int = MAX_ROWS, viewer_records: int = 300) -> dict:
+def write_card(out: str, manifest: Optional[dict] = None, *, max_rows: int = MAX_ROWS, viewer_records: int = 300,
+               viewer_rejects: int = MAX_REJECTS) -> dict:
     """Write `<out>/README.md`, `<out>/plots/*.png` and `<out>/viewer.html` for a finished
     output directory. Returns {"card", "plots", "viewer"} (paths). Every table cell from
     data is escaped (md_text), every plot label is plain text (plain_text)."""
     with plain_text():
-        return _write_card(out, manifest, max_rows=max_rows, viewer_records=viewer_records)
+        return _write_card(out, manifest, max_rows=max_rows, viewer_records=viewer_records, viewer_rejects=viewer_rejects)
 
 
-def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_records: int) -> dict:
+def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_records: int, viewer_rejects: int) -> dict:
     from apache_beam.io.filesystems import FileSystems
 
     from transforms.formats.files import read_json
@@ -411,9 +421,10 @@ def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_rec
         intro.append("Browse a sample of the records and the rejects in [viewer.html](viewer.html) "
                      "(a self-contained page: open it from the file system).")
     models = models_used(manifest)
-    data_files = None
+    data_files, features = None, None
     if files:
         data_files = _data_files_pattern([p for p, _ in files], out)
+        features = hf_features(files[0][0])
 
     # -- per kind
     if kind == "entity_index":
@@ -458,22 +469,29 @@ def _write_card(out: str, manifest: Optional[dict], *, max_rows: int, viewer_rec
         card.add("Files", md_table(["file", "format", "rows", "size"], file_rows[:50])
                  + (f"\n\n… and {len(file_rows) - 50:,} more (all in `manifest.json: files`)." if len(file_rows) > 50 else ""))
     if data_files:
-        card.add("Loading it", "```python\nimport datasets\nds = datasets.load_dataset(\"parquet\", data_files="
-                 f"\"{data_files}\", split=\"train\")\n```\n\nor stream it into training with "
-                 "`python -m trainer.train --train <this folder>` (Parquet, TFRecord or webdataset shards).")
+        if features:
+            card.add("Loading it", "```python\nimport datasets\nds = datasets.load_dataset(\"<this folder>\", split=\"train\")\n"
+                     "ds[0][\"image\"]  # a PIL image: this card declares the column an Image\n```\n\n"
+                     f"(`datasets.load_dataset(\"parquet\", data_files=\"{data_files}\")` reads the same rows without the "
+                     "card, `image` as bytes; so do pyarrow and DuckDB), or stream it into training with "
+                     "`python -m trainer.train --train <this folder>` (Parquet, TFRecord or webdataset shards).")
+        else:
+            card.add("Loading it", "```python\nimport datasets\nds = datasets.load_dataset(\"parquet\", data_files="
+                     f"\"{data_files}\", split=\"train\")\n```\n\nor stream it into training with "
+                     "`python -m trainer.train --train <this folder>` (Parquet, TFRecord or webdataset shards).")
     options = manifest.get("options")
     if isinstance(options, dict) and options:
         card.add("Options of the run", md_table(["option", "value"], [[md_code(f"--{k}"), md_code(_short(v))] for k, v in sorted(options.items())]))
 
     plot_md = "\n\n".join(f"![{cap}]({rel})\n\n*{cap}*" for rel, cap in plots.made)
     text = "\n\n".join(
-        [_front_matter(kind, manifest, rows_total, models, data_files), f"# {title}", *intro]
+        [_front_matter(kind, manifest, rows_total, models, data_files, features), f"# {title}", *intro]
         + ([f"## Plots\n\n{plot_md}"] if plot_md else [])
         + card.sections
     ) + "\n"
     with FileSystems.create(f"{out}/{CARD_FILE}") as f:
         f.write(text.encode("utf-8"))
-    viewer = write_viewer(out, manifest, files, max_records=viewer_records) if (files or kind in KIND_WITH_VIEWER) else None
+    viewer = write_viewer(out, manifest, files, max_records=viewer_records, max_rejects=viewer_rejects) if (files or kind in KIND_WITH_VIEWER) else None
     return {"card": f"{out}/{CARD_FILE}", "plots": [f"{out}/{rel}" for rel, _ in plots.made], "viewer": viewer,
             "bin_edges": dict(plots.edges)}
 
@@ -492,6 +510,34 @@ def _bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+# Arrow types -> the `dtype` of a Hugging Face `datasets` Value feature.
+_HF_DTYPES = {"string": "string", "large_string": "large_string", "binary": "binary", "large_binary": "large_binary",
+              "bool": "bool", "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "uint8": "uint8",
+              "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "halffloat": "float16", "float": "float32",
+              "double": "float64"}
+
+
+def hf_features(path: str) -> Optional[list[tuple[str, str]]]:
+    """(column, dtype) of a Parquet shard for the card's `dataset_info.features`, with the
+    bytes column `image` declared `image`. None when the shard has no `image` column or a
+    column of a type this does not map (then nothing is declared and `datasets` infers the
+    types itself, the image as bytes)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open_read(path) as f:
+            schema = pq.ParquetFile(f).schema_arrow
+    except (OSError, ValueError):
+        return None
+    found = []
+    for field in schema:
+        dtype = _HF_DTYPES.get(str(field.type))
+        if dtype is None:
+            return None
+        found.append((field.name, "image" if field.name == "image" and dtype in ("binary", "large_binary") else dtype))
+    return found if ("image", "image") in found else None
 
 
 def _data_files_pattern(paths: list[str], out: str) -> str:

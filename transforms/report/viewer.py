@@ -8,6 +8,10 @@ filterable by verdict, entity (title or QID, substring) and reject reason. The f
 live in the page's address (`viewer.html#verdict=corrected&entity=Q90`), so a filtered
 view can be bookmarked or sent. Every text is inserted as text, never as HTML: captions
 are untrusted web text.
+
+The page holds thousands of rejects and stays responsive: a filter runs over the data
+only, and only the first PAGE_SIZE matching cards are built and their images decoded;
+"Show more" builds the next page (a card once built is kept for the next filter).
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ VIEWER_FILE = "viewer.html"
 THUMB_SIDE = 160
 # Larger images get no thumbnail (a 40-megapixel RGB image is 120 MB while it is decoded).
 THUMB_MAX_PIXELS = 40_000_000
+# Cards built per page of matches ("Show more" builds the next page).
+PAGE_SIZE = 100
+# Rejects a viewer holds by default (thumbnails the rejects kept, ~1.5-8 KB each).
+MAX_REJECTS = 2000
 RECORD_COLUMNS = ["key", "image", "url", "caption", "qid", "title", "score", "rank", "max_eval_similarity", "nearest_eval_id",
                   "verdict", "changed", "candidate_qid", "candidate_title", "llm_entity", "verify_reason", "grounding_method",
                   "rationale", "qa_json"]
@@ -156,7 +164,8 @@ def _clean(value):
     return value
 
 
-def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_records: int = 300) -> str:
+def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_records: int = 300,
+                 max_rejects: int = MAX_REJECTS) -> str:
     from apache_beam.io.filesystems import FileSystems
 
     records = []
@@ -166,7 +175,7 @@ def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_rec
             step = max(1, table.num_rows // max_records)
             rows = table.slice(0).to_pylist()[::step][:max_records]
             records = [_record(r) for r in rows]
-    rejects = [_reject(r) for r in sample_rejects(out, max_records)]
+    rejects = [_reject(r) for r in sample_rejects(out, max_rejects)]
     # A reject's image is not in the output; where it came from a Parquet input the run lists,
     # the sampled rejects' images are read back from there (those rows only).
     from transforms.report.outputs import image_sources, thumbnails
@@ -195,6 +204,7 @@ def write_viewer(out: str, manifest: dict, files: list[tuple[str, int]], max_rec
         "created": manifest.get("created"),
         "kept_total": sum(r for _, r in files),
         "rejected_total": sum(v for k, v in counters.items() if k.startswith("rejected_") and not k.endswith("_files")),
+        "page_size": PAGE_SIZE,
     }
     payload = script_json(_clean({"meta": meta, "records": records}))
     title = html.escape(strip_controls(f"entityforge viewer: {meta['folder']} ({kind})"), quote=True)
@@ -241,6 +251,8 @@ PAGE = r"""<!DOCTYPE html>
   .detail, .record { color: #555; font-size: 12px; word-break: break-word; }
   .record { font-family: ui-monospace, monospace; font-size: 11px; }
   .empty { padding: 40px; color: #777; }
+  #after { padding: 0 16px 24px 16px; }
+  .more { font-size: 14px; padding: 8px 16px; }
 </style>
 </head>
 <body>
@@ -256,6 +268,7 @@ PAGE = r"""<!DOCTYPE html>
   </div>
 </header>
 <main id="grid"></main>
+<div id="after"></div>
 <script type="application/json" id="data">__DATA__</script>
 <script>
 "use strict";
@@ -314,10 +327,57 @@ function render(r) {
   return c;
 }
 
-const cards = DATA.records.map(r => ({ r, node: render(r) }));
-for (const c of cards) grid.appendChild(c.node);
+// Only what is shown is built: a filter runs over DATA, then the first `limit` matches
+// get a card (built once, kept for later filters) and their images are decoded.
+const PAGE = DATA.meta.page_size || 100;
+const built = new Map();
+let matching = [], limit = PAGE, statsPending = false;
 const empty = el("div", "empty", "Nothing matches these filters.");
-grid.appendChild(empty);
+const more = el("button", "more");
+more.id = "more";
+more.addEventListener("click", () => { limit += PAGE; draw(); });
+document.getElementById("after").appendChild(more);
+
+function card(i) {
+  let node = built.get(i);
+  if (!node) {
+    node = render(DATA.records[i]);
+    for (const im of node.querySelectorAll("img")) im.addEventListener("load", stats);
+    built.set(i, node);
+  }
+  return node;
+}
+function stats() {
+  // Counted once per frame however many images finish together.
+  if (statsPending) return;
+  statsPending = true;
+  requestAnimationFrame(() => {
+    statsPending = false;
+    let images = 0, evals = 0;
+    for (const node of grid.querySelectorAll(".card")) {
+      const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++;
+      const ev = node.querySelector("img.eval"); if (ev && ev.complete && ev.naturalWidth > 0) evals++;
+    }
+    document.body.dataset.imagesLoaded = String(images);
+    document.body.dataset.evalImagesLoaded = String(evals);
+  });
+}
+function draw() {
+  const frag = document.createDocumentFragment();
+  const shown = Math.min(limit, matching.length);
+  for (let j = 0; j < shown; j++) frag.appendChild(card(matching[j]));
+  if (!shown) frag.appendChild(empty);
+  grid.replaceChildren(frag);
+  const left = matching.length - shown;
+  more.style.display = left > 0 ? "" : "none";
+  more.textContent = "Show " + Math.min(PAGE, left) + " more (" + left.toLocaleString() + " not shown)";
+  document.getElementById("count").textContent = (shown < matching.length ? shown + " shown of " : "") + matching.length +
+    " matching (" + DATA.records.length + " in this page)";
+  document.body.dataset.shown = String(shown);
+  document.body.dataset.matching = String(matching.length);
+  document.body.dataset.built = String(built.size);
+  stats();
+}
 
 function state() {
   return { show: document.getElementById("f-show").value, verdict: document.getElementById("f-verdict").value,
@@ -325,24 +385,16 @@ function state() {
 }
 function apply() {
   const f = state();
-  let shown = 0, images = 0, evals = 0;
-  for (const { r, node } of cards) {
+  matching = [];
+  DATA.records.forEach((r, i) => {
     const ok = (f.show === "all" || r.kind === f.show) && (!f.verdict || r.verdict === f.verdict) &&
       (!f.reason || (r.reason && r.stage + " / " + r.reason === f.reason)) &&
       (!f.entity || (r.title || "").toLowerCase().includes(f.entity) || (r.qid || "").toLowerCase() === f.entity ||
        (r.cand_title || "").toLowerCase().includes(f.entity) || (r.cand_qid || "").toLowerCase() === f.entity);
-    node.style.display = ok ? "" : "none";
-    if (ok) {
-      shown++;
-      const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++;
-      const ev = node.querySelector("img.eval"); if (ev && ev.complete && ev.naturalWidth > 0) evals++;
-    }
-  }
-  empty.style.display = shown ? "none" : "";
-  document.getElementById("count").textContent = shown + " of " + cards.length + " shown";
-  document.body.dataset.shown = String(shown);
-  document.body.dataset.imagesLoaded = String(images);
-  document.body.dataset.evalImagesLoaded = String(evals);
+    if (ok) matching.push(i);
+  });
+  limit = PAGE;
+  draw();
   const h = new URLSearchParams();
   for (const [k, v] of Object.entries(f)) if (v && !(k === "show" && v === "all")) h.set(k, v);
   const hash = h.toString();
@@ -353,11 +405,12 @@ function fromHash() {
   for (const k of ["show", "verdict", "reason", "entity"]) { const v = h.get(k); if (v !== null) document.getElementById("f-" + k).value = v; }
 }
 for (const id of ["f-show", "f-verdict", "f-reason"]) document.getElementById(id).addEventListener("change", apply);
-document.getElementById("f-entity").addEventListener("input", apply);
+let typing = null;
+document.getElementById("f-entity").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(apply, 120); });
 window.addEventListener("hashchange", () => { fromHash(); apply(); });
 fromHash();
 apply();
-window.addEventListener("load", apply);
+window.addEventListener("load", stats);
 </script>
 </body>
 </html>
