@@ -148,6 +148,7 @@ def finish(ran, args) -> dict:
         **ran.fields(),
         check=check,
         base=base,
+        fields={"options": dict(vars(args))},
         lines=(
             f"codes: {base['entities']} entities, strategy {args.strategy}, L={args.code_length}, "
             f"random fallbacks {100 * (base['random_fallback_share'] or 0):.2f} %, histogram {base['name_tokens_per_code_histogram']}"

@@ -11,7 +11,9 @@
    shards (Parquet, TFRecord, webdataset);
 5. refine (REW) 30 of the samples with the `replay` backend from a response cache built
    from scripted answers (pipelines/demo_data/rew_answers.py: NOT model output, see there), so the
-   corrected labels, rationales and QA pairs are visible without a GPU;
+   corrected labels, rationales and QA pairs are visible without a GPU (and a second,
+   scripted "cheap" annotator's answers for the compare-then-decide walk-through in
+   docs/outputs.md);
 6. build ALD entity codes (pipelines.build_codes) with a WordPiece vocabulary trained here
    (no hub: real runs use bert-base-uncased), train a tiny random-weight GIT for a few
    hundred CPU steps on the REW shards (entity + rationale + QA tasks), predict a demo
@@ -43,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipelines import build_entity_index, decontaminate, refine, select_candidates
 from pipelines.demo_data.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
-from pipelines.demo_data.rew_answers import DEMO_MODEL, build_demo_cache
+from pipelines.demo_data.rew_answers import DEMO_MODEL, build_cheap_demo_cache, build_demo_cache
 from transforms.run.cli import Parser
 from transforms.run.options import split_args
 
@@ -198,6 +200,9 @@ def main(argv=None) -> dict:
     demo_cache = build_demo_cache(
         os.path.join(shards_dir, "samples-*.parquet"), os.path.join(out, "data", "rew_input"), os.path.join(out, "data", "llm_cache")
     )
+    # A second scripted annotator's answers, for the compare-then-decide walk-through of
+    # docs/outputs.md (refine --rew_requests 1 on the same samples, then compare_runs).
+    build_cheap_demo_cache(demo_cache["input"], os.path.join(out, "data", "llm_cache_cheap"))
     with _stage_log(out, "refine"):
         rew = refine.run(
             [

@@ -103,6 +103,24 @@ def test_demo_outputs_are_tidy(run):
     assert "0.9990000" not in (out / "shards" / "README.md").read_text() and "0.9990000" not in summary["printed"]
 
 
+def test_every_reject_with_a_qid_has_its_title(run):
+    """A reject that names an entity names it by title too (the viewer and the audit show it,
+    not "(no entity)" next to a QID), in every output of the chain."""
+    out, _ = run
+    seen, missing = 0, []
+    for path in glob.glob(str(out / "**" / "rejected" / "**" / "*.jsonl"), recursive=True):
+        for line in open(path, encoding="utf-8"):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            rec = json.loads(r.get("record_json") or "{}")
+            if isinstance(rec, dict) and (rec.get("qid") or rec.get("wikidata_id")):
+                seen += 1
+                if not (rec.get("title") or rec.get("wikipedia_title")):
+                    missing.append((r["stage"], r["reason"], r.get("key")))
+    assert seen >= 12 + 5 and not missing, missing[:5]
+
+
 def _normalise(text: str, out: str) -> list[str]:
     text = text.replace(out, "demo_output")
     text = re.sub(r"\d+ samples/s", "N samples/s", text)
@@ -128,6 +146,42 @@ def test_docs_show_what_the_demo_prints(run):
     assert len(shown) == 1, "README.md must show the demo's stage lines in one ```text block"
     stages = [line for line in actual if re.match(r"^[1-8] ", line)]
     assert len(stages) == 8 and _normalise(shown[0], "demo_output") == stages
+
+
+def test_docs_compare_walkthrough_is_what_it_prints(run, capsys, tmp_path):
+    """docs/outputs.md's compare-then-decide walk-through on the demo's outputs: its commands
+    run as written (on this session's demo folder), print what the page shows, and the
+    confusion matrix the page quotes is the comparison's."""
+    import shlex
+
+    from pipelines import compare_runs, refine
+
+    out, _ = run
+    page = open(os.path.join(ROOT, "docs", "outputs.md"), encoding="utf-8").read()
+    blocks = re.findall(r"<!-- compare walk-through -->\n```bash\n(.*?)```\n\nprints:\n\n```text\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 1, "docs/outputs.md must hold the walk-through's ```bash block and what it prints"
+    commands, printed = blocks[0]
+    lines = [c for c in commands.replace("\\\n", " ").splitlines() if c.strip() and not c.lstrip().startswith("#")]
+    assert [shlex.split(c)[:3] for c in lines] == [["python", "-m", "pipelines.refine"], ["python", "-m", "pipelines.compare_runs"]]
+    # What the walk-through writes goes to this test's folder; it reads the demo's outputs.
+    mine = {"demo_output/rew_cheap": str(tmp_path / "rew_cheap"), "demo_output/compare": str(tmp_path / "compare")}
+
+    def local(arg: str) -> str:
+        for doc, path in mine.items():
+            arg = arg.replace(doc, path)
+        return arg.replace("demo_output", str(out))
+
+    argv = [[local(a) for a in shlex.split(c)[3:]] for c in lines]
+    refine.run(argv[0])
+    capsys.readouterr()
+    result = compare_runs.run(argv[1])
+    text = capsys.readouterr().out
+    for doc, path in mine.items():
+        text = text.replace(path, doc)
+    actual = _normalise(text, str(out))
+    assert actual == _normalise(printed, "demo_output"), "\n".join(actual)
+    table = _md_rows(page.split("<!-- compare walk-through -->", 1)[1], "The demo's confusion matrix")
+    assert {r[0]: [int(x) for x in r[1:]] for r in table} == {o: list(result["confusion"][o].values()) for o in result["confusion"]}
 
 
 def _diff(a: list[str], b: list[str]):

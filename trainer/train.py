@@ -463,6 +463,7 @@ def _write_manifest(a, summary: dict, started_at) -> None:
     """`<output>/manifest.json` (kind "model": the run's options, inputs and summary, like
     every pipeline output) and its card (README.md with the loss curve)."""
     from transforms.report.card import write_card_safely
+    from transforms.run.lineage import stamp
     from transforms.run.secrets import redact_value
     from transforms.run.version import code_version
 
@@ -476,6 +477,7 @@ def _write_manifest(a, summary: dict, started_at) -> None:
         "seconds": summary["elapsed_s"],
         "count_check": "ok" if not summary["skipped_total"] else f"{summary['skipped_total']} samples skipped (see skipped)",
     }
+    stamp(manifest, manifest["options"], a.output)
     with open(os.path.join(a.output, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)
     write_card_safely(a.output, manifest)

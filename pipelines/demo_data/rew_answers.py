@@ -27,9 +27,14 @@ from pipelines.demo_data.make_corpus import build_samples, load_catalog
 from prompts import load_prompt
 from transforms.llm.client import ResponseCache
 from transforms.schema import Sample, arrow_schema, from_row
-from transforms.stages.refine import RequestSettings, rationale_request, verify_request
+from transforms.stages.refine import RequestSettings, rationale_request, rew_request, verify_request
 
 DEMO_MODEL = "demo-scripted-annotator"
+# A second scripted annotator for the compare-then-decide walk-through (docs/outputs.md):
+# one request per sample (--rew_requests 1) and, by script, the mistakes a cheaper model
+# makes: it misses every other wrong label (keeps the candidate) and drops every fifth
+# right one as "not an entity". NOT model output either.
+DEMO_CHEAP_MODEL = "demo-scripted-cheap"
 # The refine defaults (--temperature 0 --max_tokens 512 --seed 0): part of the cache key.
 SAMPLING = {"temperature": 0.0, "max_tokens": 512, "seed": 0}
 COLOURS = {
@@ -90,13 +95,57 @@ def build_demo_cache(samples_glob: str, input_out: str, cache_dir: str, n: int =
         final = dataclasses.replace(sample, qid=final_qid, title=catalog[final_qid]["wikipedia_title"])
         final_summary = catalog[final_qid].get("wikipedia_summary")
         req2 = rationale_request((final, final_summary), rationale_prompt, settings)
-        colour = _colour(sample.image)
-        rationale = f"The image is labelled as {final.title}. {_first_sentence(final_summary)}".strip()
-        qa = [
-            {"question": "What is the dominant colour of the image?", "answer": colour},
-            {"question": "Which entity is labelled?", "answer": final.title[:100]},
-            {"question": "Is the picture square?", "answer": "yes" if sample.width == sample.height else "no"},
-        ]
-        cache.put(req2.cache_key(), {"text": json.dumps({"rationale": rationale[:1200], "qa": qa}), "usage": {}, "model": DEMO_MODEL})
+        rationale, qa = _rationale_qa(sample, final, final_summary)
+        cache.put(req2.cache_key(), {"text": json.dumps({"rationale": rationale, "qa": qa}), "usage": {}, "model": DEMO_MODEL})
     cache.close()  # one segment; refine compacts it before its replay run
     return {"input": path, "samples": len(chosen), "verdicts": counts}
+
+
+def _rationale_qa(sample, final, summary: str | None) -> tuple[str, list[dict]]:
+    rationale = f"The image is labelled as {final.title}. {_first_sentence(summary)}".strip()
+    qa = [
+        {"question": "What is the dominant colour of the image?", "answer": _colour(sample.image)},
+        {"question": "Which entity is labelled?", "answer": final.title[:100]},
+        {"question": "Is the picture square?", "answer": "yes" if sample.width == sample.height else "no"},
+    ]
+    return rationale[:1200], qa
+
+
+def build_cheap_demo_cache(input_path: str, cache_dir: str, seed: int = 0) -> dict:
+    """The cheap annotator's answers to the one request per sample of `--rew_requests 1`
+    (prompt `rew`), for the samples of `build_demo_cache`'s input, into `cache_dir`."""
+    catalog = {e["wikidata_id"]: e for e in load_catalog()}
+    by_title = {e["wikipedia_title"]: q for q, e in catalog.items()}
+    origin = {s["key"]: s["why"] for s in build_samples(seed)}
+    rows = pq.read_table(input_path).to_pylist()
+    cache = ResponseCache(cache_dir)
+    prompt = load_prompt("rew")
+    settings = RequestSettings(DEMO_CHEAP_MODEL, "correct", "wiki_caption", SAMPLING)
+    counts = {"correct": 0, "corrected": 0, "not_an_entity": 0}
+    missed = dropped = 0
+    for row in rows:
+        sample = from_row(Sample, row)
+        summary = catalog.get(sample.qid, {}).get("wikipedia_summary")
+        truth = origin.get(row["key"].rsplit("/", 1)[-1], "unrelated")
+        entity = truth[6:] if truth.startswith("about ") else ""
+        answer = {"verdict": "not_an_entity", "entity": "", "reason": "The image shows no specific named entity.",
+                  "rationale": "", "qa": []}
+        if entity == sample.title:
+            dropped += 1
+            if dropped % 5 != 0:
+                answer = {"verdict": "correct", "entity": sample.title, "reason": f"The image matches {sample.title}."}
+        elif entity:
+            missed += 1
+            if missed % 2:
+                answer = {"verdict": "correct", "entity": sample.title, "reason": f"The image matches {sample.title}."}
+            else:
+                answer = {"verdict": "corrected", "entity": entity, "reason": f"The image shows {entity}, not {sample.title}."}
+        if answer["verdict"] != "not_an_entity":
+            final_qid = by_title[answer["entity"]]
+            final = dataclasses.replace(sample, qid=final_qid, title=catalog[final_qid]["wikipedia_title"])
+            answer["rationale"], answer["qa"] = _rationale_qa(sample, final, catalog[final_qid].get("wikipedia_summary"))
+        counts[answer["verdict"]] += 1
+        req = rew_request((sample, summary), prompt, settings)
+        cache.put(req.cache_key(), {"text": json.dumps(answer), "usage": {}, "model": DEMO_CHEAP_MODEL})
+    cache.close()
+    return {"samples": len(rows), "verdicts": counts}

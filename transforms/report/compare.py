@@ -83,8 +83,10 @@ def _reject_outcome(r: dict) -> Outcome:
     except ValueError:
         pass
     record = record if isinstance(record, dict) else {}
+    score = record.get("score")
     return Outcome(kind, qid=record.get("qid"), title=record.get("title"), reason=f"{stage}/{reason}: {r.get('detail') or ''}",
-                   caption=str(record.get("caption") or ""), extra={"llm_entity": record.get("llm_entity")})
+                   caption=str(record.get("caption") or ""), score=score if isinstance(score, (int, float)) else None,
+                   extra={"llm_entity": record.get("llm_entity")})
 
 
 def load_run(out: str) -> tuple[dict, dict[str, Outcome]]:
@@ -261,6 +263,12 @@ vertical-align:top;max-width:360px}}img{{max-width:256px}}.v{{font-weight:bold}}
         f.write(page.encode("utf-8"))
 
 
+def _usd(v) -> str:
+    """A run's cost, or why there is none (a model without a price in --llm_prices or the
+    built-in table: give the run its prices to compare dollars)."""
+    return f"{v:,.4f}" if isinstance(v, (int, float)) else "not priced (no price for this model)"
+
+
 def write_comparison(out: str, result: dict) -> dict:
     """`out`/comparison.json, README.md (tables and plots) and disagreements.html."""
     import os
@@ -306,7 +314,7 @@ def write_comparison(out: str, result: dict) -> dict:
         ["mean rationale (characters)", md_text(ra["mean_rationale_chars"]), md_text(rb["mean_rationale_chars"])],
         ["mean QA pairs", md_text(ra["mean_qa_pairs"]), md_text(rb["mean_qa_pairs"])],
         ["tokens in / out", f"{ra['tokens']['input']} / {ra['tokens']['output']}", f"{rb['tokens']['input']} / {rb['tokens']['output']}"],
-        ["cost (USD)", md_text(ra["cost_usd"]), md_text(rb["cost_usd"])],
+        ["cost (USD)", _usd(ra["cost_usd"]), _usd(rb["cost_usd"])],
     ]))
     with plain_text():
         buckets = [k for k, v in result["by_score_bucket"].items() if v["samples"]]

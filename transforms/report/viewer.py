@@ -235,7 +235,11 @@ PAGE = r"""<!DOCTYPE html>
   main { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 12px; padding: 14px 16px; }
   .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px; font-size: 13px; display: flex; flex-direction: column; gap: 5px; }
   .card.rejected { border-color: #e0a0a0; background: #fffafa; }
-  .top { display: flex; gap: 10px; }
+  .top { display: flex; gap: 10px; flex-wrap: wrap; }
+  .top > div:last-child { flex: 1 1 140px; min-width: 0; overflow-wrap: anywhere; }
+  .card { min-width: 0; overflow-wrap: anywhere; }
+  .evalfig { margin: 0; width: 120px; flex: none; }
+  .evalfig figcaption { font-size: 11px; color: #666; }
   .thumb { width: 120px; height: 120px; object-fit: cover; border-radius: 4px; background: #eee; flex: none; }
   .noimg { width: 120px; height: 120px; border-radius: 4px; background: repeating-linear-gradient(45deg, #eee, #eee 6px, #f6f6f6 6px, #f6f6f6 12px);
            display: flex; align-items: center; justify-content: center; color: #999; font-size: 11px; text-align: center; flex: none; }

@@ -23,6 +23,7 @@ from transforms.errors import AccountingError, UsageError
 from transforms.formats.files import read_json, write_json
 from transforms.io.writers import REJECTS_EMITTED, REJECTS_WRITTEN, WRITTEN_PREFIX, files_summary
 from transforms.report.card import write_card_safely
+from transforms.run.lineage import stamp
 from transforms.run.shuffles import SHUFFLE_PREFIX, format_shuffles, shuffle_report
 from transforms.run.version import code_version
 
@@ -296,6 +297,9 @@ def finish_run(
     if written:
         manifest["files"] = written
     _prune_empty_reject_dirs(out)
+    # Which outputs of ours it read (their fingerprints) and its own: what `pipelines.run`
+    # compares to tell whether this output is up to date.
+    stamp(manifest, manifest.get("options") if isinstance(manifest.get("options"), dict) else {}, out)
     # Written last: a manifest says the run finished, and lists what it wrote.
     write_json(f"{out}/manifest.json", manifest)
     print(format_counters({k: v for k, v in counters.items() if not k.startswith(SHUFFLE_PREFIX)}, f"{name} counters"))

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 def _reject(stage, reason, detail, sample: Optional[Sample] = None, extra: Optional[dict] = None):
     record = {} if sample is None else {
         "key": sample.key, "qid": sample.qid, "title": sample.title, "caption": sample.caption, "url": sample.url,
+        "score": sample.score,
     }
     record.update(extra or {})
     return beam.pvalue.TaggedOutput(

@@ -1,0 +1,88 @@
+"""Run the whole chain from a recipe, like make: each stage only when its output is not up
+to date, then everything downstream of it.
+
+    python -m pipelines.run recipes/demo.yaml --output out [--data DIR]
+        [--from STAGE] [--until STAGE] [--force STAGE[,STAGE]] [--dry_run]
+        [Beam options for every Beam stage: --runner DataflowRunner --project ... ]
+
+A recipe (YAML) lists the stages, each one of our commands and its flags (or another
+program and the files it makes); a stage's input flags default to the outputs of the
+stages that make them. A stage is skipped when its output's manifest exists with an ok
+count check, the options it recorded equal the recipe's and its inputs are the ones it
+read (their manifests' fingerprints). A killed or failed chain, run again, finishes from
+where it stopped. `--dry_run` prints every stage's full command and whether it would run
+or be skipped, and why. The chain writes `recipe.yaml`, `chain.json` and a summary
+`README.md` into --output. Recipes shipped: recipes/*.yaml.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from transforms.run.cli import BEAM_EPILOG, Parser, exit_code
+
+
+def build_parser() -> Parser:
+    p = Parser("pipelines.run", __doc__.split("\n\n")[0], epilog=BEAM_EPILOG)
+    p.add_argument("recipe", help="a recipe YAML file (recipes/demo.yaml, recipes/entity_laion.yaml, ...)")
+    p.add_argument("--output", required=True, help="the chain's output root: each stage writes ${output}/<stage name>")
+    p.add_argument("--data", default=None, help="the recipe's ${data} (default: its `data:` entry)")
+    p.add_argument("--from", dest="start", default=None, metavar="STAGE", help="run from this stage on (earlier ones are left as they are)")
+    p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
+    p.add_argument("--force", default="", metavar="STAGE[,STAGE]", help="run these stages (and so everything downstream) even when up to date")
+    p.add_argument("--dry_run", action="store_true", help="print each stage's full command and whether it would run or be skipped, and why; run nothing")
+    return p
+
+
+def split_beam(parser: Parser, argv: Sequence[str]):
+    """Our flags, and the rest: Beam pipeline options for every Beam stage (checked here, so
+    a misspelt option fails before the first stage runs)."""
+    from transforms.run.options import split_args
+
+    return split_args(parser, argv)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    from transforms.run import chain, recipe
+
+    parser = build_parser()
+    args, beam_args = split_beam(parser, list(sys.argv[1:] if argv is None else argv))
+    r = recipe.load(args.recipe, args.output, args.data)
+    force = {s for s in args.force.split(",") if s}
+    decisions = chain.plan(r, force, args.start, args.until)
+    if args.dry_run:
+        chain.dry_run(decisions, beam_args)
+        return {"dry_run": True, "stages": [{"name": d.stage.name, "run": d.run, "reason": d.reason,
+                                             "command": d.stage.command_line(beam_args)} for d in decisions]}
+    chain.execute(r, decisions, beam_args)
+    summary = chain.write_summary(r, decisions, beam_args)
+    ran = [d.stage.name for d in decisions if d.status == "ran"]
+    print(f"chain {r.name}: {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
+          f"{sum(d.status == 'skipped' for d in decisions)} skipped; summary: {r.output}/README.md")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from transforms.run.chain import ChainError
+
+    try:
+        return exit_code(run, argv)
+    except ChainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    from transforms.run.cli import cli_main
+
+    try:
+        cli_main(run)
+    except Exception as e:  # noqa: BLE001
+        from transforms.run.chain import ChainError
+
+        if not isinstance(e, ChainError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

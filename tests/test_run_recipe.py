@@ -1,0 +1,182 @@
+"""pipelines.run: a recipe run like make. A chain killed in its third stage and run again
+skips the finished stages (their files untouched) and ends as an uninterrupted run; a
+changed option re-runs that stage and what reads it; an input made again re-runs what
+reads it; --dry_run prints the exact commands and why; a typo names its line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import run as chain_cmd
+from transforms.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RECIPE = """\
+version: 1
+name: test-chain
+data: {data}
+stages:
+  - name: entity_index
+    command: build_entity_index
+    flags:
+      entities: ${{data}}/entities.jsonl
+  - name: candidates
+    command: select_candidates
+    flags:
+      captions: ${{data}}/laion
+      caption_format: laion_parquet
+      k: {k}
+  - name: codes
+    command: build_codes
+    flags:
+      tokenizer: ${{data}}/vocab.txt
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pipelines.demo_data.make_corpus import write_corpus
+
+    folder = tmp_path_factory.mktemp("chain_data")
+    write_corpus(str(folder))
+    titles = [json.loads(line)["wikipedia_title"].lower() for line in open(folder / "entities.jsonl") if line.strip()]
+    chars = sorted({c for t in titles for c in t if not c.isspace()})
+    words = sorted({w for t in titles for w in t.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *[w for w in words if w not in chars]]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    return folder
+
+
+def _recipe(tmp_path, data, k=5, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(RECIPE.format(data=data, k=k))
+    return str(path)
+
+
+def _mtimes(folder) -> dict:
+    return {os.path.relpath(os.path.join(d, f), folder): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def _result(out) -> dict:
+    """What a chain made, without times: candidates (key, qid), codes, and each manifest's counters."""
+    cands = pq.read_table(sorted(str(p) for p in (out / "candidates").glob("candidates-*.parquet")), columns=["key", "qid"]).to_pylist()
+    codes = pq.read_table(out / "codes" / "codes.parquet").to_pylist()
+    counters = {s: json.load(open(out / s / "manifest.json"))["counters"] for s in ("entity_index", "candidates", "codes")}
+    for c in counters.values():
+        for k in [k for k in c if k.startswith("shuffle_")]:
+            c.pop(k)
+    return {"candidates": sorted((r["key"], r["qid"]) for r in cands), "codes": codes, "counters": counters}
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", NO_GCE_CHECK="true", PYTHONPATH=ROOT)
+
+
+@pytest.mark.slow
+def test_a_chain_killed_in_its_third_stage_finishes_without_redoing_the_first_two(tmp_path, data):
+    recipe = _recipe(tmp_path, data)
+    clean = tmp_path / "clean"
+    assert chain_cmd.main([recipe, "--output", str(clean)]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run", recipe, "--output", str(killed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=ROOT,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[3/3] codes: runs"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)
+    assert not (killed / "codes" / "manifest.json").exists()
+    before = {s: _mtimes(killed / s) for s in ("entity_index", "candidates")}
+    time.sleep(0.05)
+    summary = chain_cmd.run([recipe, "--output", str(killed)])
+    assert [s["status"] for s in summary["stages"]] == ["skipped", "skipped", "ran"]
+    assert {s: _mtimes(killed / s) for s in ("entity_index", "candidates")} == before
+    assert _result(killed) == _result(clean)
+    # The chain's own files: the recipe it ran, its state, its summary.
+    assert (killed / "recipe.yaml").read_text() == open(recipe).read()
+    state = json.load(open(killed / "chain.json"))
+    assert [s["name"] for s in state["stages"]] == ["entity_index", "candidates", "codes"]
+    readme = (killed / "README.md").read_text()
+    assert "[card](candidates/README.md)" in readme and "[viewer](candidates/viewer.html)" in readme
+
+
+@pytest.mark.slow
+def test_changes_rerun_what_they_touch_and_nothing_else(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    assert chain_cmd.main([_recipe(tmp_path, data, k=5), "--output", str(out)]) == 0
+    again = chain_cmd.run([_recipe(tmp_path, data, k=5), "--output", str(out)])
+    assert [s["status"] for s in again["stages"]] == ["skipped", "skipped", "skipped"]
+    # One option of stage 2: stage 2 runs; stage 3 does not read it and stays.
+    index_times, codes_times = _mtimes(out / "entity_index"), _mtimes(out / "codes")
+    capsys.readouterr()
+    changed = chain_cmd.run([_recipe(tmp_path, data, k=7), "--output", str(out)])
+    assert [s["status"] for s in changed["stages"]] == ["skipped", "ran", "skipped"]
+    assert "options changed: --k 5 -> 7" in capsys.readouterr().out
+    assert _mtimes(out / "entity_index") == index_times and _mtimes(out / "codes") == codes_times
+    assert json.load(open(out / "candidates" / "manifest.json"))["options"]["k"] == 7
+    # The entity index made again outside the chain: both stages that read it run again.
+    from pipelines import build_entity_index
+
+    build_entity_index.run(["--entities", str(data / "entities.jsonl"), "--output", str(out / "entity_index")])
+    dry = chain_cmd.run([_recipe(tmp_path, data, k=7), "--output", str(out), "--dry_run"])
+    assert [(s["run"], s["reason"]) for s in dry["stages"]] == [
+        (False, "up to date (manifest ok, same options, same inputs)"),
+        (True, f"its input {out}/entity_index was made again since it ran"),
+        (True, f"its input {out}/entity_index was made again since it ran"),
+    ]
+    # --force: that stage and what reads it.
+    forced = chain_cmd.run([_recipe(tmp_path, data, k=7), "--output", str(out), "--force", "entity_index", "--dry_run"])
+    assert [s["reason"] for s in forced["stages"]] == ["forced (--force)", "it reads entity_index, which runs", "it reads entity_index, which runs"]
+
+
+def test_dry_run_prints_the_exact_commands_and_why(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    res = chain_cmd.run([_recipe(tmp_path, data), "--output", str(out), "--dry_run", "--direct_num_workers", "2"])
+    printed = capsys.readouterr().out
+    assert not out.exists() or not any(out.iterdir())  # nothing ran, nothing written
+    cmds = [s["command"] for s in res["stages"]]
+    assert cmds[0] == ["python", "-m", "pipelines.build_entity_index", "--entities", f"{data}/entities.jsonl",
+                       "--output", f"{out}/entity_index", "--direct_num_workers", "2"]
+    # Inputs default to the outputs of the stages that make them.
+    assert cmds[1][cmds[1].index("--entity_index") + 1] == f"{out}/entity_index"
+    assert cmds[2][cmds[2].index("--entity_index") + 1] == f"{out}/entity_index"
+    assert f"[1/3] entity_index (build_entity_index): would run: no manifest.json in {out}/entity_index" in printed
+    assert "[2/3] candidates (select_candidates): would run: it reads entity_index, which runs" in printed
+    assert " ".join(cmds[1]) in printed
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("      k: 5\n", "      kk: 5\n", "{path}:14: stage 'candidates': select_candidates has no flag --kk (did you mean --k?)"),
+    ("    command: build_codes\n", "    comand: build_codes\n", "{path}:16: unknown stage key 'comand' (did you mean 'command'?)"),
+    ("    command: build_codes\n", "    command: build_code\n", "{path}:16: unknown command 'build_code' (did you mean 'build_codes'?)"),
+    ("      k: 5\n", "      k: ${dta}\n", "{path}:14: ${dta} is neither a recipe variable"),
+    ("name: test-chain\n", "name: test-chain\nstage: []\n", "{path}:3: unknown recipe key 'stage' (did you mean 'stages'?)"),
+])
+def test_a_typo_is_named_with_its_line(tmp_path, data, old, new, message):
+    text = RECIPE.format(data=data, k=5)
+    assert old in text
+    path = tmp_path / "typo.yaml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(UsageError) as e:
+        chain_cmd.run([str(path), "--output", str(tmp_path / "out"), "--dry_run"])
+    assert message.replace("{path}", str(path)) in str(e.value)
+
+
+def test_unknown_beam_option_and_stage_names_fail_before_anything_runs(tmp_path, data):
+    recipe = _recipe(tmp_path, data)
+    with pytest.raises(SystemExit):
+        chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--runer", "DataflowRunner"])
+    with pytest.raises(UsageError, match=r"--force candidate: no such stage .* \(stages: entity_index, candidates, codes\)"):
+        chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--force", "candidate", "--dry_run"])
