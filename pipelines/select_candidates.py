@@ -10,6 +10,10 @@ Input formats (`--caption_format`):
   webdataset     img2dataset .tar shards (KEY.jpg / KEY.txt / KEY.json); images carried over.
   parquet        Parquet with an image-bytes column (img2dataset's parquet output:
                  key / caption / url / jpg); images carried over.
+  csv, tsv       caption lists (plain or .gz), URL + caption: CC3M / CC12M are TSV without a
+                 header row (--csv_header no; columns caption, url by default, --csv_columns);
+                 a CSV / TSV with a header row names its columns (--text_col / --url_col).
+  jsonl          JSON lines, one object per image (--text_col / --url_col, default caption / url).
 Output: candidates-SSSSS-of-NNNNN.parquet (key, url, caption, qid, title, score, rank, ...,
 and image for image corpora), rejected/<stage>/rejects-*.jsonl, manifest.json with the
 counters. Steps and memory: see ARCHITECTURE.md.
@@ -32,9 +36,11 @@ from transforms.io.readers import (
     CAPTION_FORMATS,
     RAW_CAPTION_FACTOR,
     REJECTED,
+    TEXT_LIST_FORMATS,
     CaptionColumns,
     ListFiles,
     ReadParquetCaptions,
+    ReadTextListCaptions,
     ReadWebDatasetCaptions,
     SplitParquet,
 )
@@ -77,7 +83,12 @@ def build_parser():
     add_output(p)
     p.add_argument("--k", type=int, default=50, help="images kept per entity (top-K captions)")
     p.add_argument("--caption_format", choices=CAPTION_FORMATS, default="laion_parquet",
-                   help="laion_parquet: URL/TEXT metadata; webdataset: img2dataset .tar shards; parquet: caption + image columns")
+                   help="laion_parquet: URL/TEXT metadata; webdataset: img2dataset .tar shards; parquet: caption + image columns; "
+                        "csv / tsv / jsonl: caption lists (plain or .gz)")
+    p.add_argument("--csv_header", choices=("yes", "no"), default="yes",
+                   help="csv / tsv: the first row names the columns; no: the columns are --csv_columns (CC3M / CC12M)")
+    p.add_argument("--csv_columns", default="caption,url",
+                   help="csv / tsv without a header row: the names of its columns, in order")
     p.add_argument(
         "--per_caption_entities",
         type=int,
@@ -148,6 +159,8 @@ def validate(args, manifest) -> None:
         )
     if args.image_col and args.caption_format != "parquet":
         raise UsageError("--image_col only applies to --caption_format parquet")
+    if args.caption_format not in ("csv", "tsv") and (args.csv_header != "yes" or args.csv_columns != "caption,url"):
+        raise UsageError(f"--csv_header / --csv_columns only apply to --caption_format csv or tsv, not {args.caption_format}")
 
 
 def tar_limits(args) -> TarLimits:
@@ -170,6 +183,16 @@ def read_captions(p, args, columns: CaptionColumns):
             ReadWebDatasetCaptions(columns, args.max_caption_chars, root, tar_limits(args))
         ).with_outputs(REJECTED, main="captions")
         return read.captions, [read[REJECTED]]
+    if args.caption_format in TEXT_LIST_FORMATS:
+        # A list is read by one worker per file, then its captions are spread over the
+        # workers for the encoder (a 12M-line CC12M file is one file).
+        units = p | "CaptionFiles" >> ListFiles(args.captions) | "MeasureSpread" >> MeasureShuffle("spread_units") | "SpreadFiles" >> beam.Reshuffle()
+        read = units | "ReadLists" >> beam.ParDo(
+            ReadTextListCaptions(args.caption_format, columns, args.max_caption_chars, root,
+                                 header=args.csv_header == "yes", names=tuple(c for c in args.csv_columns.split(",") if c))
+        ).with_outputs(REJECTED, main="captions")
+        spread = read.captions | "MeasureCaptions" >> MeasureShuffle("spread_captions") | "SpreadCaptions" >> beam.Reshuffle()
+        return spread, [read[REJECTED]]
     split = (
         p
         | "CaptionFiles" >> ListFiles(args.captions)
@@ -284,7 +307,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 def finish(ran, args, manifest, files) -> dict:
     out = args.output.rstrip("/")
     lines = [f"candidates: {out}/candidates-*.parquet   rejects: {out}/rejected/   manifest: {out}/manifest.json"]
-    if args.caption_format == "laion_parquet":
+    if args.caption_format not in IMAGE_FORMATS:
         cols = shlex.quote(str(IMG2DATASET_EXTRA).replace("'", '"'))
         lines.append(
             "download the selected images with:\n  img2dataset --url_list "

@@ -2,8 +2,9 @@
 
 * Entity catalogs: OVEN Wiki6M JSON lines (plain or gzip) and Parquet.
 * Caption corpora: LAION-style metadata Parquet (URL + caption), img2dataset webdataset
-  shards (KEY.jpg / KEY.txt / KEY.json in .tar) and Parquet with an image-bytes column
-  (img2dataset's parquet output).
+  shards (KEY.jpg / KEY.txt / KEY.json in .tar), Parquet with an image-bytes column
+  (img2dataset's parquet output), and caption lists as CSV, TSV or JSON lines (CC3M,
+  CC12M, WIT), plain or gzip.
 
 Every reader is a DoFn over file paths (local, globs, gs://, anything Beam's FileSystems
 opens). A row that cannot be used becomes a `Reject` on the `rejected` output with its
@@ -52,7 +53,7 @@ from transforms.schema import Caption, Entity, Reject, truncate_json
 log = logging.getLogger(__name__)
 
 REJECTED = "rejected"
-CAPTION_FORMATS = ("laion_parquet", "webdataset", "parquet")
+CAPTION_FORMATS = ("laion_parquet", "webdataset", "parquet", "csv", "tsv", "jsonl")
 
 
 
@@ -627,3 +628,163 @@ class ShardUnits(beam.PTransform):
         all_units = tuple(units) | "AllUnits" >> beam.Flatten()
         all_rejects = tuple(rejects) | "UnitRejects" >> beam.Flatten() if rejects else pbegin | "NoRejects" >> beam.Create([])
         return all_units, all_rejects
+
+
+# A caption list's line holds a caption, a URL and a few more columns: a line longer than
+# this is refused (`line_too_long`) before it is decoded or split.
+def max_line_bytes(max_caption_chars: int) -> int:
+    return raw_caption_limit(max_caption_chars) + 4 * MAX_VALUE_BYTES
+
+
+TEXT_LIST_FORMATS = ("csv", "tsv", "jsonl")
+# Column names of a headerless CSV / TSV by default: CC3M's and CC12M's order.
+HEADERLESS_COLUMNS = ("caption", "url")
+
+
+class ReadTextListCaptions(_CaptionReaderBase):
+    """path -> Caption per line of a caption list: CSV, TSV (CC3M / CC12M / WIT style) or
+    JSON lines, plain or gzip. A file is read by one worker, line by line: each raw line is
+    bounded (`max_line_bytes`) and decoded on its own, so a bad line is one reject (`bad_utf8`,
+    `line_too_long`, `bad_row`, `not_an_object`) and the next line is read. CSV and TSV take
+    their column names from the first row (`header`) or from `names`; TSV fields are not
+    quoted (a caption may hold a `"`), CSV's are. Keys as for LAION Parquet: the key column,
+    else a hash of the URL, else the line number in its file."""
+
+    def __init__(self, fmt: str, columns: CaptionColumns, max_caption_chars: int, root: Optional[str] = None,
+                 header: bool = True, names: tuple[str, ...] = HEADERLESS_COLUMNS):
+        super().__init__(columns.defaults(fmt), max_caption_chars, root)
+        self.fmt = fmt
+        self.header = header
+        self.names = tuple(names)
+
+    def process(self, path):
+        def unreadable(e):
+            counter("captions_files_unreadable").inc()
+            yield self._reject("unreadable_file", f"{type(e).__name__}: {e}", path, count=0)
+
+        yield from read_guarded(lambda: self._read(path), path, unreadable)
+
+    def _lines(self, f, rejects: list):
+        """(line number, text) of each line that decodes; a bad one goes to `rejects`."""
+        limit = max_line_bytes(self.max_caption_chars)
+        n = 0
+        while True:
+            raw = f.readline(limit + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, a chunk at a time
+                    raw = f.readline(limit + 1)
+                    size += len(raw)
+                self.rows.inc()
+                rejects.append(self._reject("line_too_long", f"line {n}: {size:,} bytes > {limit:,}", f"{self._path}:{n}"))
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.rows.inc()
+                rejects.append(self._reject("bad_utf8", f"line {n}: {e}", f"{self._path}:{n}"))
+                continue
+            if n == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a byte order mark
+            if not text.strip():
+                continue  # blank lines are no rows
+            yield n, text
+
+    def _read(self, path):
+        import csv
+
+        self._path = path
+        tag = self._tag(path)
+        c = self.columns
+        rejects: list = []
+        with open_read(path) as f:
+            numbered = self._lines(f, rejects)
+            if self.fmt == "jsonl":
+                rows = self._json_rows(numbered, rejects)
+            else:
+                numbers: list[int] = []
+
+                def texts():
+                    for n, text in numbered:
+                        numbers.append(n)
+                        yield text
+
+                dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if self.fmt == "tsv" else {"delimiter": ","}
+                reader = csv.reader(texts(), strict=True, **dialect)
+                rows = self._csv_rows(reader, numbers, rejects)
+            first = True
+            for n, row in rows:
+                yield from rejects
+                rejects.clear()
+                if first and self.fmt != "jsonl" and c.text not in self._names:
+                    yield from self._missing_column(row, rows, rejects)
+                    return
+                first = False
+                if row.get("_bad"):
+                    self.rows.inc()
+                    yield self._reject(row["_bad"][0], f"line {n}: {row['_bad'][1]}", f"{path}:{n}", record=row.get("_raw"))
+                    continue
+                corpus_key = row.get(c.key) if c.key else None
+                url = row.get(c.url) if c.url else None
+                if (corpus_key is None or corpus_key == "") and (url is None or url == ""):
+                    corpus_key = f"line{n}"
+                key = image_identity(corpus_key, url, tag, qualify_url=False)
+                yield self._caption(
+                    key=key, url=url or None, text=row.get(c.text), source=f"{path}:{n}",
+                    width=row.get("WIDTH", row.get("width")), height=row.get("HEIGHT", row.get("height")),
+                    meta={k: _jsonable(row.get(k)) for k in c.keep if k in row}, record=row,
+                )
+            yield from rejects
+
+    def _missing_column(self, row, rows, rejects):
+        """The caption column is not in the file: every row of it is one reject (lines that
+        did not decode are their own rejects, already counted)."""
+        count = 1 + sum(1 for _ in rows)
+        self.rows.inc(count)
+        how = "set --text_col" + ("" if self.header is False else " (or --csv_header no --csv_columns for a file without a header row)")
+        yield self._reject("missing_column", f"caption column {self.columns.text!r} not in {sorted(self._names)}; {how}",
+                           self._path, count=count)
+        yield from rejects
+        rejects.clear()
+
+    def _csv_rows(self, reader, numbers, rejects):
+        import csv
+
+        names = None if self.header else list(self.names)
+        self._names = set(names or ())
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                n = numbers[-1] if numbers else 0
+                self.rows.inc()
+                rejects.append(self._reject("bad_row", f"line {n}: {e}", f"{self._path}:{n}"))
+                continue
+            n = numbers[-1] if numbers else 0
+            if names is None:
+                names = [strip_controls(x).strip() for x in fields]
+                self._names = set(names)
+                continue
+            row = {name: (fields[i] if i < len(fields) else None) for i, name in enumerate(names)}
+            if len(fields) > len(names):
+                row["_extra_fields"] = len(fields) - len(names)
+            yield n, row
+
+    def _json_rows(self, numbered, rejects):
+        limit = max_line_bytes(self.max_caption_chars)
+        for n, text in numbered:
+            try:
+                obj = safe_json.loads(text, max_bytes=limit)
+            except (ValueError, RecursionError) as e:
+                yield n, {"_bad": ("bad_json", f"{type(e).__name__}: {str(e)[:200]}"), "_raw": text[:500]}
+                continue
+            if not isinstance(obj, dict):
+                yield n, {"_bad": ("not_an_object", f"a JSON {type(obj).__name__}, not an object"), "_raw": text[:500]}
+                continue
+            yield n, {k: (v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)[:1000])
+                      for k, v in obj.items()}
