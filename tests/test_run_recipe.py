@@ -180,3 +180,21 @@ def test_unknown_beam_option_and_stage_names_fail_before_anything_runs(tmp_path,
         chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--runer", "DataflowRunner"])
     with pytest.raises(UsageError, match=r"--force candidate: no such stage .* \(stages: entity_index, candidates, codes\)"):
         chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--force", "candidate", "--dry_run"])
+
+
+@pytest.mark.parametrize("name", ["entity_laion.yaml", "rew.yaml"])
+def test_the_shipped_recipes_resolve(tmp_path, name):
+    """Every stage of a shipped recipe resolves: its flags pass its command's parser and
+    its inputs come from the stages that make them."""
+    res = chain_cmd.run([os.path.join(ROOT, "recipes", name), "--output", str(tmp_path / "out"), "--data", str(tmp_path), "--dry_run"])
+    assert res["stages"] and all(s["run"] for s in res["stages"])
+    cmds = {s["name"]: s["command"] for s in res["stages"]}
+    if name == "entity_laion.yaml":
+        cand = cmds["candidates"]
+        assert cand[cand.index("--entity_index") + 1] == f"{tmp_path}/out/entity_index"
+        shards = cmds["shards"]
+        assert shards[shards.index("--threshold") + 1] == "0.95" and "ViT-L-14" in shards
+    else:
+        rew = cmds["rew"]
+        assert rew[rew.index("--entities") + 1] == f"{tmp_path}/wiki6m.jsonl"
+        assert rew[rew.index("--entity_index") + 1] == f"{tmp_path}/out/entity_index"
