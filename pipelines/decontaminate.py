@@ -258,7 +258,7 @@ def build_filter_pipeline(p, args, inputs, eval_dir: str, formats, threads, shar
     """Phase 2: read, decode, embed and filter the candidates against eval_set/, write shards."""
     # Files are matched inside the job (a list of 100k shards would be pickled into it).
     units, unit_rejects = p | "Units" >> ShardUnits(
-        args.input, any(not is_tar(f) for f in inputs), any(is_tar(f) for f in inputs)
+        args.input, any(not is_tar(f) for f in inputs), any(is_tar(f) for f in inputs), pair_companions=True
     )
     rejects = [unit_rejects]
     read = (

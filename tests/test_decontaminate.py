@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipelines import decontaminate
 from tests.conftest import direct_pipeline
-from tests.helpers import read_rejects, write_webdataset
+from tests.helpers import read_rejects, write_parquet, write_webdataset
 from transforms.errors import UsageError
 from transforms.io.images import DecodedImage, decode_image
 from transforms.io.readers import REJECTED
@@ -301,6 +301,43 @@ def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
     assert by_reason["eval_image_missing"] == ["oven_09999999"]
     kept = pq.read_table(glob.glob(str(out / "samples-*.parquet"))).to_pylist()
     assert [(r["key"], r["qid"], r["title"]) for r in kept] == [("00000/000000001", "Q9202", "Statue of Liberty")]
+    assert summary["count_check"] == "ok"
+
+
+def test_a_whole_img2dataset_folder_failures_are_rejects_with_their_status(tmp_path, checkpoint):
+    """decontaminate given img2dataset's whole webdataset folder: the tars are the samples;
+    the Parquet beside each tar (every URL tried, with `status`) gives its failed downloads
+    as rejects, with img2dataset's status and message, and nothing twice."""
+    meta = {"qid": "Q243", "title": "Eiffel Tower", "score": 0.7, "rank": 1, "entity_id": 0}
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_webdataset(folder / "00000.tar", [
+        {"key": f"00000000{i}", "jpg": jpeg(photo(10 + i)), "txt": f"caption {i}",
+         "json": {"key": f"00000000{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "status": "success", **meta}}
+        for i in range(3)
+    ])
+    rows = [{"key": f"00000000{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "status": "success",
+             "error_message": None, **meta} for i in range(3)]
+    rows += [{"key": f"00000000{i}", "url": f"http://x/{i}.jpg", "caption": f"caption {i}", "status": "failed_to_download",
+              "error_message": "HTTP Error 404: Not Found", **meta} for i in range(3, 5)]
+    write_parquet(folder / "00000.parquet", rows)
+    (folder / "00000_stats.json").write_text(json.dumps({"count": 5, "successes": 3, "failed_to_download": 2}))
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    (evals / "copy.jpg").write_bytes(jpeg(photo(10)))  # sample 0, exactly
+    out = tmp_path / "out"
+    summary = decontaminate.run(
+        ["--input", str(folder), "--eval_images", str(evals), "--output", str(out),
+         "--clip_model", ARCH, "--clip_pretrained", "none", "--formats", "parquet", "--threshold", "0.9999"]
+    )
+    rejects = read_rejects(out)
+    failed = sorted((r["key"], r["reason"], r["detail"]) for r in rejects if r["stage"] == "read_candidates")
+    assert failed == [(f"00000/00000000{i}", "download_failed", "status='failed_to_download' HTTP Error 404: Not Found")
+                      for i in (3, 4)]
+    kept = pq.read_table(glob.glob(str(out / "samples-*.parquet"))).to_pylist()
+    dropped = [r for r in rejects if r["reason"] == "near_duplicate_of_eval"]
+    assert (len(kept), len(dropped)) == (2, 1) and not any(r["reason"] == "missing_entity" for r in rejects)
+    assert summary["counters"]["img2dataset_rows_in_tars"] == 3
     assert summary["count_check"] == "ok"
 
 

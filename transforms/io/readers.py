@@ -424,10 +424,14 @@ class _CaptionReaderBase(beam.DoFn):
 class SplitParquet(beam.DoFn):
     """path -> (path, row_group) work items, so one big file is read by many workers."""
 
-    def process(self, path):
+    def process(self, element):
+        # A path, or (path, companion) from ShardUnits' pairing: companions' units say so.
+        path, companion = element if isinstance(element, tuple) else (element, False)
+
         def units():
             with open_read(path) as f:
-                yield from row_group_units(path, f)
+                for unit in row_group_units(path, f):
+                    yield (*unit, True) if companion else unit
 
         def unreadable(e):
             counter("captions_files_unreadable").inc()
@@ -600,27 +604,62 @@ class ReadWebDatasetCaptions(_CaptionReaderBase):
 # --------------------------------------------------------------------------------------
 
 
+def is_img2dataset_stats(path: str) -> bool:
+    """img2dataset's `<shard>_stats.json` beside each shard: a report, not data."""
+    return path.endswith("_stats.json")
+
+
+def _file_stem(path: str) -> tuple[str, str]:
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return folder, name.split(".", 1)[0]
+
+
+def _mark_companions(element):
+    """(folder, stem), paths -> (path, companion): a Parquet file beside a tar of the same
+    stem is img2dataset's metadata of that tar (its rows: every URL tried, with `status`)."""
+    _, paths = element
+    paths = list(paths)
+    has_tar = any(is_tar(p) for p in paths)
+    for p in paths:
+        yield p, has_tar and not is_tar(p)
+
+
 class ShardUnits(beam.PTransform):
     """Shards (Parquet and/or webdataset tars, matched in the job) -> read units: (path,
     row group) for Parquet, the path for a tar; plus rejects for unreadable Parquet files.
     `has_parquet` / `has_tars` (from the launcher's listing) leave out branches with no
-    input, so the graph stays what the inputs need."""
+    input, so the graph stays what the inputs need.
 
-    def __init__(self, pattern: str, has_parquet: bool, has_tars: bool):
+    `pair_companions`: an img2dataset webdataset folder holds `00000.tar` (the images) and
+    `00000.parquet` (every URL of that shard tried, with `status`); such a Parquet file's
+    units are (path, row group, True): its reader takes only the failed downloads from it,
+    as rejects (the successes are the tar's samples). Files are paired by folder and stem in
+    the job (a shuffle of file paths only)."""
+
+    def __init__(self, pattern: str, has_parquet: bool, has_tars: bool, pair_companions: bool = False):
         super().__init__()
         self.pattern = pattern
         self.has_parquet = has_parquet
         self.has_tars = has_tars
+        self.pair_companions = pair_companions
 
     def expand(self, pbegin):
+        from transforms.run.shuffles import MeasureShuffle
+
         files = pbegin | "InputFiles" >> ListFiles(self.pattern)
         units, rejects = [], []
         if self.has_parquet:
-            split = (
-                files
-                | "ParquetOnly" >> beam.Filter(lambda f: not is_tar(f))
-                | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
-            )
+            parquet = files | "ParquetOnly" >> beam.Filter(lambda f: not is_tar(f) and not is_img2dataset_stats(f))
+            if self.pair_companions and self.has_tars:
+                parquet = (
+                    files
+                    | "ByStem" >> beam.Map(lambda f: (_file_stem(f), f))
+                    | "MeasureStems" >> MeasureShuffle("pair_shard_files")
+                    | "GroupStems" >> beam.GroupByKey()
+                    | "MarkCompanions" >> beam.FlatMap(_mark_companions)
+                    | "ParquetMarked" >> beam.Filter(lambda pc: not is_tar(pc[0]) and not is_img2dataset_stats(pc[0]))
+                )
+            split = parquet | "SplitRowGroups" >> beam.ParDo(SplitParquet()).with_outputs(REJECTED, main="units")
             units.append(split.units)
             rejects.append(split[REJECTED])
         if self.has_tars:

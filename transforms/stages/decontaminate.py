@@ -96,6 +96,8 @@ class ReadCandidateImages(beam.DoFn):
             )
 
         make = (lambda: self._parquet(*element)) if isinstance(element, tuple) else (lambda: self._tar(element))
+        if isinstance(element, tuple) and len(element) == 3:
+            make = lambda: self._download_failures(*element[:2])  # noqa: E731
         yield from read_guarded(make, source, unreadable)
 
     def _emit(self, row: dict, source: str):
@@ -139,6 +141,24 @@ class ReadCandidateImages(beam.DoFn):
             if img2dataset:
                 row["key"] = image_identity(row.get("key"), row.get("url"), tag)
             yield self._emit(row, row_group_source(path, rg))
+
+    def _download_failures(self, path: str, rg: int):
+        """img2dataset's metadata Parquet beside a tar: the URLs it could not download are
+        rejects (`download_failed`, with img2dataset's status and error message); the rows
+        it downloaded are the tar's samples, read there, and only counted here."""
+        with open_read(path) as f:
+            rows = parquet.read_rows(f, rg)
+        tag = source_tag(path, self.root)
+        source = row_group_source(path, rg)
+        for row in rows:
+            if row.get("status") == "success":
+                counter("img2dataset_rows_in_tars").inc()
+                continue
+            row["key"] = image_identity(row.get("key"), row.get("url"), tag)
+            row.pop("jpg", None)
+            if row.get("status") is None:
+                row["status"] = "missing"
+            yield self._emit(row, source)
 
     def _tar(self, path: str):
         tag = source_tag(path, self.root)
