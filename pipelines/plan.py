@@ -2,6 +2,7 @@
 
     python -m pipelines.plan --entities 6063945 --captions 2.3e9 --k 100 --images 50e6 \\
         --llm gpt-4.1-mini [--workers 100 --cpu_machine n2-standard-4] [--gpu H100-80GB --gpus 8] [--json]
+    python -m pipelines.plan --recipe recipes/entity_laion.yaml --entities 6063945 --captions 2.3e9
 
 For each stage (build the entity index, select captions, download the selected images,
 decontaminate, refine with an LLM, train) it prints the work (items, FLOPs, bytes read and
@@ -88,11 +89,46 @@ def load(path: str, what: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.recipe:
+        given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--")}
+        for key, value in recipe_settings(args.recipe).items():
+            if key not in given:
+                setattr(args, key, value)
+    return args
+
+
+def recipe_settings(path: str) -> dict:
+    """The plan's settings a recipe decides: select_candidates' k and M, refine's model,
+    backend, requests per sample, image side and cascade, whether it trains. A flag given
+    on the command line wins over the recipe."""
+    from transforms.run.recipe import load, parsed_options
+
+    r = load(path, output="PLAN", data="DATA")
+    found: dict = {"llm": "none", "train_epochs": 0.0}
+    for stage in r.stages:
+        if not stage.command:
+            continue
+        o = parsed_options(stage)
+        if stage.command == "select_candidates":
+            found.update(k=o["k"], per_caption_entities=o["per_caption_entities"])
+        elif stage.command == "refine":
+            found.update(llm=o["model"], image_side=o["max_image_side"] or 1024,
+                         llm_backend="batch" if o["llm_backend"] in ("openai_batch", "vertex_batch") else "online",
+                         requests_per_sample=float(o["rew_requests"]))
+            if o.get("escalate_backend"):
+                found["rew_design"] = "cascade"
+        elif stage.command == "trainer.train":
+            found["train_epochs"] = 1.0
+    return found
 
 
 def build_parser() -> Parser:
     p = Parser("pipelines.plan", __doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default=None,
+                   help="a pipelines.run recipe: its settings (k, M, the LLM, its backend, requests per sample, image side, "
+                        "cascade, training) replace the defaults; flags given here still win")
     p.add_argument("--entities", type=float, required=True, help="catalog size (OVEN/Wiki6M: 6063945)")
     p.add_argument("--captions", type=float, required=True, help="caption corpus size (LAION-2B-en: 2.3e9)")
     p.add_argument("--k", type=int, default=100, help="images kept per entity (select_candidates --k)")

@@ -3,6 +3,7 @@ to date, then everything downstream of it.
 
     python -m pipelines.run recipes/demo.yaml --output out [--data DIR]
         [--from STAGE] [--until STAGE] [--force STAGE[,STAGE]] [--dry_run]
+        [--estimate_only --entities N --captions N]
         [Beam options for every Beam stage: --runner DataflowRunner --project ... ]
 
 A recipe (YAML) lists the stages, each one of our commands and its flags (or another
@@ -33,6 +34,11 @@ def build_parser() -> Parser:
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
     p.add_argument("--force", default="", metavar="STAGE[,STAGE]", help="run these stages (and so everything downstream) even when up to date")
     p.add_argument("--dry_run", action="store_true", help="print each stage's full command and whether it would run or be skipped, and why; run nothing")
+    p.add_argument("--estimate_only", action="store_true",
+                   help="print the planner's figures (python -m pipelines.plan --recipe) for this recipe and the sizes below; run nothing")
+    p.add_argument("--entities", type=float, default=None, help="--estimate_only: catalog size (OVEN/Wiki6M: 6063945)")
+    p.add_argument("--captions", type=float, default=None, help="--estimate_only: caption corpus size (LAION-2B-en: 2.3e9)")
+    p.add_argument("--images", type=float, default=None, help="--estimate_only: selected images (default: the planner's estimate)")
     return p
 
 
@@ -49,6 +55,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
     parser = build_parser()
     args, beam_args = split_beam(parser, list(sys.argv[1:] if argv is None else argv))
+    if args.estimate_only:
+        from pipelines import plan
+        from transforms.errors import UsageError
+
+        if args.entities is None or args.captions is None:
+            raise UsageError("--estimate_only needs the input sizes: --entities N --captions N [--images N]")
+        sizes = ["--entities", str(args.entities), "--captions", str(args.captions)]
+        sizes += ["--images", str(args.images)] if args.images else []
+        return plan.run(["--recipe", args.recipe, *sizes])
     r = recipe.load(args.recipe, args.output, args.data)
     force = {s for s in args.force.split(",") if s}
     decisions = chain.plan(r, force, args.start, args.until)

@@ -156,3 +156,23 @@ def test_the_cascade_row_prices_the_self_hosted_gpu_and_the_escalated_share(data
         plan.run(data + ["--rew_design", "cascade"])
     with pytest.raises(UsageError, match="--self_hosted_gpu 'TPU' has no price"):
         plan.run(data + ["--self_hosted_gpu", "TPU"])
+
+
+def test_a_recipe_sets_the_plans_settings_and_flags_still_win(tmp_path):
+    """pipelines.plan --recipe: the settings of the recipe's stages (k, the LLM, its backend,
+    requests per sample, image side, cascade) become the plan's; a flag given wins."""
+    import os
+
+    from pipelines import plan
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rew = os.path.join(root, "recipes", "rew.yaml")
+    a = plan.parse_args(["--recipe", rew, "--entities", "6e6", "--captions", "2e9"])
+    assert (a.llm, a.llm_backend, a.requests_per_sample, a.image_side, a.train_epochs) == ("gpt-4.1-mini", "batch", 2.0, 512, 0.0)
+    laion = os.path.join(root, "recipes", "entity_laion.yaml")
+    b = plan.parse_args(["--recipe", laion, "--entities", "6e6", "--captions", "2e9", "--k", "20"])
+    assert (b.k, b.llm) == (20, "none")  # the flag wins over the recipe's k: 50; no refine stage, no LLM
+    text = open(rew).read().replace("rew_requests: 2", "rew_requests: 1\n      max_image_side: 384\n      escalate_backend: openai")
+    (tmp_path / "r.yaml").write_text(text)
+    c = plan.parse_args(["--recipe", str(tmp_path / "r.yaml"), "--entities", "6e6", "--captions", "2e9"])
+    assert (c.requests_per_sample, c.image_side, c.rew_design) == (1.0, 384, "cascade")

@@ -198,3 +198,14 @@ def test_the_shipped_recipes_resolve(tmp_path, name):
         rew = cmds["rew"]
         assert rew[rew.index("--entities") + 1] == f"{tmp_path}/wiki6m.jsonl"
         assert rew[rew.index("--entity_index") + 1] == f"{tmp_path}/out/entity_index"
+
+
+def test_estimate_only_prices_the_recipe(capsys):
+    plan = chain_cmd.run([os.path.join(ROOT, "recipes", "entity_laion.yaml"), "--output", "unused", "--estimate_only",
+                          "--entities", "6063945", "--captions", "2.3e9"])
+    names = [s["stage"] if isinstance(s, dict) and "stage" in s else s for s in plan.get("stages", [])]
+    printed = capsys.readouterr().out
+    assert "select_candidates" in printed and "decontaminate" in printed and "refine" not in printed.split("rates used")[0]
+    assert names
+    with pytest.raises(UsageError, match="--estimate_only needs the input sizes"):
+        chain_cmd.run([os.path.join(ROOT, "recipes", "entity_laion.yaml"), "--output", "unused", "--estimate_only"])

@@ -283,6 +283,31 @@ def _rows_and_rejects(m: dict) -> tuple[Optional[int], int]:
     return rows, rejects
 
 
+def img2dataset_stats(folder: str) -> Optional[dict]:
+    """img2dataset's per-shard `*_stats.json` in `folder`, added up: URLs tried, downloaded,
+    and the failures by img2dataset's status message. None when there are none."""
+    paths = sorted(glob.glob(os.path.join(folder, "*_stats.json"))) if not is_url(folder) else []
+    if not paths:
+        return None
+    tried = downloaded = 0
+    failed: dict[str, int] = {}
+    for path in paths:
+        try:
+            st = read_json(path)
+        except (OSError, ValueError):
+            continue
+        tried += int(st.get("count") or 0)
+        downloaded += int(st.get("successes") or 0)
+        for status, n in (st.get("status_dict") or {}).items():
+            if status != "success":
+                failed[status] = failed.get(status, 0) + int(n)
+        if not st.get("status_dict"):
+            for key in ("failed_to_download", "failed_to_resize"):
+                if st.get(key):
+                    failed[key] = failed.get(key, 0) + int(st[key])
+    return {"shards": len(paths), "tried": tried, "downloaded": downloaded, "failed": dict(sorted(failed.items()))}
+
+
 def write_summary(recipe: Recipe, decisions: list[Decision], beam_args: list[str]) -> dict:
     """`chain.json` and `README.md` in the chain's output root."""
     root = recipe.output
@@ -304,6 +329,16 @@ def write_summary(recipe: Recipe, decisions: list[Decision], beam_args: list[str
                 entry["outputs"] = read_json(f"{d.stage.output}/{STAMP}").get("outputs")
             except (OSError, ValueError):
                 pass
+            stats = img2dataset_stats(d.stage.output)
+            if stats:
+                entry.update({"rows": stats["downloaded"], "rejects": sum(stats["failed"].values()), "download": stats})
+                selected = [e for e in stages if e["name"] in d.stage.depends and e.get("kind") == "candidates"]
+                if selected and selected[-1].get("rows") is not None:
+                    n = selected[-1]["rows"]
+                    ok = n == stats["tried"]
+                    entry["count_check"] = (f"ok: {n:,} selected = {stats['downloaded']:,} downloaded + "
+                                            f"{sum(stats['failed'].values()):,} failed" if ok else
+                                            f"{n:,} selected but img2dataset tried {stats['tried']:,}")
         stages.append(entry)
     summary = {"recipe": recipe.name, "recipe_file": RECIPE_FILE, "output": root,
                "written": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "stages": stages}
@@ -337,6 +372,13 @@ def _summary_md(summary: dict) -> str:
         secs = s.get("run_seconds") if s["status"] == "skipped" else s["seconds"]
         lines.append(f"| `{s['name']}` | {md_text(status)} | {rows} | {rejects} | {md_text(s.get('count_check') or '')} "
                      f"| {'' if secs is None else f'{secs:,.0f}'} | {cost} | {card} | {viewer} |")
+    for s in summary["stages"]:
+        if s.get("download"):
+            dl = s["download"]
+            lines += ["", f"`{s['name']}` downloaded {dl['downloaded']:,} of {dl['tried']:,} URLs "
+                      f"({dl['shards']} shards); failed by reason:", "",
+                      "| reason | URLs |", "|---|---|",
+                      *[f"| {md_text(k)} | {v:,} |" for k, v in dl["failed"].items()]]
     lines += ["", "## Commands", "", "```bash"]
     lines += [" ".join(_quote(a) for a in s["command"]) for s in summary["stages"]]
     lines += ["```", ""]
