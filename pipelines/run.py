@@ -33,7 +33,10 @@ def build_parser() -> Parser:
     p.add_argument("--from", dest="start", default=None, metavar="STAGE", help="run from this stage on (earlier ones are left as they are)")
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
     p.add_argument("--force", default="", metavar="STAGE[,STAGE]", help="run these stages (and so everything downstream) even when up to date")
-    p.add_argument("--dry_run", action="store_true", help="print each stage's full command and whether it would run or be skipped, and why; run nothing")
+    p.add_argument("--dry_run", nargs="?", const="true", default=None, choices=("true", "True", "false", "False"),
+                   help="print each stage's full command and whether it would run or be skipped, and why; run nothing. "
+                        "With --runner DataflowRunner, also build every Beam stage's Dataflow job without submitting it "
+                        "(Beam's --dry_run=True)")
     p.add_argument("--estimate_only", action="store_true",
                    help="print the planner's figures (python -m pipelines.plan --recipe) for this recipe and the sizes below; run nothing")
     p.add_argument("--entities", type=float, default=None, help="--estimate_only: catalog size (OVEN/Wiki6M: 6063945)")
@@ -67,10 +70,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     r = recipe.load(args.recipe, args.output, args.data)
     force = {s for s in args.force.split(",") if s}
     decisions = chain.plan(r, force, args.start, args.until)
-    if args.dry_run:
+    if args.dry_run in ("true", "True"):
         chain.dry_run(decisions, beam_args)
-        return {"dry_run": True, "stages": [{"name": d.stage.name, "run": d.run, "reason": d.reason,
-                                             "command": d.stage.command_line(beam_args)} for d in decisions]}
+        built = chain.build_jobs(decisions, beam_args) if chain.is_dataflow(beam_args) else {}
+        return {"dry_run": True, "jobs": built,
+                "stages": [{"name": d.stage.name, "run": d.run, "reason": d.reason,
+                            "command": d.stage.command_line(beam_args)} for d in decisions]}
     chain.execute(r, decisions, beam_args)
     summary = chain.write_summary(r, decisions, beam_args)
     ran = [d.stage.name for d in decisions if d.status == "ran"]

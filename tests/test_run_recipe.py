@@ -110,6 +110,13 @@ def test_a_chain_killed_in_its_third_stage_finishes_without_redoing_the_first_tw
     assert [s["name"] for s in state["stages"]] == ["entity_index", "candidates", "codes"]
     readme = (killed / "README.md").read_text()
     assert "[card](candidates/README.md)" in readme and "[viewer](candidates/viewer.html)" in readme
+    # The same recipe on Dataflow: every Beam stage's job built offline, nothing submitted.
+    from tests.test_distributed import DATAFLOW
+
+    res = chain_cmd.run([recipe, "--output", str(killed), "--dry_run=True", *[a for a in DATAFLOW if a != "--dry_run=True"]])
+    assert set(res["jobs"]) == {"entity_index", "candidates", "codes"}
+    assert all(j["dry_run"] and j["runner"] == "DataflowRunner" and j["pipeline_proto_bytes"] > 0 for j in res["jobs"].values())
+    assert _result(killed) == _result(clean)  # building the jobs changed nothing
 
 
 @pytest.mark.slow

@@ -335,7 +335,7 @@ function render(r) {
 // get a card (built once, kept for later filters) and their images are decoded.
 const PAGE = DATA.meta.page_size || 100;
 const built = new Map();
-let matching = [], limit = PAGE, statsPending = false;
+let matching = [], limit = PAGE;
 const empty = el("div", "empty", "Nothing matches these filters.");
 const more = el("button", "more");
 more.id = "more";
@@ -352,19 +352,14 @@ function card(i) {
   return node;
 }
 function stats() {
-  // Counted once per frame however many images finish together.
-  if (statsPending) return;
-  statsPending = true;
-  requestAnimationFrame(() => {
-    statsPending = false;
-    let images = 0, evals = 0;
-    for (const node of grid.querySelectorAll(".card")) {
-      const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++;
-      const ev = node.querySelector("img.eval"); if (ev && ev.complete && ev.naturalWidth > 0) evals++;
-    }
-    document.body.dataset.imagesLoaded = String(images);
-    document.body.dataset.evalImagesLoaded = String(evals);
-  });
+  // Counted over the built page only (at most a few hundred cards), on each image load.
+  let images = 0, evals = 0;
+  for (const node of grid.querySelectorAll(".card")) {
+    const im = node.querySelector("img.thumb"); if (im && im.complete && im.naturalWidth > 0) images++;
+    const ev = node.querySelector("img.eval"); if (ev && ev.complete && ev.naturalWidth > 0) evals++;
+  }
+  document.body.dataset.imagesLoaded = String(images);
+  document.body.dataset.evalImagesLoaded = String(evals);
 }
 function draw() {
   const frag = document.createDocumentFragment();

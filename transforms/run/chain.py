@@ -391,6 +391,29 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def is_dataflow(beam_args: list[str]) -> bool:
+    for i, a in enumerate(beam_args):
+        if a.startswith("--runner="):
+            return a.split("=", 1)[1].endswith("DataflowRunner")
+        if a == "--runner" and i + 1 < len(beam_args):
+            return beam_args[i + 1].endswith("DataflowRunner")
+    return False
+
+
+def build_jobs(decisions: list[Decision], beam_args: list[str], say=print) -> dict:
+    """With the DataflowRunner: every Beam stage in the chain's window built as a Dataflow
+    job without submitting it (Beam's --dry_run=True), whether or not it is up to date. A
+    stage's inputs must exist (its command checks them as it would before a real run)."""
+    built = {}
+    for d in decisions:
+        if d.reason.startswith(("before --from", "after --until")) or d.stage.run or not COMMANDS[d.stage.command].beam:
+            continue
+        summary = _run_ours(d.stage, [*beam_args, "--dry_run=True"])
+        built[d.stage.name] = summary
+        say(f"  {d.stage.name}: Dataflow job built ({summary.get('pipeline_proto_bytes', 0):,} bytes of pipeline), not submitted")
+    return built
+
+
 def dry_run(decisions: list[Decision], beam_args: list[str], say=print) -> None:
     n = len(decisions)
     for i, d in enumerate(decisions, 1):
