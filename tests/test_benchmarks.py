@@ -58,15 +58,11 @@ def run_script(script: str, args: list[str]) -> tuple[str, float]:
 
 
 @pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
+def tiny_demo(demo_run):
     """A finished demo output (what compare_models reads: the entity index, the REW shards,
-    the word-piece vocabulary and the OVEN evaluation files) at its smallest: top-1 per
-    entity and one training step (~75 s on 2 cores; the default demo takes ~190 s)."""
-    out = tmp_path_factory.mktemp("bench_demo") / "demo_output"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.demo", "--output", str(out), "--k", "1", "--train_steps", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    the word-piece vocabulary and the OVEN evaluation files): the session's demo run, which
+    the demo and multi-process tests make anyway (compare_models writes into --output only)."""
+    out, _ = demo_run
     assert os.path.exists(out / "metrics.json")
     return str(out)
 
