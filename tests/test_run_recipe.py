@@ -189,10 +189,12 @@ def test_unknown_beam_option_and_stage_names_fail_before_anything_runs(tmp_path,
         chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--force", "candidate", "--dry_run"])
 
 
-@pytest.mark.parametrize("name", ["entity_laion.yaml", "rew.yaml"])
-def test_the_shipped_recipes_resolve(tmp_path, name):
+@pytest.mark.parametrize("name", ["entity_laion.yaml", "rew.yaml", "dataflow.yaml"])
+def test_the_shipped_recipes_resolve(tmp_path, name, monkeypatch):
     """Every stage of a shipped recipe resolves: its flags pass its command's parser and
     its inputs come from the stages that make them."""
+    monkeypatch.setenv("GPU_IMAGE", "gcr.io/p/gpu:1")
+    monkeypatch.setenv("VLLM_IMAGE", "gcr.io/p/vllm:1")
     res = chain_cmd.run([os.path.join(ROOT, "recipes", name), "--output", str(tmp_path / "out"), "--data", str(tmp_path), "--dry_run"])
     assert res["stages"] and all(s["run"] for s in res["stages"])
     cmds = {s["name"]: s["command"] for s in res["stages"]}
@@ -201,6 +203,13 @@ def test_the_shipped_recipes_resolve(tmp_path, name):
         assert cand[cand.index("--entity_index") + 1] == f"{tmp_path}/out/entity_index"
         shards = cmds["shards"]
         assert shards[shards.index("--threshold") + 1] == "0.95" and "ViT-L-14" in shards
+    elif name == "dataflow.yaml":
+        shards = cmds["shards"]
+        assert "--sdk_container_image=gcr.io/p/gpu:1" in shards and "--machine_type=g2-standard-8" in shards
+        assert shards[shards.index("--input") + 1] == f"{tmp_path}/out/candidates/candidates-*.parquet"
+        rew = cmds["rew"]
+        assert "--experiments=no_use_multiple_sdk_containers" in rew and "--sdk_container_image=gcr.io/p/vllm:1" in rew
+        assert rew[rew.index("--input") + 1] == f"{tmp_path}/out/shards/samples-*.parquet"
     else:
         rew = cmds["rew"]
         assert rew[rew.index("--entities") + 1] == f"{tmp_path}/wiki6m.jsonl"
