@@ -66,6 +66,7 @@ def test_csv_with_a_header_and_jsonl_select_the_same(tmp_path, entity_index, lai
     assert _pairs(tmp_path / "jsonl_out") == laion
 
 
+@pytest.mark.slow
 def test_bad_lines_are_rejects_with_their_reason(tmp_path, entity_index):
     good = "".join(f"{t}\t{u}\n" for t, u in CAPTIONS)
     raw = (good.encode()
@@ -93,6 +94,7 @@ def test_bad_lines_are_rejects_with_their_reason(tmp_path, entity_index):
     assert summary["counters"]["captions_rows_read"] == 3 and summary["count_check"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_csv_without_the_caption_column_is_one_reject_for_all_its_rows(tmp_path, entity_index):
     (tmp_path / "l.csv").write_text("url,text\nhttp://x/a.jpg,Eiffel Tower\nhttp://x/b.jpg,Big Ben\n")
     summary = _select(entity_index, tmp_path / "l.csv", tmp_path / "out", "--caption_format", "csv")

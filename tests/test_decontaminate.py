@@ -304,6 +304,7 @@ def test_webdataset_input_and_oven_annotations(tmp_path, checkpoint):
     assert summary["count_check"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_whole_img2dataset_folder_failures_are_rejects_with_their_status(tmp_path, checkpoint):
     """decontaminate given img2dataset's whole webdataset folder: the tars are the samples;
     the Parquet beside each tar (every URL tried, with `status`) gives its failed downloads

@@ -148,6 +148,7 @@ def test_docs_show_what_the_demo_prints(run):
     assert len(stages) == 8 and _normalise(shown[0], "demo_output") == stages
 
 
+@pytest.mark.slow
 def test_docs_compare_walkthrough_is_what_it_prints(run, capsys, tmp_path):
     """docs/outputs.md's compare-then-decide walk-through on the demo's outputs: its commands
     run as written (on this session's demo folder), print what the page shows, and the
