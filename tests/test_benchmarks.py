@@ -181,9 +181,42 @@ def test_every_benchmark_script_is_smoke_tested():
     assert scripts == {c.values[0] for c in CASES}
 
 
+# The scripts run two at a time (much of each is single-threaded: imports, model loading,
+# the DirectRunner), started for every selected case when the first case asks: the tier's
+# wall time, not what a script measures (at these sizes the figures mean nothing).
+PARALLEL = 2
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [item.callspec.id for item in request.session.items
+                if item.originalname == "test_benchmark_runs_tiny_and_prints_its_result" and item.module is request.module]
+    by_id = {c.id: c.values for c in CASES}
+    jobs = {}
+    for case_id in selected:
+        script, args, _ = by_id[case_id]
+        tmp = tmp_path_factory.mktemp(case_id)
+        jobs[case_id] = (script, args(tmp, request))
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        futures = {cid: pool.submit(_outcome, script, argv) for cid, (script, argv) in jobs.items()}
+        return {cid: f.result() for cid, f in futures.items()}
+
+
+def _outcome(script: str, argv: list[str]):
+    try:
+        return run_script(script, argv), None
+    except BaseException as e:  # noqa: BLE001 - pytest.fail's exception: reported by the case
+        return None, e
+
+
 @pytest.mark.parametrize("script, args, patterns", CASES)
-def test_benchmark_runs_tiny_and_prints_its_result(script, args, patterns, tmp_path, request):
-    out, seconds = run_script(script, args(tmp_path, request))
+def test_benchmark_runs_tiny_and_prints_its_result(script, args, patterns, smoke_runs, request):
+    result, error = smoke_runs[request.node.callspec.id]
+    if error is not None:
+        raise error
+    out, seconds = result
     found = []
     for pattern in patterns:
         m = re.search(pattern, out)
