@@ -225,3 +225,28 @@ def test_estimate_only_prices_the_recipe(capsys):
     assert names
     with pytest.raises(UsageError, match="--estimate_only needs the input sizes"):
         chain_cmd.run([os.path.join(ROOT, "recipes", "entity_laion.yaml"), "--output", "unused", "--estimate_only"])
+
+
+def test_a_run_stage_is_stamped_and_a_missing_program_is_named(tmp_path):
+    """A `run:` stage: its declared outputs checked, a stamp written, skipped when up to
+    date, run again when its arguments change; a program that is not there stops the chain
+    with one line naming it."""
+    recipe = tmp_path / "r.yaml"
+
+    def write(word, program="${python}"):
+        recipe.write_text(
+            "version: 1\nname: ext\nstages:\n  - name: made\n"
+            f"    run: [\"{program}\", -c, \"import pathlib; pathlib.Path('${{stage}}/out.txt').write_text('{word}')\"]\n"
+            "    outputs: [\"${stage}/out.txt\"]\n")
+
+    out = tmp_path / "out"
+    write("one")
+    first = chain_cmd.run([str(recipe), "--output", str(out)])
+    assert [s["status"] for s in first["stages"]] == ["ran"] and (out / "made" / "out.txt").read_text() == "one"
+    assert json.load(open(out / "made" / "_stage.json"))["outputs"] == {f"{out}/made/out.txt": 1}
+    assert [s["status"] for s in chain_cmd.run([str(recipe), "--output", str(out)])["stages"]] == ["skipped"]
+    write("two")
+    dry = chain_cmd.run([str(recipe), "--output", str(out), "--dry_run"])
+    assert dry["stages"][0]["reason"] == "its command changed"
+    write("x", program="/nonexistent/tool")
+    assert chain_cmd.main([str(recipe), "--output", str(out)]) == 1

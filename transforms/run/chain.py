@@ -208,7 +208,11 @@ def _run_external(stage: Stage) -> None:
     stamp = os.path.join(stage.output, STAMP)
     if os.path.exists(stamp):
         os.remove(stamp)  # it runs again: not finished until it says so
-    proc = subprocess.run(stage.run, check=False)
+    try:
+        proc = subprocess.run(stage.run, check=False)
+    except OSError as e:
+        raise ChainError(f"stage {stage.name}: cannot start {stage.run[0]!r} ({e.strerror or e}); is it installed "
+                         "and on PATH?") from e
     if proc.returncode != 0:
         raise ChainError(f"stage {stage.name}: {' '.join(stage.run)} exited with status {proc.returncode}")
     missing = [p for p in stage.outputs if not _matches(p)]
