@@ -50,6 +50,7 @@ def test_cc3m_style_tsv_selects_what_the_same_rows_as_parquet_select(tmp_path, e
     assert summary["count_check"] == "ok"
 
 
+@pytest.mark.slow
 def test_csv_with_a_header_and_jsonl_select_the_same(tmp_path, entity_index, laion):
     import csv
 

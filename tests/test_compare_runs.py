@@ -23,6 +23,7 @@ SCRIPT_A = {"s4 ": "[[CORRECT_TO:taj mahal]]", "s5 ": "[[NOTENTITY]]", "s6 ": "[
 SCRIPT_B = {"s3 ": "[[CORRECT_TO:taj mahal]]", "s4 ": "[[CORRECT_TO:taj mahal]]", "s6 ": "[[NOTENTITY]]", "s8 ": "[[NOTENTITY]]"}
 
 
+@pytest.mark.slow
 def test_compare_runs_reports_the_planted_disagreements(tmp_path, catalog_path, entity_index, capsys):
     inputs = write_samples(tmp_path / "s.parquet", CASES)
     outs = {}

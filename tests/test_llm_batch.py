@@ -85,6 +85,7 @@ def test_batch_run_resumes_across_invocations(tmp_path, catalog_path, entity_ind
     assert os.path.exists(tmp_path / "out" / "manifest.json")
 
 
+@pytest.mark.slow
 def test_request_files_run_offline_like_vllm_run_batch(tmp_path, catalog_path, entity_index):
     """--batch_submit no writes OpenAI batch JSONL; answering each line (as `vllm run-batch`
     does) and handing the output back with --batch_results completes the run."""

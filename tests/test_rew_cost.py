@@ -164,6 +164,7 @@ def _caption_keys(requests, cases):
     return keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rew_requests", ["2", "1"])
 def test_escalation_sends_exactly_the_uncertain_answers_and_a_rerun_pays_neither(tmp_path, catalog_path, entity_index,
                                                                                  rew_requests):

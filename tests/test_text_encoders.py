@@ -80,6 +80,7 @@ def test_a_damaged_copy_is_refused(exported, tmp_path):
         OnnxEncoder(str(folder))
 
 
+@pytest.mark.slow
 def test_index_carries_its_encoder_and_select_uses_it(tmp_path, catalog_path):
     index = tmp_path / "index"
     summary = build_entity_index.run(["--entities", catalog_path, "--output", str(index), "--text_backend", "onnx-int8"])
