@@ -1,6 +1,7 @@
 """Packaging. Also the file Dataflow workers install with `--setup_file ./setup.py`: the
 pipeline packages, the prompt files and the demo data travel with it."""
 
+import glob
 import os
 
 from setuptools import find_packages, setup
@@ -39,6 +40,9 @@ setup(
         "pipelines": ["plan_data/*.json", "demo_data/*.jsonl", "demo_data/*.txt", "demo_data/*.json"],
     },
     include_package_data=True,
+    # The shipped recipes (pipelines.demo runs recipes/demo.yaml), for installs outside the
+    # source tree.
+    data_files=[("share/entityforge/recipes", sorted(glob.glob(os.path.join("recipes", "*.yaml"))))],
     install_requires=runtime_requirements(),
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],

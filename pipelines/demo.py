@@ -26,6 +26,8 @@ No CLIP weights can be downloaded offline, so step 4 uses a random-weight ViT-S-
 default. Random weights only separate near-exact copies (cosine >= 0.9997 here) from the
 rest (<= 0.997), hence the demo's --threshold 0.999; with real weights use GER's setting:
 `--clip_model ViT-L-14 --clip_pretrained openai --threshold 0.95`.
+The chain is recipes/demo.yaml, run like any recipe (python -m pipelines.run: stages that are
+up to date are skipped, so a second run takes seconds); this command adds the printing.
 Takes about 2 minutes on 2 cores (after the install). Prints one line per stage, a sample of what
 each made, and where everything is; writes the same text to <output>/README.md, the summary of
 the whole chain that links each stage's dataset card and viewer.
@@ -33,19 +35,16 @@ the whole chain that links each stage's dataset card and viewer.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import pyarrow.parquet as pq
 
-from pipelines import build_entity_index, decontaminate, refine, select_candidates
-from pipelines.demo_data.make_corpus import EVAL_KINDS, write_corpus, write_eval_set
-from pipelines.demo_data.rew_answers import DEMO_MODEL, build_cheap_demo_cache, build_demo_cache
+from pipelines.demo_data.make_corpus import EVAL_KINDS
 from transforms.run.cli import Parser
 from transforms.run.options import split_args
 
@@ -61,13 +60,6 @@ class Report:
     def __call__(self, text: str = "") -> None:
         print(text, flush=True)
         self.lines.extend(text.split("\n"))
-
-
-@contextlib.contextmanager
-def _stage_log(out: str, name: str):
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    with open(os.path.join(out, "logs", f"{name}.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
-        yield
 
 
 def _show_candidates(say: Report, out_dir: str) -> None:
@@ -148,78 +140,43 @@ def _check(manifest: dict) -> str:
     return "counts add up" if verdict == "ok" else f"COUNT CHECK: {verdict}"
 
 
+def recipe_path() -> str:
+    """recipes/demo.yaml: in the source tree, or where the package installed it."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo.yaml")
+    installed = os.path.join(sys.prefix, "share", "entityforge", "recipes", "demo.yaml")
+    return here if os.path.exists(here) or not os.path.exists(installed) else installed
+
+
+def _manifest(out: str, folder: str) -> dict:
+    with open(os.path.join(out, folder, "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def main(argv=None) -> dict:
+    from transforms.run import chain, recipe
+
     args, beam_args = split_args(build_parser(), sys.argv[1:] if argv is None else argv)
     out = args.output.rstrip("/") or "."
     started = time.time()
     say = Report()
     say(f"entityforge demo: the whole chain on the bundled data -> {out}/")
     say("(progress and library logs go to stderr; each stage's counters to its card and to logs/)\n")
-    data = write_corpus(os.path.join(out, "data"))
-    say(f"1 corpus          {data['samples']} captioned images in webdataset shards, "
-        f"{sum(1 for line in open(data['entities'], encoding='utf-8') if line.strip())} catalog lines")
-    index_dir = os.path.join(out, "entity_index")
-    with _stage_log(out, "build_entity_index"):
-        index = build_entity_index.run(["--entities", data["entities"], "--output", index_dir, *beam_args])
-    say(f"2 entity index    {index['num_entities']} entities ({index['counters'].get('rejected_dedup_duplicate_qid', 0)} "
-        f"duplicate QIDs), {index['model']}, dim {index['dimension']}, {index['index_factory']} index; {_check(index)}")
-    cand_dir = os.path.join(out, "candidates")
-    with _stage_log(out, "select_candidates"):
-        summary = select_candidates.run(
-            [
-                "--entity_index", index_dir,
-                "--captions", data["webdataset"],
-                "--caption_format", "webdataset",
-                "--k", str(args.k),
-                "--output", cand_dir,
-                *beam_args,
-            ]
-        )
-    c = summary["counters"]
-    say(f"3 selection       {c.get('written_candidates', 0)} images kept of {c.get('captions_rows_read', 0)} captions "
-        f"(top-{args.k} per entity, one entity per image); {_check(summary)}")
-    eval_dir = os.path.join(out, "data", "eval_images")
-    copies = write_eval_set(os.path.join(cand_dir, "candidates-*.parquet"), eval_dir)
-    shards_dir = os.path.join(out, "shards")
-    with _stage_log(out, "decontaminate"):
-        dec = decontaminate.run(
-            [
-                "--input", os.path.join(cand_dir, "candidates-*.parquet"),
-                "--eval_images", eval_dir,
-                "--output", shards_dir,
-                "--clip_model", args.clip_model,
-                "--clip_pretrained", args.clip_pretrained,
-                "--threshold", str(args.threshold),
-                *beam_args,
-            ]
-        )
-    c = dec["counters"]
-    say(f"4 decontaminate   {c.get('decontaminate_kept', 0)} kept, {c.get('decontaminate_dropped', 0)} dropped as copies of "
-        f"the {dec.get('eval_images', {}).get('embedded', '?')} evaluation images (CLIP {args.clip_model}, cosine > {args.threshold:g}); {_check(dec)}")
-    rew_dir = os.path.join(out, "rew")
-    demo_cache = build_demo_cache(
-        os.path.join(shards_dir, "samples-*.parquet"), os.path.join(out, "data", "rew_input"), os.path.join(out, "data", "llm_cache")
-    )
-    # A second scripted annotator's answers, for the compare-then-decide walk-through of
-    # docs/outputs.md (refine --rew_requests 1 on the same samples, then compare_runs).
-    build_cheap_demo_cache(demo_cache["input"], os.path.join(out, "data", "llm_cache_cheap"))
-    with _stage_log(out, "refine"):
-        rew = refine.run(
-            [
-                "--input", demo_cache["input"],
-                "--entities", data["entities"],
-                "--entity_index", index_dir,
-                "--llm_backend", "replay",
-                "--cache", os.path.join(out, "data", "llm_cache"),
-                "--model", DEMO_MODEL,
-                "--output", rew_dir,
-                *beam_args,
-            ]
-        )
-    v = rew.get("verdicts", {})
-    say(f"5 REW             {rew['counters'].get('samples_read', 0)} labels checked: {v.get('correct', 0)} correct, "
-        f"{v.get('corrected', 0)} corrected, {v.get('not_an_entity', 0)} not an entity; {_check(rew)}")
-    trained = _train_and_score(say, out, rew_dir, args.train_steps, beam_args) if args.train_steps > 0 else None
+    overrides = {"candidates": {"k": args.k},
+                 "shards": {"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained, "threshold": args.threshold}}
+    trains = args.train_steps > 0
+    if trains:
+        overrides["model"] = {"max_steps": args.train_steps, "save_every": args.train_steps}
+    r = recipe.load(recipe_path(), out, overrides=overrides)
+    decisions = chain.plan(r, set(), until=None if trains else "rew")
+    results: dict = {}
+    printer = _StagePrinter(say, out, args, results)
+    chain.execute(r, decisions, beam_args, say=lambda text: print(text, file=sys.stderr, flush=True),
+                  logs=os.path.join(out, "logs"), after_stage=printer)
+    index, summary, dec, rew = (results[k] for k in ("entity_index", "candidates", "shards", "rew"))
+    cand_dir, shards_dir, rew_dir = (os.path.join(out, f) for f in ("candidates", "shards", "rew"))
+    copies = {name: name.split("__", 1)[1][:-4].replace("--", "/")
+              for name in sorted(os.listdir(os.path.join(out, "data", "eval_images"))) if "__" in name}
+    trained = results.get("trained")
     _show_candidates(say, cand_dir)
     _show_decontamination(say, shards_dir, copies)
     if args.clip_pretrained.lower() == "none":
@@ -236,7 +193,7 @@ def main(argv=None) -> dict:
         )
         say("OVEN-style evaluation (seen = the training images: a memorisation check; unseen = entities never trained on):")
         say(trained["table"])
-    folders = {"entity_index": index_dir, "candidates": cand_dir, "shards": shards_dir, "rew": rew_dir}
+    folders = {"entity_index": os.path.join(out, "entity_index"), "candidates": cand_dir, "shards": shards_dir, "rew": rew_dir}
     if trained:
         folders["codes"] = os.path.join(out, "codes")
     _show_rejects(say, folders)
@@ -254,11 +211,12 @@ def main(argv=None) -> dict:
         say(f"  {name:<13} {out}/{folder:<14} {what}{viewer}")
     if trained:
         say(f"  {'evaluation':<13} {out}/{'data/oven_eval/':<14} OVEN JSON lines + images; {out}/predictions.jsonl, {out}/metrics.json")
-    summary_path = _write_summary(out, say, outputs)
+    summary_path = _write_summary(out, say)
     say(f"\nsummary of the whole chain: {summary_path}   browse the data: {out}/rew/viewer.html")
     say(f"Done in {time.time() - started:.0f} s.")
     with open(summary_path, "a", encoding="utf-8") as f:
         f.write(f"Done in {time.time() - started:.0f} s.\n```\n")
+    summary = dict(summary)
     summary["entity_index"] = index
     summary["decontaminate"] = dec
     summary["refine"] = rew
@@ -267,124 +225,84 @@ def main(argv=None) -> dict:
     return summary
 
 
-def _write_summary(out: str, say: Report, outputs: list) -> str:
-    """`<output>/README.md`: the stages with links to their cards and viewers, then what
-    the demo printed (the last line is added when the demo ends)."""
-    lines = ["# entityforge demo run", "",
-             "The whole chain on the bundled demo data. Each stage's output folder has its own dataset card "
-             "(tables of its counts, plots) and, for the record-holding ones, a viewer:", "",
-             "| stage | output | card | viewer |", "|---|---|---|---|"]
-    for name, folder, what in outputs:
-        card = f"[README.md]({folder}README.md)" if os.path.exists(os.path.join(out, folder, "README.md")) else ""
-        viewer = f"[viewer.html]({folder}viewer.html)" if os.path.exists(os.path.join(out, folder, "viewer.html")) else ""
-        lines.append(f"| {name} | `{folder}` ({what}) | {card} | {viewer} |")
-    lines += ["", "What the demo printed:", "", "```", *say.lines]
+class _StagePrinter:
+    """The demo's one line per stage, printed as each stage of the recipe finishes (or is
+    found up to date), from the stage's manifest."""
+
+    def __init__(self, say: Report, out: str, args, results: dict):
+        self.say, self.out, self.args, self.results = say, out, args, results
+
+    def __call__(self, d) -> None:
+        if d.reason.startswith("after --until"):
+            return
+        say, out, args, name = self.say, self.out, self.args, d.stage.name
+        if name == "corpus":
+            data = os.path.join(out, "data")
+            with open(os.path.join(data, "entities.jsonl"), encoding="utf-8") as f:
+                lines = sum(1 for line in f if line.strip())
+            samples = sum(1 for tar in glob.glob(os.path.join(data, "webdataset", "shard-*.tar"))
+                          for m in _tar_names(tar) if m.endswith(".json"))
+            say(f"1 corpus          {samples} captioned images in webdataset shards, {lines} catalog lines")
+        elif name == "entity_index":
+            index = self.results[name] = _manifest(out, name)
+            say(f"2 entity index    {index['num_entities']} entities ({index['counters'].get('rejected_dedup_duplicate_qid', 0)} "
+                f"duplicate QIDs), {index['model']}, dim {index['dimension']}, {index['index_factory']} index; {_check(index)}")
+        elif name == "candidates":
+            summary = self.results[name] = _manifest(out, name)
+            c = summary["counters"]
+            say(f"3 selection       {c.get('written_candidates', 0)} images kept of {c.get('captions_rows_read', 0)} captions "
+                f"(top-{args.k} per entity, one entity per image); {_check(summary)}")
+        elif name == "shards":
+            dec = self.results[name] = _manifest(out, name)
+            c = dec["counters"]
+            say(f"4 decontaminate   {c.get('decontaminate_kept', 0)} kept, {c.get('decontaminate_dropped', 0)} dropped as copies of "
+                f"the {dec.get('eval_images', {}).get('embedded', '?')} evaluation images (CLIP {args.clip_model}, "
+                f"cosine > {args.threshold:g}); {_check(dec)}")
+        elif name == "rew":
+            rew = self.results[name] = _manifest(out, name)
+            v = rew.get("verdicts", {})
+            say(f"5 REW             {rew['counters'].get('samples_read', 0)} labels checked: {v.get('correct', 0)} correct, "
+                f"{v.get('corrected', 0)} corrected, {v.get('not_an_entity', 0)} not an entity; {_check(rew)}")
+        elif name == "codes":
+            codes = self.results["codes"] = _manifest(out, name)
+            say(f"6 codes           {codes['entities']} ALD entity codes ({'all unique' if codes['unique'] else 'NOT UNIQUE'}), "
+                f"{100 * codes['random_fallback_share']:.2f} % random fallbacks; {_check(codes)}")
+        elif name == "model":
+            trained = self.results["model"] = _manifest(out, name)
+            say(f"7 training        tiny GIT ({trained['parameters'] / 1e6:.1f}M parameters), {trained['steps']} steps on the REW shards")
+        elif name == "evaluation":
+            from trainer import score
+
+            with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+                metrics = json.load(f)
+            with open(os.path.join(out, "predictions.jsonl"), encoding="utf-8") as f:
+                predicted = sum(1 for line in f if line.strip())
+            say(f"8 evaluation      {predicted} OVEN annotations predicted (constrained beam search) and scored")
+            self.results["trained"] = {"codes": self.results["codes"], "train": self.results["model"],
+                                       "predict": {"annotations": predicted}, "metrics": metrics,
+                                       "table": score.format_table(metrics)}
+
+
+def _tar_names(path: str) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def _write_summary(out: str, say: Report) -> str:
+    """`<output>/README.md`: the chain's summary (each stage's rows, rejects, count check,
+    links to its card and viewer, its command) that the recipe run wrote, then what the
+    demo printed (the last line is added when the demo ends)."""
     path = os.path.join(out, "README.md")
+    with open(path, encoding="utf-8") as f:
+        chain = f.read().rstrip("\n")
+    lines = [chain, "", "## What the demo printed", "", "```", *say.lines]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
-def _demo_tokenizer(rew_dir: str, entities: str, folder: str, size: int = 3000) -> str:
-    """A BERT WordPiece vocabulary built from the demo catalog and REW texts (offline
-    stand-in for bert-base-uncased): the special tokens, every character alone and as a
-    `##` continuation, then whole words by frequency (ties by spelling). Built by counting,
-    not by `tokenizers`' trainer, whose tie-breaking changes from run to run; the same
-    inputs always give the same vocabulary, hence the same codes and training run."""
-    from tokenizers import normalizers, pre_tokenizers
-
-    from trainer.data import GENERIC_QUESTIONS, OVEN_QUESTION, RATIONALE_QUESTION
-
-    texts = [json.loads(line)["wikipedia_title"] for line in open(entities, encoding="utf-8") if line.strip()]
-    for r in pq.read_table(sorted(glob.glob(os.path.join(rew_dir, "samples-*.parquet"))), columns=["rationale", "qa_json"]).to_pylist():
-        texts.append(r["rationale"] or "")
-        for qa in json.loads(r["qa_json"] or "[]"):
-            texts += [qa["question"], str(qa["answer"])]
-    texts += [*GENERIC_QUESTIONS, OVEN_QUESTION, RATIONALE_QUESTION]
-    normalize = normalizers.BertNormalizer(lowercase=True)
-    split = pre_tokenizers.BertPreTokenizer()
-    words = Counter()
-    for t in texts:
-        words.update(w for w, _ in split.pre_tokenize_str(normalize.normalize_str(t)))
-    chars = sorted({c for w in words for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
-    known = set(vocab)
-    vocab += [w for w, _ in sorted(words.items(), key=lambda wn: (-wn[1], wn[0])) if w not in known][: max(0, size - len(vocab))]
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "vocab.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    return path
-
-
-def write_demo_oven(rew_dir: str, entities: str, folder: str, unseen: int = 10, seed: int = 0) -> str:
-    """OVEN-format annotations (entity_* and query_* splits) over the REW training images
-    (seen) and newly drawn images of entities absent from training (unseen); images in
-    OVEN's two-digit sub-folders."""
-    import random
-
-    from pipelines.demo_data.make_corpus import draw
-
-    rows = pq.read_table(glob.glob(os.path.join(rew_dir, "samples-*.parquet")), columns=["key", "image", "qid"]).to_pylist()
-    rows.sort(key=lambda r: r["key"])
-    catalog = [json.loads(line) for line in open(entities, encoding="utf-8") if line.strip()]
-    trained = {r["qid"] for r in rows}
-    rng = random.Random(seed)
-    others = sorted({e["wikidata_id"] for e in catalog} - trained)
-    items = [(r["image"], r["qid"], "seen") for r in rows]
-    items += [(draw(20_000_000 + n), q, "unseen") for n, q in enumerate(rng.sample(others, min(unseen, len(others))))]
-    lines = []
-    for n, (image, qid, side) in enumerate(items):
-        image_id = f"oven_{n:08d}"
-        sub = os.path.join(folder, "images", f"{n % 100:02d}")
-        os.makedirs(sub, exist_ok=True)
-        with open(os.path.join(sub, f"{image_id}.jpg"), "wb") as f:
-            f.write(image)
-        lines.append({"data_id": f"oven_entity_val_{n:08d}", "image_id": image_id, "question": "what is this?",
-                      "entity_id": qid, "data_split": f"entity_val_{side}"})
-        lines.append({"data_id": f"oven_query_val_{n:08d}", "image_id": image_id, "question": "what is shown in the photo?",
-                      "entity_id": qid, "data_split": f"query_val_{side}"})
-    path = os.path.join(folder, "oven_val.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    return path
-
-
-def _train_and_score(say: Report, out: str, rew_dir: str, steps: int, beam_args) -> dict:
-    from pipelines import build_codes
-    from trainer import predict, score
-    from trainer import train as trainer_train
-
-    entities = os.path.join(out, "data", "entities.jsonl")
-    vocab = _demo_tokenizer(rew_dir, entities, os.path.join(out, "data", "wordpiece"))
-    codes_dir = os.path.join(out, "codes")
-    with _stage_log(out, "build_codes"):
-        codes = build_codes.run(["--entity_index", os.path.join(out, "entity_index"), "--tokenizer", vocab, "--output", codes_dir, *beam_args])
-    say(f"6 codes           {codes['entities']} ALD entity codes ({'all unique' if codes['unique'] else 'NOT UNIQUE'}), "
-        f"{100 * codes['random_fallback_share']:.2f} % random fallbacks; {_check(codes)}")
-    model_dir = os.path.join(out, "model")
-    trained = trainer_train.run(
-        [
-            "--train", os.path.join(rew_dir, "samples-*.parquet"), "--codes", codes_dir, "--output", model_dir,
-            "--model_config", "tiny", "--max_steps", str(steps), "--batch_size", "16", "--lr", "3e-3",
-            "--decoder_lr_multiplier", "1", "--warmup_steps", "10", "--crop", "center", "--log_every", "50",
-            "--save_every", str(steps), "--resume", "never", "--task_weights", "entity=1,rationale=0.5,qa=0.5",
-            "--shuffle_buffer", "64",
-        ]
-    )
-    say(f"7 training        tiny GIT ({trained['parameters'] / 1e6:.1f}M parameters), {trained['steps']} steps on the REW shards")
-    oven = write_demo_oven(rew_dir, entities, os.path.join(out, "data", "oven_eval"))
-    predictions = os.path.join(out, "predictions.jsonl")
-    pred = predict.run(["--checkpoint", model_dir, "--oven", oven, "--images", os.path.join(out, "data", "oven_eval", "images"),
-                        "--output", predictions])
-    refs = [json.loads(line) for line in open(oven, encoding="utf-8")]
-    preds = [json.loads(line) for line in open(predictions, encoding="utf-8")]
-    metrics = score.score(refs, preds)
-    with open(os.path.join(out, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2, sort_keys=True)
-    say(f"8 evaluation      {pred['annotations']} OVEN annotations predicted (constrained beam search) and scored")
-    return {"codes": codes, "train": trained, "predict": pred, "metrics": metrics, "table": score.format_table(metrics)}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 to date, then everything downstream of it.
 
     python -m pipelines.run recipes/demo.yaml --output out [--data DIR]
-        [--from STAGE] [--until STAGE] [--force STAGE[,STAGE]] [--dry_run]
+        [--from STAGE] [--until STAGE] [--force STAGE[,STAGE]] [--set STAGE.FLAG=VALUE] [--dry_run]
         [--estimate_only --entities N --captions N]
         [Beam options for every Beam stage: --runner DataflowRunner --project ... ]
 
@@ -32,6 +32,8 @@ def build_parser() -> Parser:
     p.add_argument("--data", default=None, help="the recipe's ${data} (default: its `data:` entry)")
     p.add_argument("--from", dest="start", default=None, metavar="STAGE", help="run from this stage on (earlier ones are left as they are)")
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FLAG=VALUE",
+                   help="change one flag of one stage without editing the recipe (repeatable), e.g. --set candidates.k=20")
     p.add_argument("--force", default="", metavar="STAGE[,STAGE]", help="run these stages (and so everything downstream) even when up to date")
     p.add_argument("--dry_run", nargs="?", const="true", default=None, choices=("true", "True", "false", "False"),
                    help="print each stage's full command and whether it would run or be skipped, and why; run nothing. "
@@ -67,7 +69,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         sizes = ["--entities", str(args.entities), "--captions", str(args.captions)]
         sizes += ["--images", str(args.images)] if args.images else []
         return plan.run(["--recipe", args.recipe, *sizes])
-    r = recipe.load(args.recipe, args.output, args.data)
+    r = recipe.load(args.recipe, args.output, args.data, recipe.parse_set(args.overrides))
     force = {s for s in args.force.split(",") if s}
     decisions = chain.plan(r, force, args.start, args.until)
     if args.dry_run in ("true", "True"):

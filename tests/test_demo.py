@@ -92,6 +92,16 @@ def test_demo_outputs_are_tidy(run):
     for folder in ("entity_index", "candidates", "shards", "rew", "codes", "model"):
         assert (out / folder / "manifest.json").exists() and (out / folder / "README.md").exists(), folder
     assert json.load(open(out / "model" / "manifest.json"))["kind"] == "model"
+    # The demo is recipes/demo.yaml plus its printing: the recipe it ran is in its output,
+    # every stage ran, and the recipe run again on that output has nothing left to do.
+    from transforms.run import chain, recipe
+
+    assert (out / "recipe.yaml").read_text() == open(os.path.join(ROOT, "recipes", "demo.yaml")).read()
+    stages = json.load(open(out / "chain.json"))["stages"]
+    assert [s["status"] for s in stages] == ["ran"] * 11, stages
+    assert all(s["count_check"] == "ok" for s in stages if "count_check" in s)
+    again = chain.plan(recipe.load(os.path.join(ROOT, "recipes", "demo.yaml"), str(out)), set())
+    assert [d.reason for d in again if d.run] == []
     # The summary of the whole chain links every stage's card and holds what was printed.
     chain = (out / "README.md").read_text(encoding="utf-8")
     for folder in ("entity_index", "candidates", "shards", "rew", "codes", "model"):

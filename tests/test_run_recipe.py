@@ -164,6 +164,23 @@ def test_dry_run_prints_the_exact_commands_and_why(tmp_path, data, capsys):
     assert " ".join(cmds[1]) in printed
 
 
+def test_set_changes_one_flag_of_one_stage(tmp_path, data, capsys):
+    """--set STAGE.FLAG=VALUE: that stage's command changes, the others do not; a wrong
+    stage or flag is named like a typo in the recipe."""
+    recipe, out = _recipe(tmp_path, data), str(tmp_path / "out")
+    res = chain_cmd.run([recipe, "--output", out, "--set", "candidates.k=7", "--set", "candidates.threads=2", "--dry_run"])
+    cmds = [s["command"] for s in res["stages"]]
+    assert cmds[1][cmds[1].index("--k") + 1] == "7" and cmds[1][cmds[1].index("--threads") + 1] == "2"
+    plain = chain_cmd.run([recipe, "--output", out, "--dry_run"])
+    assert [s["command"] for s in plain["stages"]][::2] == cmds[::2]
+    with pytest.raises(UsageError, match=r"--set candidate\.: no stage 'candidate' .*did you mean 'candidates'"):
+        chain_cmd.run([recipe, "--output", out, "--set", "candidate.k=7", "--dry_run"])
+    with pytest.raises(UsageError, match=r"stage 'candidates': select_candidates has no flag --kk \(did you mean --k\?\)"):
+        chain_cmd.run([recipe, "--output", out, "--set", "candidates.kk=7", "--dry_run"])
+    with pytest.raises(UsageError, match=r"expected STAGE\.FLAG=VALUE"):
+        chain_cmd.run([recipe, "--output", out, "--set", "k=7", "--dry_run"])
+
+
 @pytest.mark.parametrize("old, new, message", [
     ("      k: 5\n", "      kk: 5\n", "{path}:14: stage 'candidates': select_candidates has no flag --kk (did you mean --k?)"),
     ("    command: build_codes\n", "    comand: build_codes\n", "{path}:16: unknown stage key 'comand' (did you mean 'command'?)"),
@@ -189,7 +206,7 @@ def test_unknown_beam_option_and_stage_names_fail_before_anything_runs(tmp_path,
         chain_cmd.run([recipe, "--output", str(tmp_path / "o"), "--force", "candidate", "--dry_run"])
 
 
-@pytest.mark.parametrize("name", ["entity_laion.yaml", "rew.yaml", "dataflow.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "entity_laion.yaml", "rew.yaml", "dataflow.yaml"])
 def test_the_shipped_recipes_resolve(tmp_path, name, monkeypatch):
     """Every stage of a shipped recipe resolves: its flags pass its command's parser and
     its inputs come from the stages that make them."""
@@ -203,6 +220,12 @@ def test_the_shipped_recipes_resolve(tmp_path, name, monkeypatch):
         assert cand[cand.index("--entity_index") + 1] == f"{tmp_path}/out/entity_index"
         shards = cmds["shards"]
         assert shards[shards.index("--threshold") + 1] == "0.95" and "ViT-L-14" in shards
+    elif name == "demo.yaml":
+        assert list(cmds) == ["corpus", "entity_index", "candidates", "eval_set", "shards", "rew_input", "rew", "wordpiece",
+                              "codes", "model", "evaluation"]
+        model = cmds["model"]
+        assert model[:3] == ["python", "-m", "trainer.train"] and model[model.index("--codes") + 1] == f"{tmp_path}/out/codes"
+        assert cmds["corpus"][0] == sys.executable and "--data" not in " ".join(cmds["corpus"])
     elif name == "dataflow.yaml":
         shards = cmds["shards"]
         assert "--sdk_container_image=gcr.io/p/gpu:1" in shards and "--machine_type=g2-standard-8" in shards

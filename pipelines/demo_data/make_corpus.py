@@ -1,6 +1,7 @@
 """Generate the demo image-text corpus from the bundled catalog and captions (no network).
 
     python -m pipelines.demo_data.make_corpus --output demo_output/data
+    python -m pipelines.demo_data.make_corpus --eval_set_from "CANDIDATES/candidates-*.parquet" --output EVAL
 
 Writes, deterministically for a seed:
   entities.jsonl            copy of the bundled catalog (324 lines, 2 duplicate QIDs)
@@ -143,12 +144,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default="demo_output/data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval_set_from", default=None, metavar="CANDIDATES_GLOB",
+                    help="write the demo evaluation set (copies of some of these candidates' images, and unrelated "
+                         "images) into --output instead of the corpus")
     args = ap.parse_args(argv)
+    if args.eval_set_from:
+        made = write_eval_set(args.eval_set_from, args.output, seed=args.seed)
+        print(json.dumps(made, indent=2))
+        return
     print(json.dumps(write_corpus(args.output, args.seed), indent=2))
-
-
-if __name__ == "__main__":
-    main()
 
 
 EVAL_KINDS = ("exact", "reencoded", "resized", "cropped")
@@ -190,3 +194,7 @@ def write_eval_set(candidates_glob: str, output: str, per_kind: int = 4, unrelat
         with open(os.path.join(output, f"unrelated_{n:02d}.jpg"), "wb") as f:
             f.write(draw(10_000_000 + n))
     return made
+
+
+if __name__ == "__main__":
+    main()

@@ -149,3 +149,24 @@ def build_cheap_demo_cache(input_path: str, cache_dir: str, seed: int = 0) -> di
         cache.put(req.cache_key(), {"text": json.dumps(answer), "usage": {}, "model": DEMO_CHEAP_MODEL})
     cache.close()
     return {"samples": len(rows), "verdicts": counts}
+
+
+def main(argv=None) -> dict:
+    """The demo's REW input (a sample of the decontaminated shards) and both scripted
+    annotators' response caches."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", required=True, help="the decontaminated shards: samples-*.parquet")
+    ap.add_argument("--output", required=True, help="folder for samples.parquet, the samples refine reads")
+    ap.add_argument("--cache", required=True, help="response cache of the demo annotator (two requests per sample)")
+    ap.add_argument("--cheap_cache", required=True, help="response cache of the cheap annotator (one request per sample)")
+    args = ap.parse_args(argv)
+    made = build_demo_cache(args.samples, args.output, args.cache)
+    made["cheap"] = build_cheap_demo_cache(made["input"], args.cheap_cache)
+    print(json.dumps(made, indent=2))
+    return made
+
+
+if __name__ == "__main__":
+    main()

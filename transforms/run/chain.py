@@ -17,6 +17,7 @@ viewer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import glob
@@ -101,6 +102,8 @@ def stale_reason(stage: Stage) -> Optional[str]:
     for key, value in wanted.items():
         if key in HOW_OPTIONS:
             continue
+        if value is None and defaults.get(key) is None:
+            continue  # left to the command, which fills it in from the others (refine's --image_tokens)
         before = recorded[key] if key in recorded else defaults.get(key, value)
         if before != value:
             changed.append(f"--{key} {_show(before)} -> {_show(value)}")
@@ -187,7 +190,8 @@ def plan(recipe: Recipe, force: set[str], start: Optional[str] = None, until: Op
             runs.add(stage.name)
             decisions.append(Decision(stage, True, reason))
         else:
-            decisions.append(Decision(stage, False, "up to date (manifest ok, same options, same inputs)"))
+            decisions.append(Decision(stage, False, "up to date (same command, its outputs there)" if stage.run else
+                                      "up to date (manifest ok, same options, same inputs)"))
     return decisions
 
 
@@ -201,7 +205,7 @@ def _run_ours(stage: Stage, beam_args: list[str]) -> dict:
     return module.run(argv)
 
 
-def _run_external(stage: Stage) -> None:
+def _run_external(stage: Stage, log=None) -> None:
     if is_url(stage.output):
         raise UsageError(f"stage {stage.name}: a `run:` stage writes to a local folder, not {stage.output}")
     os.makedirs(stage.output, exist_ok=True)
@@ -209,7 +213,7 @@ def _run_external(stage: Stage) -> None:
     if os.path.exists(stamp):
         os.remove(stamp)  # it runs again: not finished until it says so
     try:
-        proc = subprocess.run(stage.run, check=False)
+        proc = subprocess.run(stage.run, check=False, stdout=log)
     except OSError as e:
         raise ChainError(f"stage {stage.name}: cannot start {stage.run[0]!r} ({e.strerror or e}); is it installed "
                          "and on PATH?") from e
@@ -224,8 +228,23 @@ def _run_external(stage: Stage) -> None:
     write_json(stamp, body)
 
 
-def execute(recipe: Recipe, decisions: list[Decision], beam_args: list[str], say=print) -> list[Decision]:
-    """Run the stages that must run, in order; stop at the first that fails (ChainError)."""
+@contextlib.contextmanager
+def _stage_log(logs: Optional[str], stage: Stage):
+    """The stage's standard output into `<logs>/<stage>.log` (its counter tables, the
+    program's own printing), or left where it goes when `logs` is None."""
+    if logs is None:
+        yield None
+        return
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, f"{stage.name}.log"), "w", encoding="utf-8") as f, contextlib.redirect_stdout(f):
+        yield f
+
+
+def execute(recipe: Recipe, decisions: list[Decision], beam_args: list[str], say=print, logs: Optional[str] = None,
+            after_stage=None) -> list[Decision]:
+    """Run the stages that must run, in order; stop at the first that fails (ChainError).
+    `logs`: a folder for each stage's standard output; `after_stage(decision)` is called
+    after each stage that ran or was skipped, in order."""
     from transforms.errors import AccountingError
 
     root = recipe.output
@@ -238,14 +257,17 @@ def execute(recipe: Recipe, decisions: list[Decision], beam_args: list[str], say
             if not d.run:
                 d.status = "skipped"
                 say(f"[{i}/{n}] {d.stage.name}: skipped, {d.reason}")
+                if after_stage:
+                    after_stage(d)
                 continue
             say(f"[{i}/{n}] {d.stage.name}: runs, {d.reason}\n  {' '.join(d.stage.command_line(beam_args))}")
             t0 = time.monotonic()
             try:
-                if d.stage.run:
-                    _run_external(d.stage)
-                else:
-                    _run_ours(d.stage, beam_args)
+                with _stage_log(logs, d.stage) as log:
+                    if d.stage.run:
+                        _run_external(d.stage, log)
+                    else:
+                        _run_ours(d.stage, beam_args)
             except (UsageError, AccountingError, ChainError) as e:
                 d.status, d.error, d.seconds = "failed", str(e), time.monotonic() - t0
                 raise ChainError(f"stage {d.stage.name} ({d.stage.label}) failed: {e}\n"
@@ -254,6 +276,8 @@ def execute(recipe: Recipe, decisions: list[Decision], beam_args: list[str], say
                 d.status, d.error, d.seconds = "failed", f"{type(e).__name__}: {e}", time.monotonic() - t0
                 raise
             d.status, d.seconds = "ran", time.monotonic() - t0
+            if after_stage:
+                after_stage(d)
     finally:
         write_summary(recipe, decisions, beam_args)
     return decisions

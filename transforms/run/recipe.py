@@ -203,8 +203,10 @@ def flag_value(value: Any) -> str:
 # Loading
 # --------------------------------------------------------------------------------------
 
-def load(path: str, output: str, data: Optional[str] = None) -> Recipe:
-    """Read and check a recipe: every key, stage name, command, flag and variable."""
+def load(path: str, output: str, data: Optional[str] = None, overrides: Optional[dict] = None) -> Recipe:
+    """Read and check a recipe: every key, stage name, command, flag and variable.
+    `overrides` ({stage: {flag: value}}, `pipelines.run --set STAGE.FLAG=VALUE`) replace
+    or add flags of the recipe's stages before they are checked."""
     import yaml
 
     try:
@@ -294,8 +296,33 @@ def load(path: str, output: str, data: Optional[str] = None) -> Recipe:
         stages.append(stage)
     recipe = Recipe(path=path, name=str(doc.get("name") or os.path.splitext(os.path.basename(path))[0]), text=text,
                     output=output, data=data, stages=stages)
+    _override(recipe, overrides or {})
     _resolve(recipe)
     return recipe
+
+
+def _override(recipe: Recipe, overrides: dict) -> None:
+    names = [s.name for s in recipe.stages]
+    for name, flags in overrides.items():
+        if name not in names:
+            raise UsageError(f"--set {name}.: no stage {name!r} in {recipe.path}" + _did_you_mean(str(name), names))
+        stage = recipe.stage(name)
+        if stage.run:
+            raise UsageError(f"--set {name}.: stage {name!r} runs another program ({stage.run[0]}); "
+                             "change its `run:` arguments in the recipe")
+        stage.flags.update(flags)
+
+
+def parse_set(values: list[str]) -> dict:
+    """`--set STAGE.FLAG=VALUE` (repeatable) -> {stage: {flag: value}}."""
+    out: dict = {}
+    for item in values:
+        key, eq, value = item.partition("=")
+        stage, dot, flag = key.partition(".")
+        if not (eq and dot and stage and flag):
+            raise UsageError(f"--set {item!r}: expected STAGE.FLAG=VALUE, e.g. --set candidates.k=20")
+        out.setdefault(stage, {})[flag.lstrip("-")] = value
+    return out
 
 
 def _did_you_mean(value: str, known: list[str]) -> str:
