@@ -12,3 +12,44 @@ class UsageError(ValueError):
 class AccountingError(RuntimeError):
     """A count identity of a run does not hold: records were lost or repeated. The
     command exits non-zero (3) with the stage and the gap."""
+
+
+class NoSpaceError(OSError):
+    """The disk (or quota) filled while a run wrote its output: an error of the
+    environment, not of the data. `cli_main` prints one line naming the path and how to go
+    on, and exits with status 1; nothing claims the run finished (no manifest)."""
+
+    def __init__(self, path: str):
+        super().__init__(28, f"no space left on device writing {path}: free space or choose another --output, "
+                             "then run the same command again")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_NO_SPACE_TEXT = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
+
+
+def no_space(exc: BaseException):
+    """The OSError (ENOSPC / EDQUOT) behind `exc`, or a text-only trace of one (Beam re-raises
+    a worker's OSError as a RuntimeError carrying only its text); None when the disk did not
+    fill. Returns the OSError when there is one (its `filename` names the file), else True."""
+    import errno
+
+    seen = set()
+    stack = [exc]
+    found = None
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, NoSpaceError):
+            return e
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if found is None and any(t in str(e) for t in _NO_SPACE_TEXT):
+            found = True
+        stack += [e.__cause__, e.__context__]
+    return found

@@ -9,6 +9,7 @@ of gzip-compressed zeros would cost gigabytes before a reader could look at them
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -157,8 +158,17 @@ def write_json(path: str, obj) -> None:
         with FileSystems.create(path) as f:
             f.write(data)
         return
-    with open(path, "wb") as f:
-        f.write(data)
+    # Written beside and renamed into place: a run stopped half-way (a full disk, a kill)
+    # leaves the old file or none, never half a manifest.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str):

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from transforms.errors import AccountingError, UsageError
+from transforms.errors import AccountingError, NoSpaceError, UsageError, no_space
 
 BEAM_EPILOG = (
     "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
@@ -76,8 +76,9 @@ def positive(flag: str, value, minimum=1):
 
 
 def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
-    """`run(argv)` as a command's exit status: 0; 2 for misuse (UsageError) and 3 for counts
-    that do not add up (AccountingError), with the message on stderr."""
+    """`run(argv)` as a command's exit status: 0; 2 for misuse (UsageError), 3 for counts
+    that do not add up (AccountingError) and 1 for a full disk (one line naming the path and
+    how to go on), with the message on stderr as the last line."""
     try:
         run(argv)
     except UsageError as e:
@@ -86,7 +87,26 @@ def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
     except AccountingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        full = no_space(e)
+        if not full:
+            raise
+        if not isinstance(full, NoSpaceError):
+            path = getattr(full, "filename", None) if isinstance(full, OSError) else None
+            full = NoSpaceError(str(path or _flag_value(list(sys.argv[1:] if argv is None else argv), "--output") or "the output"))
+        sys.stderr.flush()
+        print(f"error: {full}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _flag_value(argv: list[str], flag: str) -> Optional[str]:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
 
 
 def cli_main(run: Callable[[Optional[Sequence[str]]], object]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any, Optional
@@ -135,6 +136,48 @@ def prepare_output(output: str, names: tuple[str, ...]) -> list[str]:
         if paths:
             FileSystems.delete(paths)
             removed += paths
+    return removed + remove_beam_temp(out)
+
+
+# Beam's file sinks write each shard into `beam-temp-<prefix>-<uuid1 hex>/` beside the
+# output and rename it into place when the job finishes; a failed or killed job leaves that
+# folder with partial shards in it.
+_BEAM_TEMP = re.compile(r"^beam-temp-.+-[0-9a-f]{32}$")
+
+
+def remove_beam_temp(output: str) -> list[str]:
+    """The temporary folders Beam's sinks left in `output` (and in its `rejected/<stage>/`,
+    `_written/`, `eval_set/` folders) when a run did not finish. Only folders named as
+    Beam names them are touched; a user's other files stay. Returns what was removed."""
+    out = output.rstrip("/")
+    removed = []
+    if "://" not in out:
+        import shutil
+
+        if not os.path.isdir(out):
+            return removed
+        for folder, dirs, _ in os.walk(out):
+            depth = folder[len(out):].count(os.sep)
+            for d in list(dirs):
+                if _BEAM_TEMP.match(d):
+                    path = os.path.join(folder, d)
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+                    dirs.remove(d)
+            if depth >= 2:
+                dirs[:] = []
+        return removed
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matches = FileSystems.match([f"{out}/**"])[0].metadata_list
+    except Exception:  # noqa: BLE001 - nothing there
+        return removed
+    rel = [(m.path, m.path[len(out) + 1:].split("/")) for m in matches]
+    paths = [p for p, parts in rel if any(_BEAM_TEMP.match(x) for x in parts[:-1][:3])]
+    if paths:
+        FileSystems.delete(paths)
+        removed += paths
     return removed
 
 
