@@ -12,6 +12,15 @@ from collections import Counter
 
 MATRIX: list[dict] = []
 
+# Faults the matrix does not inject yet, printed under it so that a reader sees the gaps.
+NOT_COVERED = (
+    "sigkill then re-run: trainer.contrastive, trainer.contrastive_predict (trainer.train: its checkpoint "
+    "resume is tested in tests/test_trainer.py, not as a matrix row)",
+    "disk full: refine's response cache, oven_to_shards and build_entity_index outputs, the manifest alone",
+    "object store: gs:// requests answered 429/503 and downloads cut short (GCS emulator behind a fault proxy)",
+    "worker loss: one SDK worker process killed under --direct_running_mode multi_processing",
+)
+
 
 def _same_file(path: str, source: str) -> bool:
     """A reject's source is the file, or `<file>#rgN` for a Parquet row group."""
@@ -82,3 +91,7 @@ def format_matrix() -> str:
         cells = [str(r[c]).ljust(widths[c]) if i < 2 else str(r[c]).rjust(widths[c]) for i, c in enumerate(cols)]
         lines.append("  ".join(cells) + "  " + ",".join(r["reasons"]))
     return "\n".join(lines)
+
+
+def format_not_covered() -> str:
+    return "not covered yet:\n" + "\n".join(f"  - {x}" for x in NOT_COVERED)
