@@ -53,3 +53,25 @@ def no_space(exc: BaseException):
             found = True
         stack += [e.__cause__, e.__context__]
     return found
+
+
+# What Beam's portable runner raises when an SDK worker process dies under it (killed,
+# out of memory): its data channel to the worker closes before the bundle's end.
+_WORKER_LOST_TEXT = ("Channel closed prematurely",)
+
+
+def worker_lost(exc: BaseException):
+    """A one-line account of a run that failed because a worker process of Beam's
+    multi-process runner was lost, or None when that is not what happened."""
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(t in str(e) for t in _WORKER_LOST_TEXT):
+            return ("a worker process of the run was lost mid-run (Beam: channel closed prematurely), so some bundles "
+                    "never finished: the output is incomplete and no manifest claims it; run the same command again "
+                    "(it starts the output clean; refine's cache keeps the answers already paid for)")
+        stack += [e.__cause__, e.__context__]
+    return None

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from transforms.errors import AccountingError, NoSpaceError, UsageError, no_space
+from transforms.errors import AccountingError, NoSpaceError, UsageError, no_space, worker_lost
 
 BEAM_EPILOG = (
     "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
@@ -77,8 +77,9 @@ def positive(flag: str, value, minimum=1):
 
 def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> int:
     """`run(argv)` as a command's exit status: 0; 2 for misuse (UsageError), 3 for counts
-    that do not add up (AccountingError) and 1 for a full disk (one line naming the path and
-    how to go on), with the message on stderr as the last line."""
+    that do not add up (AccountingError) or a worker process lost mid-run (the output is
+    incomplete), and 1 for a full disk (one line naming the path and how to go on), with
+    the message on stderr as the last line."""
     try:
         run(argv)
     except UsageError as e:
@@ -88,6 +89,11 @@ def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         print(f"error: {e}", file=sys.stderr)
         return 3
     except Exception as e:
+        lost = worker_lost(e)
+        if lost:
+            sys.stderr.flush()
+            print(f"error: {lost}", file=sys.stderr, flush=True)
+            return 3
         full = no_space(e)
         if not full:
             raise
