@@ -14,8 +14,6 @@ MATRIX: list[dict] = []
 
 # Faults the matrix does not inject yet, printed under it so that a reader sees the gaps.
 NOT_COVERED = (
-    "sigkill then re-run: trainer.contrastive, trainer.contrastive_predict (trainer.train: its checkpoint "
-    "resume is tested in tests/test_trainer.py, not as a matrix row)",
     "disk full: refine's response cache, oven_to_shards and build_entity_index outputs, the manifest alone",
     "object store: refine's gs:// run (its response cache on gs:// is tested with failing reads in tests/test_gcs.py)",
     "worker loss at start-up: an SDK worker killed about a second after it started (before its first bundle) "
