@@ -120,7 +120,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline=None) -> dict:
     _ = (read[REJECTED], deduped[REJECTED]) | "Rejects" >> WriteRejects(args.output, ["read_catalog", "dedup"])
     ensure_dir(args.output)
     _ = summary_pc | "WriteManifest" >> beam.Map(write_manifest, args, inputs)
-    return run_job(p, options, "build_codes", lambda ran: finish(ran, args))
+    return run_job(p, options, "build_codes", lambda ran: finish(ran, args), output=args.output)
 
 
 def finish(ran, args) -> dict:

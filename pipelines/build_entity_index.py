@@ -191,7 +191,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
             encoder.update(export_encoder(args.text_model, encoder_path(args), args.text_backend))
         return run_and_count(p, "build_entity_index")
 
-    return run_job(p, options, "build_entity_index", lambda ran: finish(ran, args, encoder), execute=execute)
+    return run_job(p, options, "build_entity_index", lambda ran: finish(ran, args, encoder), execute=execute, output=args.output)
 
 
 def finish(ran, args, encoder: dict) -> dict:

@@ -54,6 +54,12 @@ def test_a_full_disk_is_one_line_and_exit_1(capsys):
     assert exit_code(text_only, ["--output=gs://b/out"]) == 1
     assert "writing gs://b/out:" in capsys.readouterr().err
 
+    def beam_named(argv):
+        raise RuntimeError("OSError: [Errno 28] No space left on device: '/data/cache/seg-1.jsonl' [while running 'Ask']")
+
+    assert exit_code(beam_named, ["--output", "/data/out"]) == 1
+    assert "writing /data/cache/seg-1.jsonl:" in capsys.readouterr().err
+
     def named(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/checkpoints/.step-0000002.tmp/model.safetensors")
 

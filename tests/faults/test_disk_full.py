@@ -42,12 +42,12 @@ def _noise_jpeg(seed: int, side: int = 160) -> bytes:
 class SmallDisk:
     """A folder that holds `SMALL` bytes, then `grow()` frees space."""
 
-    def __init__(self, path):
-        self.path = str(path)
+    def __init__(self, path, size: int = SMALL):
+        self.path, self.size = str(path), size
         os.makedirs(self.path, exist_ok=True)
         self.mounted = False
         if not os.environ.get("EF_TEST_NO_TMPFS"):  # set it to try the fallback where mounting works
-            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", self.path], capture_output=True)
+            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.path], capture_output=True)
             self.mounted = proc.returncode == 0
 
     def fails_with_one_line(self, module: str, argv: list[str], out: str, capfd) -> None:
@@ -61,7 +61,7 @@ class SmallDisk:
             code = exit_code(importlib.import_module(module).run, argv)
             stderr = capfd.readouterr().err
         else:
-            proc = subprocess.run([sys.executable, "-m", "tests.faults.fill_disk", str(SMALL), self.path, module, *argv],
+            proc = subprocess.run([sys.executable, "-m", "tests.faults.fill_disk", str(self.size), self.path, module, *argv],
                                   capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
             code, stderr = proc.returncode, proc.stderr
         assert code == 1, stderr[-3000:]
@@ -198,3 +198,51 @@ def test_trainer_checkpoints_on_a_full_disk(tmp_path, disk, demo_run, capfd):
     disk.grow()
     done = train.run(args(out))
     assert done["steps"] == 4 and json.load(open(os.path.join(out, "manifest.json")))["count_check"] == "ok"
+
+
+def test_oven_to_shards_on_a_full_disk(tmp_path, disk, corpus, capfd):
+    from pipelines import oven_to_shards
+    from tests.conftest import write_jsonl
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(54):
+        (images / f"oven_{i:05d}.jpg").write_bytes(_noise_jpeg(100 + i))
+    oven = write_jsonl(tmp_path / "oven.jsonl", [{"data_id": f"d{i:05d}", "image_id": f"oven_{i:05d}", "question": "what is this?",
+                                                  "entity_id": "Q243", "data_split": "entity_train"} for i in range(54)])
+
+    def args(out):
+        return ["--oven", oven, "--images", str(images), "--output", str(out), "--formats", "parquet", "--num_shards", "2"]
+
+    out = os.path.join(disk.path, "oven")
+    disk.fails_with_one_line("pipelines.oven_to_shards", args(out), out, capfd)
+    disk.grow()
+    assert oven_to_shards.run(args(out))["count_check"] == "ok"
+    _no_leftovers(out)
+    keys = pq.read_table(sorted(glob.glob(f"{out}/samples-*.parquet")), columns=["key"]).column("key").to_pylist()
+    row = account("disk_full_rerun", "oven_to_shards", {f"d{i:05d}": oven for i in range(54)}, keys, read_rejects(out))
+    assert row["lost"] == row["duplicated"] == 0 and row["out"] == 54
+
+
+def test_build_entity_index_on_a_full_disk(tmp_path, capfd):
+    """The entity index (embeddings, faiss index, table: ~1 MB for the demo catalog) on a
+    256 KiB disk."""
+    from pipelines import build_entity_index
+    from pipelines.demo_data.make_corpus import bundled
+
+    disk = SmallDisk(tmp_path / "tiny", size=256 << 10)
+    try:
+        out = os.path.join(disk.path, "index")
+        args = ["--entities", bundled("entities.jsonl"), "--output", out]
+        disk.fails_with_one_line("pipelines.build_entity_index", args, out, capfd)
+        disk.grow()
+        again = build_entity_index.run(args)
+        clean = build_entity_index.run([args[0], args[1], "--output", str(tmp_path / "clean")])
+        assert again["count_check"] == clean["count_check"] == "ok"
+        _no_leftovers(out)
+        got = pq.read_table(os.path.join(out, "entities.parquet")).to_pylist()
+        assert got == pq.read_table(tmp_path / "clean" / "entities.parquet").to_pylist()
+        account_counts("disk_full_rerun", "build_entity_index", 324, len(got),
+                       [{"reason": "duplicate_qid"}] * again["counters"]["rejected_dedup_duplicate_qid"])
+    finally:
+        disk.close()

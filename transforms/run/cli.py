@@ -98,12 +98,21 @@ def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         if not full:
             raise
         if not isinstance(full, NoSpaceError):
-            path = getattr(full, "filename", None) if isinstance(full, OSError) else None
+            path = getattr(full, "filename", None) if isinstance(full, OSError) else _filename_in(str(e))
             full = NoSpaceError(str(path or _flag_value(list(sys.argv[1:] if argv is None else argv), "--output") or "the output"))
         sys.stderr.flush()
         print(f"error: {full}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _filename_in(text: str) -> Optional[str]:
+    """The file an OSError named, from its text (Beam re-raises a worker's error as text:
+    `OSError: [Errno 28] No space left on device: '/data/out/x.parquet'`)."""
+    import re
+
+    m = re.search(r"No space left on device: '([^']+)'", text)
+    return m.group(1) if m else None
 
 
 def _flag_value(argv: list[str], flag: str) -> Optional[str]:

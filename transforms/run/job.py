@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from transforms.errors import UsageError
-from transforms.run.manifest import prepare_output
+from transforms.run.manifest import prepare_output, remove_beam_temp
 from transforms.run.version import code_version  # noqa: F401 - where commands found it before
 
 METRICS_NAMESPACE = "entityforge"
@@ -201,4 +201,8 @@ def run_job(
         counters, seconds = execute()
         if counters is None:
             return seconds
+    if output is not None:
+        # Beam leaves an empty temporary folder behind a sink that wrote nothing (a reject
+        # stage without rejects); the job finished, so none of them holds anything of it.
+        remove_beam_temp(output)
     return finish(Ran(counters, seconds, started))
