@@ -55,6 +55,19 @@ def write_parquet(path, rows=None, table=None, row_group_size=None):
     return str(path)
 
 
+def write_title_vocab(catalog_path, path) -> str:
+    """A word-piece vocab.txt covering a catalog's titles (lower-cased: every character,
+    its `##` continuation, every whole word), for build_codes' `--tokenizer` offline.
+    Returns the path."""
+    titles = [json.loads(line)["wikipedia_title"].lower() for line in open(catalog_path) if line.strip()]
+    chars = sorted({c for t in titles for c in t if not c.isspace()})
+    words = sorted({w for t in titles for w in t.split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *[w for w in words if w not in chars]]
+    with open(path, "w") as f:
+        f.write("\n".join(dict.fromkeys(vocab)) + "\n")
+    return str(path)
+
+
 def read_rejects(output_dir) -> list[dict]:
     out = []
     for p in sorted(glob.glob(os.path.join(output_dir, "rejected", "*", "*.jsonl"))):
@@ -92,3 +105,34 @@ def chrome_driver(downloads=None, window="1280,1000"):
     if downloads is not None:
         driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
     return driver
+
+
+def every_pipeline_inputs(root, catalog_path) -> dict:
+    """Small inputs for every pipeline (tests that run them all on one backend: a flaky
+    object store, a Dask cluster): 3 webdataset shards of 20 captioned images, an
+    evaluation folder holding a copy of one, 20 OVEN rows with their images, a word-piece
+    vocabulary of the catalog's titles."""
+    from pathlib import Path
+
+    root = Path(root)
+    wds = root / "wds"
+    wds.mkdir()
+    captions = ["Eiffel Tower at night", "Statue of Liberty from the ferry", "Taj Mahal at dawn", "a cat on a sofa"]
+    for t in range(3):
+        write_webdataset(wds / f"{t:05d}.tar", [{"key": f"{i:04d}", "jpg": draw_image(t * 20 + i), "txt": captions[i % 4]}
+                                                for i in range(20)])
+    evals = root / "eval"
+    evals.mkdir()
+    (evals / "copy.jpg").write_bytes(draw_image(0))
+    images = root / "oven_images"
+    images.mkdir()
+    for i in range(20):
+        (images / f"oven_{i:03d}.jpg").write_bytes(draw_image(500 + i))
+    oven = root / "oven.jsonl"
+    with open(oven, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"data_id": f"d{i:03d}", "image_id": f"oven_{i:03d}", "question": "what is this?",
+                                "entity_id": "Q243", "data_split": "entity_train"}) + "\n")
+    write_title_vocab(catalog_path, root / "vocab.txt")
+    return {"root": root, "catalog": catalog_path, "wds": str(wds / "*.tar"), "eval": str(evals), "oven": str(oven),
+            "images": str(images), "vocab": str(root / "vocab.txt")}

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import run as chain_cmd
+from tests.helpers import write_title_vocab
 from transforms.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,11 +47,7 @@ def data(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("chain_data")
     write_corpus(str(folder))
-    titles = [json.loads(line)["wikipedia_title"].lower() for line in open(folder / "entities.jsonl") if line.strip()]
-    chars = sorted({c for t in titles for c in t if not c.isspace()})
-    words = sorted({w for t in titles for w in t.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *[w for w in words if w not in chars]]
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    write_title_vocab(folder / "entities.jsonl", folder / "vocab.txt")
     return folder
 
 

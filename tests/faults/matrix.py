@@ -14,8 +14,6 @@ MATRIX: list[dict] = []
 
 # Faults the matrix does not inject yet, printed under it so that a reader sees the gaps.
 NOT_COVERED = (
-    "disk full: refine's response cache, build_codes' output, the manifest alone",
-    "object store: refine's gs:// run (its response cache on gs:// is tested with failing reads in tests/test_gcs.py)",
     "worker loss at start-up: an SDK worker killed about a second after it started (before its first bundle) "
     "left Beam's multi-process runner waiting for over 5 minutes; a worker killed while the job writes is covered",
 )

@@ -50,7 +50,8 @@ class SmallDisk:
             proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", self.path], capture_output=True)
             self.mounted = proc.returncode == 0
 
-    def fails_with_one_line(self, module: str, argv: list[str], out: str, capfd) -> None:
+    def fails_with_one_line(self, module: str, argv: list[str], out: str, capfd, flag: str = "--output",
+                            manifest_in: str = "") -> None:
         """The command on the small disk: exit status 1, and its last line on stderr the one
         line. In this process on the tmpfs (as `python -m MODULE` runs it: `exit_code`);
         in a process of its own under fill_disk.py otherwise."""
@@ -67,8 +68,8 @@ class SmallDisk:
         assert code == 1, stderr[-3000:]
         last = stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: no space left on device writing {out}"), stderr[-3000:]
-        assert last.endswith(": free space or choose another --output, then run the same command again"), last
-        assert not os.path.exists(os.path.join(out, "manifest.json"))
+        assert last.endswith(f": free space or choose another {flag}, then run the same command again"), last
+        assert not os.path.exists(os.path.join(manifest_in or out, "manifest.json"))
 
     def grow(self):
         if self.mounted:
@@ -246,3 +247,122 @@ def test_build_entity_index_on_a_full_disk(tmp_path, capfd):
                        [{"reason": "duplicate_qid"}] * again["counters"]["rejected_dedup_duplicate_qid"])
     finally:
         disk.close()
+
+
+def test_refine_response_cache_on_a_full_disk(tmp_path, entity_index, catalog_path, capfd):
+    """The LLM's answers are paid for: when the response cache cannot store them the run
+    stops (exit 1, the line names `--cache`) rather than paying for answers it then loses;
+    the re-run with space answers from what was stored and ends like a clean run."""
+    import pyarrow as pa
+
+    from pipelines import refine
+    from tests.fake_llm_server import FakeLLMServer
+    from tests.helpers import draw_image
+    from transforms.schema import Sample, arrow_schema, to_row
+
+    rows = [to_row(Sample(key=f"k{i:03d}", image=draw_image(i), image_format="jpg", width=64, height=48,
+                          caption=f"Eiffel Tower photo {i} " + "words " * 40, qid="Q243", title="Eiffel Tower", source="t"))
+            for i in range(40)]
+    samples = str(tmp_path / "samples.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(Sample)), samples)
+    disk = SmallDisk(tmp_path / "tiny", size=4096)
+    try:
+        cache = os.path.join(disk.path, "cache")
+
+        def args(out, url, cache=cache):
+            return ["--input", samples, "--entities", catalog_path, "--entity_index", entity_index, "--output", str(out),
+                    "--model", "fake-vlm", "--cache", cache, "--formats", "parquet", "--llm_backend", "openai",
+                    "--endpoint", url]
+
+        with FakeLLMServer() as server:
+            out = tmp_path / "rew"
+            disk.fails_with_one_line("pipelines.refine", args(out, server.url), cache, capfd, flag="--cache",
+                                     manifest_in=str(out))
+            paid = len(server.requests)
+            disk.grow()
+            again = refine.run(args(out, server.url))
+            clean = refine.run(args(tmp_path / "clean", server.url, cache=str(tmp_path / "clean_cache")))
+        assert paid > 0 and again["count_check"] == clean["count_check"] == "ok"
+        _no_leftovers(str(out))
+        keys = pq.read_table(sorted(glob.glob(f"{out}/samples-*.parquet")), columns=["key"]).column("key").to_pylist()
+        want = pq.read_table(sorted(glob.glob(f"{tmp_path}/clean/samples-*.parquet")), columns=["key"]).column("key").to_pylist()
+        assert sorted(keys) == sorted(want)
+        row = account("disk_full_rerun", "refine[--cache]", {r["key"]: samples for r in rows}, keys, read_rejects(str(out)))
+        assert row["lost"] == row["duplicated"] == 0 and row["out"] == 40
+    finally:
+        disk.close()
+
+
+def test_build_codes_on_a_full_disk(tmp_path, demo_run, capfd):
+    """The codes of the demo catalog (one Parquet file and a JSON manifest) on a disk of
+    one page."""
+    from pipelines import build_codes
+
+    demo, _ = demo_run
+
+    def args(out):
+        return ["--entity_index", str(demo / "entity_index"), "--tokenizer", str(demo / "data" / "wordpiece" / "vocab.txt"),
+                "--output", str(out)]
+
+    disk = SmallDisk(tmp_path / "tiny", size=4096)
+    try:
+        out = os.path.join(disk.path, "codes")
+        disk.fails_with_one_line("pipelines.build_codes", args(out), out, capfd)
+        disk.grow()
+        again = build_codes.run(args(out))
+        clean = build_codes.run(args(tmp_path / "clean"))
+        assert again["count_check"] == clean["count_check"] == "ok"
+        _no_leftovers(out)
+        got = pq.read_table(os.path.join(out, "codes.parquet")).to_pylist()
+        want = pq.read_table(tmp_path / "clean" / "codes.parquet").to_pylist()
+        assert got == want
+        row = account_counts("disk_full_rerun", "build_codes", len(want), len(got), [])
+        assert row["lost"] == row["duplicated"] == 0
+    finally:
+        disk.close()
+
+
+def test_the_manifest_alone_on_a_full_disk(tmp_path, corpus, monkeypatch, capfd):
+    """The data fitted; the disk fills as the manifest (written last) is written: the run
+    is not claimed (no manifest, not even half of one), the line names the manifest, and
+    the same command then ends like a clean run."""
+    import builtins
+    import errno
+
+    from pipelines import oven_to_shards
+    from tests.conftest import write_jsonl
+    from transforms.run.cli import exit_code
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        (images / f"oven_{i:05d}.jpg").write_bytes(_noise_jpeg(300 + i, side=32))
+    oven = write_jsonl(tmp_path / "oven.jsonl", [{"data_id": f"d{i:05d}", "image_id": f"oven_{i:05d}", "question": "what is this?",
+                                                  "entity_id": "Q243", "data_split": "entity_train"} for i in range(6)])
+    out = str(tmp_path / "oven")
+    args = ["--oven", oven, "--images", str(images), "--output", out, "--formats", "parquet", "--num_shards", "2"]
+    real_open = builtins.open
+
+    def full_at_the_manifest(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if "w" in mode and os.path.basename(os.fspath(file)).startswith("manifest.json"):
+            class Full(io.FileIO):
+                def write(self, data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.close()
+            return Full(os.fspath(file), "wb")
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_at_the_manifest)
+    capfd.readouterr()
+    assert exit_code(oven_to_shards.run, args) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: no space left on device writing {out}/manifest.json: free space or choose another --output, "
+                    "then run the same command again")
+    assert not [x for x in os.listdir(out) if x.startswith("manifest.json")]
+    monkeypatch.undo()
+    assert oven_to_shards.run(args)["count_check"] == "ok"
+    _no_leftovers(out)
+    keys = pq.read_table(sorted(glob.glob(f"{out}/samples-*.parquet")), columns=["key"]).column("key").to_pylist()
+    row = account("disk_full_rerun", "manifest", {f"d{i:05d}": oven for i in range(6)}, keys, read_rejects(out))
+    assert row["lost"] == row["duplicated"] == 0 and row["out"] == 6

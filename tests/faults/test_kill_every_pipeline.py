@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import write_jsonl
 from tests.faults.matrix import account, account_counts
-from tests.helpers import draw_image, read_rejects, write_webdataset
+from tests.helpers import draw_image, read_rejects, write_title_vocab, write_webdataset
 
 pytestmark = pytest.mark.slow
 
@@ -142,11 +142,7 @@ def fixtures(tmp_path_factory, entity_index, catalog_path):
     torch.manual_seed(123)
     model, _, _ = open_clip.create_model_and_transforms("ViT-S-32", pretrained=None)
     torch.save(model.state_dict(), root / "clip.pt")
-    titles = [json.loads(line)["wikipedia_title"].lower() for line in open(catalog_path) if line.strip()]
-    chars = sorted({c for t in titles for c in t if not c.isspace()})
-    words = sorted({w for t in titles for w in t.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *[w for w in words if w not in chars]]
-    (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    write_title_vocab(catalog_path, root / "vocab.txt")
     return {"clip": str(root / "clip.pt"), "vocab": str(root / "vocab.txt"), "entity_index": entity_index}
 
 

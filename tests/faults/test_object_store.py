@@ -13,10 +13,10 @@ import socket
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import write_jsonl
+from tests.fake_llm_server import FakeLLMServer
 from tests.faults.gcs_fault_proxy import FaultProxy
 from tests.faults.matrix import account, account_counts
-from tests.helpers import draw_image, write_webdataset
+from tests.helpers import every_pipeline_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -51,39 +51,38 @@ def _read_parquet(pattern: str) -> list[dict]:
     return rows
 
 
+def _read_rejects_gs(output: str) -> list[dict]:
+    from apache_beam.io.filesystems import FileSystems
+
+    rows = []
+    for m in FileSystems.match([f"{output}/rejected/*/*.jsonl"])[0].metadata_list:
+        with FileSystems.open(m.path) as f:
+            rows += [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    return rows
+
+
 def _counters(manifest: dict) -> dict:
-    return {k: v for k, v in manifest["counters"].items() if not k.startswith("shuffle_") and k != "io_retries"}
+    # Not compared: retries, time spent, and the prefix-cache hits of a fake endpoint that
+    # depend on the order requests arrived in.
+    varies = ("io_retries", "llm_cached_input_tokens")
+    return {k: v for k, v in manifest["counters"].items()
+            if not k.startswith("shuffle_") and k not in varies and not k.endswith("_ms_total") and "_ms_" not in k}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, catalog_path):
-    root = tmp_path_factory.mktemp("flaky_inputs")
-    wds = root / "wds"
-    wds.mkdir()
-    captions = ["Eiffel Tower at night", "Statue of Liberty from the ferry", "Taj Mahal at dawn", "a cat on a sofa"]
-    for t in range(3):
-        write_webdataset(wds / f"{t:05d}.tar", [{"key": f"{i:04d}", "jpg": draw_image(t * 20 + i), "txt": captions[i % 4]}
-                                                for i in range(20)])
-    evals = root / "eval"
-    evals.mkdir()
-    (evals / "copy.jpg").write_bytes(draw_image(0))
-    images = root / "oven_images"
-    images.mkdir()
-    for i in range(20):
-        (images / f"oven_{i:03d}.jpg").write_bytes(draw_image(500 + i))
-    oven = write_jsonl(root / "oven.jsonl", [{"data_id": f"d{i:03d}", "image_id": f"oven_{i:03d}", "question": "what is this?",
-                                              "entity_id": "Q243", "data_split": "entity_train"} for i in range(20)])
-    titles = [json.loads(line)["wikipedia_title"].lower() for line in open(catalog_path) if line.strip()]
-    chars = sorted({c for t in titles for c in t if not c.isspace()})
-    words = sorted({w for t in titles for w in t.split()})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars), *[w for w in words if w not in chars]]
-    (root / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    return {"root": root, "catalog": catalog_path, "wds": str(wds / "*.tar"), "eval": str(evals), "oven": oven,
-            "images": str(images), "vocab": str(root / "vocab.txt")}
+    return every_pipeline_inputs(tmp_path_factory.mktemp("flaky_inputs"), catalog_path)
 
 
 def test_every_pipeline_on_a_flaky_object_store_equals_a_clean_run(tmp_path, flaky_gcs, inputs):
-    from pipelines import build_codes, build_entity_index, decontaminate, oven_to_shards, select_candidates
+    from pipelines import (
+        build_codes,
+        build_entity_index,
+        decontaminate,
+        oven_to_shards,
+        refine,
+        select_candidates,
+    )
 
     gs = "gs://bucket/flaky"
     local = tmp_path / "clean"
@@ -116,6 +115,19 @@ def test_every_pipeline_on_a_flaky_object_store_equals_a_clean_run(tmp_path, fla
     want = sorted(r["key"] for r in pq.read_table(glob.glob(str(local / "shards" / "samples-*.parquet"))).to_pylist())
     assert got == want and len(got) == 59  # the copy of one image is the near-duplicate
     account_counts("object_store_429_503_cut", "decontaminate", 60, len(got), [{"reason": "near_duplicate_of_eval"}])
+
+    # refine: its input, output and response cache on gs://; the LLM a loopback endpoint.
+    with FakeLLMServer() as llm:
+        both(refine.run, lambda root: ["--input", f"{root}/shards/samples-*.parquet", "--entities", inputs["catalog"],
+                                       "--entity_index", f"{root}/index", "--output", f"{root}/rew", "--model", "fake-vlm",
+                                       "--cache", f"{root}/cache", "--formats", "parquet", "--llm_backend", "openai",
+                                       "--endpoint", llm.url])
+    verdicts = sorted((r["key"], r["qid"], r["verdict"]) for r in _read_parquet(f"{gs}/rew/samples-*.parquet"))
+    want = sorted((r["key"], r["qid"], r["verdict"])
+                  for r in pq.read_table(glob.glob(str(local / "rew" / "samples-*.parquet"))).to_pylist())
+    assert verdicts == want and verdicts
+    rejected = [r for r in _read_rejects_gs(f"{gs}/rew") if r.get("stage") == "refine"]
+    account("object_store_429_503_cut", "refine", {k: "shards" for k in got}, [k for k, _, _ in verdicts], rejected)
 
     both(build_codes.run, lambda root: ["--entity_index", f"{root}/index", "--tokenizer", inputs["vocab"], "--output", f"{root}/codes"])
     assert _read_parquet(f"{gs}/codes/codes.parquet") == pq.read_table(local / "codes" / "codes.parquet").to_pylist()

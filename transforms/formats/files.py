@@ -165,6 +165,12 @@ def write_json(path: str, obj) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if e.filename is None:  # a failed write names no file: name it (a full disk's line shows it)
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)

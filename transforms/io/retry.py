@@ -38,7 +38,8 @@ def retry_stream(make, what: str, retries: int = IO_RETRIES, delay_s: float = IO
                 yield item
             return
         except Exception as e:  # noqa: BLE001 - classified below
-            if started or is_data_error(e):
+            # A full disk does not clear in seconds: raised at once, for the one-line message.
+            if started or is_data_error(e) or _disk_full(e):
                 raise
             delay = next(delays, None)
             if delay is None:
@@ -46,6 +47,12 @@ def retry_stream(make, what: str, retries: int = IO_RETRIES, delay_s: float = IO
             counter("io_retries").inc()
             log.warning("%s: %s: %s; retrying in %.1f s", what, type(e).__name__, e, delay)
             time.sleep(delay)
+
+
+def _disk_full(e: BaseException) -> bool:
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def read_guarded(make, what: str, on_data_error):

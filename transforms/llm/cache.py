@@ -75,9 +75,16 @@ def _write_atomic(path: str, data: bytes) -> None:
     if _is_local(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if e.filename is None:  # a failed write names no file: name the segment (a full disk's line shows it)
+                raise OSError(e.errno, e.strerror, path) from e
+            raise
         return
     with FileSystems.create(path) as f:
         f.write(data)
