@@ -19,10 +19,10 @@ class NoSpaceError(OSError):
     environment, not of the data. `cli_main` prints one line naming the path and how to go
     on, and exits with status 1; nothing claims the run finished (no manifest)."""
 
-    def __init__(self, path: str):
-        super().__init__(28, f"no space left on device writing {path}: free space or choose another --output, "
+    def __init__(self, path: str, flag: str = "--output"):
+        super().__init__(28, f"no space left on device writing {path}: free space or choose another {flag}, "
                              "then run the same command again")
-        self.path = path
+        self.path, self.flag = path, flag
 
     def __str__(self) -> str:
         return self.strerror
@@ -69,6 +69,10 @@ def worker_lost(exc: BaseException):
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        if type(e).__name__ == "KilledWorker":
+            return (f"Dask gave up on a task after the workers running it died ({e}): the output is incomplete and "
+                    "no manifest claims it; look for the workers' cause of death (memory: the worker's log or "
+                    "`dmesg`), then run the same command again")
         if any(t in str(e) for t in _WORKER_LOST_TEXT):
             return ("a worker process of the run was lost mid-run (Beam: channel closed prematurely), so some bundles "
                     "never finished: the output is incomplete and no manifest claims it; run the same command again "

@@ -15,7 +15,9 @@ from transforms.errors import AccountingError, NoSpaceError, UsageError, no_spac
 
 BEAM_EPILOG = (
     "Beam pipeline options pass through: --runner (DirectRunner unless given; DataflowRunner on Google Cloud), "
-    "--direct_num_workers N --direct_running_mode multi_processing (local processes), --project, --region, "
+    "--direct_num_workers N --direct_running_mode multi_processing (local processes), "
+    "DaskRunner (a Dask cluster: --dask_client_address HOST:PORT; --runner DaskRunner --help lists its options), "
+    "--project, --region, "
     "--temp_location, --max_num_workers, --machine_type, --sdk_container_image, ... (any option of "
     "apache_beam.options.pipeline_options)."
 )
@@ -98,8 +100,10 @@ def exit_code(run: Callable[[Optional[Sequence[str]]], object], argv: Optional[S
         if not full:
             raise
         if not isinstance(full, NoSpaceError):
+            args = list(sys.argv[1:] if argv is None else argv)
             path = getattr(full, "filename", None) if isinstance(full, OSError) else _filename_in(str(e))
-            full = NoSpaceError(str(path or _flag_value(list(sys.argv[1:] if argv is None else argv), "--output") or "the output"))
+            path = str(path or _flag_value(args, "--output") or "the output")
+            full = NoSpaceError(path, _flag_holding(args, path))
         sys.stderr.flush()
         print(f"error: {full}", file=sys.stderr, flush=True)
         return 1
@@ -113,6 +117,27 @@ def _filename_in(text: str) -> Optional[str]:
 
     m = re.search(r"No space left on device: '([^']+)'", text)
     return m.group(1) if m else None
+
+
+def _flag_holding(argv: list[str], path: str) -> str:
+    """The flag whose folder holds `path` (the longest such value: `--cache` for a response
+    cache, `--output` for shards), so the one line names what to change; `--output` when
+    no flag's value holds it."""
+    best, flag = -1, "--output"
+    target = path.rstrip("/")
+    for i, a in enumerate(argv[:-1]):
+        if not a.startswith("--") or "=" in a:
+            continue
+        value = argv[i + 1].rstrip("/")
+        if value and (target == value or target.startswith(value + "/")) and len(value) > best:
+            best, flag = len(value), a
+    for a in argv:
+        if a.startswith("--") and "=" in a:
+            name, value = a.split("=", 1)
+            value = value.rstrip("/")
+            if value and (target == value or target.startswith(value + "/")) and len(value) > best:
+                best, flag = len(value), name
+    return flag
 
 
 def _flag_value(argv: list[str], flag: str) -> Optional[str]:

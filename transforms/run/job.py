@@ -64,7 +64,22 @@ class ThreadBudget:
             return self.explicit
         cores = machine_cores()
         processes = cores if self.processes <= 0 else self.processes
+        # On a Dask worker the runner says how many tasks this machine runs at once (its
+        # workers' threads together, `DASK_SLOTS_ENV`): each gets its share of the cores.
+        slots = _dask_slots()
+        if slots > 0:
+            processes = max(processes, slots)
         return max(1, cores // processes)
+
+
+DASK_SLOTS_ENV = "ENTITYFORGE_DASK_SLOTS_PER_MACHINE"
+
+
+def _dask_slots() -> int:
+    try:
+        return max(0, int(os.environ.get(DASK_SLOTS_ENV, "0")))
+    except ValueError:
+        return 0
 
 
 def threads_per_process(options, explicit: int = 0) -> ThreadBudget:
@@ -167,9 +182,23 @@ class Ran:
     counters: dict
     seconds: float
     started: dt.datetime
+    runner: Optional[dict] = None
 
     def fields(self) -> dict:
-        return {"counters": self.counters, "seconds": self.seconds, "started": self.started}
+        return {"counters": self.counters, "seconds": self.seconds, "started": self.started, "runner": self.runner}
+
+
+def runner_info(pipeline, options) -> dict:
+    """The runner of a finished run, for its manifest: its name and the size it ran at
+    (a Dask cluster's workers, threads and machines; the local runner's processes)."""
+    runner = pipeline.runner
+    info: dict = {"name": type(runner).__name__}
+    cluster = getattr(runner, "last_cluster", None)
+    if cluster:
+        info.update({k: cluster[k] for k in ("workers", "threads", "hosts") if k in cluster})
+    elif "Dataflow" not in info["name"]:
+        info["processes"] = worker_processes(options)
+    return info
 
 
 def run_job(
@@ -205,4 +234,4 @@ def run_job(
         # Beam leaves an empty temporary folder behind a sink that wrote nothing (a reject
         # stage without rejects); the job finished, so none of them holds anything of it.
         remove_beam_temp(output)
-    return finish(Ran(counters, seconds, started))
+    return finish(Ran(counters, seconds, started, runner_info(pipeline, options)))

@@ -285,6 +285,7 @@ def finish_run(
     base: Optional[dict] = None,
     lines: tuple[str, ...] = (),
     fail_on_gap: bool = True,
+    runner: Optional[dict] = None,
 ) -> dict:
     """Write `<output>/manifest.json` and print the run's summary.
 
@@ -307,6 +308,8 @@ def finish_run(
     # Options and inputs as the user gave them, minus credentials (URL user info and query
     # strings, secret-named values such as a vLLM `api-key=` argument).
     manifest.update({"kind": kind, **redact_value(fields or {})})
+    if runner:
+        manifest["runner"] = runner  # its name and the size it ran at (a Dask cluster's workers)
     out = output.rstrip("/")
     written = read_written(out)
     # Files that could not be read to their end: their rows after the damage are unknown,

@@ -49,10 +49,67 @@ def _beam_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DASK_RUNNER = "transforms.run.dask_runner.DaskRunner"
+
+
+def runner_of(argv: Sequence[str]) -> str:
+    """The value of --runner in `argv` ("" when not given)."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--runner" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--runner="):
+            return a.split("=", 1)[1]
+    return ""
+
+
+def _is_dask(runner: str) -> bool:
+    return runner.rsplit(".", 1)[-1].lower() in ("daskrunner", "dask")
+
+
+def _with_runner(argv: list[str], runner: str) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--runner" and i + 1 < len(argv):
+            skip = True
+            continue
+        if not a.startswith("--runner="):
+            out.append(a)
+    return [*out, f"--runner={runner}"]
+
+
+def _dask_help(parser: argparse.ArgumentParser) -> None:
+    """`--runner DaskRunner --help`: the Dask options (Beam's DaskOptions, parsed by Beam)
+    in a group of their own, with what they do under this runner."""
+    group = parser.add_argument_group("Dask runner options (--runner DaskRunner; docs/dask.md)")
+    for flag, meta, text in (
+        ("--dask_client_address", "ADDRESS", "the scheduler, e.g. tcp://10.0.0.5:8786 (default: a LocalCluster of "
+                                             "this machine's cores, closed when the run ends)"),
+        ("--dask_scheduler_file", "PATH", "a scheduler file (dask-jobqueue, `dask scheduler --scheduler-file`) "
+                                          "instead of an address"),
+        ("--dask_connection_timeout", "SECONDS", "how long to wait for the scheduler (default: Dask's)"),
+        ("--dask_client_name", "NAME", "the client's name in the scheduler's logs and dashboard"),
+        ("--dask_connection_limit", "N", "open connections the client keeps (default: 512)"),
+        ("--dask_npartitions", "N", "partitions of Create, Reshuffle and GroupByKey (default: 2 per worker thread "
+                                    "of the cluster); file sources split by size"),
+    ):
+        group.add_argument(flag, metavar=meta, default=argparse.SUPPRESS, help=text)
+
+
 def split_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our flags -> Namespace, and the rest, which must all be Beam pipeline options: an
-    unknown or misspelt flag is an error naming it (and the flag it most likely meant)."""
-    args, rest = parser.parse_known_args(list(argv))
+    unknown or misspelt flag is an error naming it (and the flag it most likely meant).
+    With `--runner DaskRunner` the Dask options are known (and listed by --help)."""
+    argv = list(argv)
+    if _is_dask(runner_of(argv)):
+        import transforms.run.dask_runner  # noqa: F401 - registers Beam's DaskOptions
+
+        if "--help" in argv or "-h" in argv:
+            _dask_help(parser)
+    args, rest = parser.parse_known_args(argv)
     beam = _beam_parser()
     _, unknown = beam.parse_known_args(rest)
     if unknown:
@@ -73,6 +130,9 @@ def parse(
     if not any(a == "--runner" or a.startswith("--runner=") for a in rest):
         # Beam's default runner tries to download the Prism binary first; be explicit.
         rest.append("--runner=DirectRunner")
+    elif _is_dask(runner_of(rest)):
+        # Beam does not list its DaskRunner among the runners it knows by name.
+        rest = _with_runner(rest, DASK_RUNNER)
     if hasattr(args, "progress_interval"):
         from transforms.run import progress
 
