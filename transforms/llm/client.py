@@ -147,14 +147,27 @@ _CACHES_LOCK = threading.Lock()
 
 
 def shared_cache(root: Optional[str]) -> ResponseCache:
-    """One cache per folder per process: its write buffer and read LRU outlive a batch."""
+    """One cache per folder per process: its write buffer and read LRU outlive a batch,
+    not a run (a long-lived worker's next run lists the folder afresh)."""
+    from transforms.run.process_state import on_run_end
+
     with _CACHES_LOCK:
         cache = _CACHES.get(root or "")
         if cache is None:
             cache = _CACHES[root or ""] = ResponseCache(root)
             if root:
                 atexit.register(_close_quietly, cache)
+            on_run_end(_end_of_run)
         return cache
+
+
+def _end_of_run() -> None:
+    """Write what the caches still buffer and forget them (a Dask worker outlives a run)."""
+    with _CACHES_LOCK:
+        caches = list(_CACHES.values())
+        _CACHES.clear()
+    for cache in caches:
+        _close_quietly(cache)
 
 
 def _close_quietly(cache: ResponseCache) -> None:

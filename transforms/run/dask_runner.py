@@ -136,8 +136,10 @@ def _give_back(run: str, step: str, fn) -> None:
 
 
 def teardown_run(run: str) -> int:
-    """Tear down this process's DoFn instances of a run (called on every worker when the
-    run ends); returns how many."""
+    """Tear down this process's DoFn instances of a run and reset what modules keep per
+    process (`process_state`), on every worker when the run ends; returns how many DoFns."""
+    from transforms.run.process_state import reset_all
+
     with _POOL_LOCK:
         mine = [(k, fns) for k, fns in _POOL.items() if k[0] == run]
         for k, _ in mine:
@@ -150,6 +152,7 @@ def teardown_run(run: str) -> int:
             except Exception as e:  # noqa: BLE001 - a teardown's failure must not fail a finished run
                 log.warning("teardown of %s failed: %s", type(fn).__name__, e)
             n += 1
+    reset_all()
     return n
 
 
@@ -323,13 +326,36 @@ class DaskRunner(_BeamDaskRunner):
         # Torch / faiss threads: each task's share of its machine's cores (ThreadBudget).
         client.run(set_slots, cluster["slots"])
         default_n = npartitions or max(1, 2 * cluster["threads"])
-        pipeline.replace_all(dask_overrides())
+        pipeline.replace_all([_lift_combines_override(), *dask_overrides()])
         builder = _GraphBuilder(uuid.uuid4().hex[:12], default_n)
         pipeline.visit(builder)
         done = dask.delayed(finished, pure=False)(len(builder.metric_tasks), *builder.metric_tasks, *builder.leaves(), dask_key_name=f"finished-{builder.run}")
         future = client.compute(done)
         log.info("Dask: %d tasks on %d workers (%d threads)", len(builder.tasks), cluster["workers"], cluster["threads"])
         return DaskRunnerResult(client, future, builder.run, own, cluster)
+
+
+def _lift_combines_override():
+    from apache_beam.pipeline import PTransformOverride
+    from apache_beam.transforms.combiners import LiftedCombinePerKey
+    from apache_beam.transforms.core import CombinePerKey
+
+    class LiftCombines(PTransformOverride):
+        """CombinePerKey as Beam's lifted form: each bundle combines its values per key
+        before the exchange (our top-K selection then moves at most K proposals per entity
+        and bundle, not every proposal)."""
+
+        def matches(self, applied):
+            return isinstance(applied.transform, CombinePerKey) and applied.inputs[0].windowing.is_default()
+
+        def get_replacement_transform_for_applied_ptransform(self, applied):
+            t = applied.transform
+            try:
+                return LiftedCombinePerKey(t.fn, t.args, t.kwargs)
+            except NotImplementedError:
+                return t
+
+    return LiftCombines()
 
 
 def cluster_size(client) -> dict:
