@@ -400,3 +400,27 @@ def test_a_worker_killed_mid_run_loses_nothing(cluster, inputs, tmp_path):
     # The nanny started the worker again: the cluster has 2 workers for the next run.
     with cluster.client() as c:
         c.wait_for_workers(2, timeout=120)
+
+
+def test_chains_of_pardos_are_fused_into_one_task_per_partition():
+    """Map -> Map -> Map with one reader each is one task per partition; a PCollection read
+    by two steps, or a side input, ends a stage."""
+    import apache_beam as beam
+    from apache_beam.runners.dask.overrides import dask_overrides
+
+    from transforms.run import dask_runner as dr
+
+    p = beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(["--runner=DirectRunner"]))
+    base = p | beam.Create(range(10)) | "A" >> beam.Map(lambda x: x + 1) | "B" >> beam.Map(lambda x: x * 2)
+    _ = base | "C" >> beam.Map(str)
+    _ = base | "D" >> beam.Map(lambda x: -x) | "E" >> beam.Map(abs)
+    p.replace_all(dask_overrides())
+    consumers = dr._Consumers()
+    p.visit(consumers)
+    builder = dr._GraphBuilder("r", 2, consumers.count)
+    p.visit(builder)
+    builder.leaves()
+    stages = {k.split("-")[1] for k in (t.key for t in builder.tasks) if k.startswith("stage-")}
+    # A+B fused (B's output has two readers: the stage ends), C alone, D+E fused.
+    assert stages == {"A_1", "C", "D_1"}, stages
+    assert sum(1 for t in builder.tasks if t.key.startswith("stage-")) == 3 * 2  # 3 stages x 2 partitions

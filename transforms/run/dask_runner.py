@@ -43,7 +43,7 @@ import threading
 import uuid
 import zlib
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.internal import pickler
@@ -160,38 +160,93 @@ def _seed(run: str, step: str, index: int) -> None:
     random.seed(zlib.crc32(f"{run}/{step}/{index}".encode()))
 
 
-def run_pardo(run: str, step: str, index: int, payload: bytes, args, kwargs, windowing, side_specs, main_tag,
-              main_parts, *side_parts) -> Part:
-    """One bundle of a ParDo: its input is the `main_tag` output of `main_parts`."""
+def run_stage(run: str, index: int, steps: list, main_tag, main_parts, *side_parts) -> Part:
+    """One bundle of a fused stage: a chain of ParDos, each fed element by element by the
+    one before it (`steps[i]` = (label, payload, args, kwargs, windowing, side_specs,
+    chained_tag): its output `chained_tag` goes to step i+1 and nowhere else). The input is
+    the `main_tag` output of `main_parts`; the Part holds every other output under
+    (label, tag), and one counter update per step. Finishing runs in order, so what a
+    step emits in `finish_bundle` still reaches the steps after it."""
     from apache_beam.metrics.execution import MetricsContainer
-    from apache_beam.runners.common import DoFnRunner
+    from apache_beam.runners.common import DoFnRunner, Receiver
     from apache_beam.runners.worker import statesampler
     from apache_beam.transforms.sideinputs import SideInputMap
     from apache_beam.utils import counters
 
-    _seed(run, step, index)
-    side_inputs = []
-    for (view_type, view_options, _n, side_tag), parts in zip(side_specs, _split(side_parts, side_specs)):
-        side_inputs.append(SideInputMap(view_type, view_options, _elements(parts, side_tag)))
-    fn, fresh = _take_dofn(run, step, payload)
-    by_tag: dict = {}
-    container = MetricsContainer(step)
-    sampler = statesampler.StateSampler(step, counters.CounterFactory())
+    if isinstance(steps, bytes):
+        steps = pickler.loads(steps)
+    _seed(run, steps[0][0], index)
+    sampler = statesampler.StateSampler(steps[0][0], counters.CounterFactory())
     previous = statesampler.get_current_tracker()
     statesampler.set_current_tracker(sampler)
+    by_tag: dict = {}
+    runners, states, containers, taken = [], [], [], []
+
+    class Chained(Receiver):
+        def __init__(self, i):
+            self.i = i
+
+        def receive(self, windowed_value):
+            with states[self.i]:
+                runners[self.i].process(windowed_value)
+
+    class Keep(Receiver):
+        def __init__(self, out):
+            self.out = out
+
+        def receive(self, windowed_value):
+            self.out.append(windowed_value)
+
+    class Outputs(dict):
+        def __init__(self, label, chained_tag, next_i):
+            super().__init__()
+            self.label, self.chained_tag, self.next_i = label, chained_tag, next_i
+
+        def __missing__(self, tag):
+            if self.next_i is not None and tag == self.chained_tag:
+                r = Chained(self.next_i)
+            else:
+                r = Keep(by_tag.setdefault((self.label, tag), []))
+            self[tag] = r
+            return r
+
     try:
-        with sampler.scoped_state(step, "process", metrics_container=container):
-            runner = DoFnRunner(fn, args, kwargs, side_inputs, windowing, tagged_receivers=_Receivers(by_tag), step_name=step)
-            if fresh:
-                runner.setup()
-            runner.start()
+        side_iter = iter(_split(side_parts, [spec for step in steps for spec in step[5]]))
+        for i, (label, payload, args, kwargs, windowing, side_specs, chained_tag) in enumerate(steps):
+            side_inputs = [SideInputMap(view_type, view_options, _elements(next(side_iter), side_tag))
+                           for view_type, view_options, _n, side_tag in side_specs]
+            fn, fresh = _take_dofn(run, label, payload)
+            taken.append((label, fn))
+            containers.append(MetricsContainer(label))
+            states.append(sampler.scoped_state(label, "process", metrics_container=containers[-1]))
+            outputs = Outputs(label, chained_tag, i + 1 if i + 1 < len(steps) else None)
+            with states[-1]:
+                runner = DoFnRunner(fn, args, kwargs, side_inputs, windowing, tagged_receivers=outputs, step_name=label)
+                if fresh:
+                    runner.setup()
+            runners.append(runner)
+        for i, runner in enumerate(runners):
+            with states[i]:
+                runner.start()
+        with states[0]:
             for wv in _elements(main_parts, main_tag):
-                runner.process(wv)
-            runner.finish()
+                runners[0].process(wv)
+        for i, runner in enumerate(runners):
+            with states[i]:
+                runner.finish()
     finally:
         statesampler.set_current_tracker(previous)
-    _give_back(run, step, fn)
-    return Part(by_tag, container.get_cumulative())
+    for label, fn in taken:
+        _give_back(run, label, fn)
+    return Part(by_tag, [c.get_cumulative() for c in containers])
+
+
+def run_pardo(run: str, step: str, index: int, payload: bytes, args, kwargs, windowing, side_specs, main_tag,
+              main_parts, *side_parts) -> Part:
+    """One bundle of a single ParDo (a stage of one step); its outputs by tag alone."""
+    part = run_stage(run, index, [(step, payload, args, kwargs, windowing, side_specs, None)], main_tag, main_parts,
+                     *side_parts)
+    return Part({tag: v for (_, tag), v in part.by_tag.items()}, part.metrics[0])
 
 
 def _split(side_parts, side_specs) -> list:
@@ -249,9 +304,10 @@ def metrics_of(part: Part):
 
 
 def finished(n_metrics: int, *done) -> list:
-    """The counters of every ParDo task (the first `n_metrics` arguments); the rest are the
-    leaves' element counts, there so every branch is computed."""
-    return [m for m in done[:n_metrics] if m is not None]
+    """The counter updates of every stage task (the first `n_metrics` arguments: a list per
+    task, one per step); the rest are the leaves' element counts, there so every branch is
+    computed."""
+    return [u for m in done[:n_metrics] if m for u in (m if isinstance(m, list) else [m])]
 
 
 # --------------------------------------------------------------------------------------
@@ -327,9 +383,13 @@ class DaskRunner(_BeamDaskRunner):
         client.run(set_slots, cluster["slots"])
         default_n = npartitions or max(1, 2 * cluster["threads"])
         pipeline.replace_all([_lift_combines_override(), *dask_overrides()])
-        builder = _GraphBuilder(uuid.uuid4().hex[:12], default_n)
+        consumers = _Consumers()
+        pipeline.visit(consumers)
+        builder = _GraphBuilder(uuid.uuid4().hex[:12], default_n, consumers.count)
         pipeline.visit(builder)
-        done = dask.delayed(finished, pure=False)(len(builder.metric_tasks), *builder.metric_tasks, *builder.leaves(), dask_key_name=f"finished-{builder.run}")
+        leaves = builder.leaves()  # (builds the stages nothing else read)
+        done = dask.delayed(finished, pure=False)(len(builder.metric_tasks), *builder.metric_tasks, *leaves,
+                                                  dask_key_name=f"finished-{builder.run}")
         future = client.compute(done)
         log.info("Dask: %d tasks on %d workers (%d threads)", len(builder.tasks), cluster["workers"], cluster["threads"])
         return DaskRunnerResult(client, future, builder.run, own, cluster)
@@ -402,13 +462,36 @@ def check_beam_version() -> None:
             "or run tests/test_dask_runner.py against this one and add it to SUPPORTED_BEAM")
 
 
-class _GraphBuilder(beam.pipeline.PipelineVisitor):
-    """Beam's primitive transforms -> `dask.delayed` tasks, one per partition."""
+class _Consumers(beam.pipeline.PipelineVisitor):
+    """How many steps read each PCollection (a side input counts as two: never fused)."""
 
-    def __init__(self, run: str, default_n: int):
-        self.run, self.default_n = run, default_n
-        self.parts: dict = {}  # PCollection -> (list of delayed Parts, tag within them)
-        self.consumed: set = set()
+    def __init__(self):
+        self.count: dict = defaultdict(int)
+
+    def visit_transform(self, applied) -> None:
+        for pc in applied.main_inputs.values():
+            self.count[id(pc)] += 1
+        for si in applied.side_inputs:
+            self.count[id(si.pvalue)] += 2
+
+
+class _Stage:
+    """ParDos fused into one task per partition (`run_stage`), built when first read."""
+
+    def __init__(self, main_parts: list, main_tag, steps: list, side_parts: list):
+        self.main_parts, self.main_tag, self.steps, self.side_parts = main_parts, main_tag, steps, side_parts
+        self.tasks: Optional[list] = None
+
+
+class _GraphBuilder(beam.pipeline.PipelineVisitor):
+    """Beam's primitive transforms -> `dask.delayed` tasks, one per partition. Chains of
+    ParDos where each output has one reader are fused into one task (elements stream
+    through the chain as in a Beam bundle; only a stage's other outputs are kept)."""
+
+    def __init__(self, run: str, default_n: int, consumers: dict):
+        self.run, self.default_n, self.consumers = run, default_n, consumers
+        self.parts: dict = {}  # PCollection -> (list of delayed Parts | _Stage, tag within them)
+        self.read: set = set()
         self.tasks: list = []
         self.metric_tasks: list = []
         self._names = itertools.count()
@@ -417,21 +500,36 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
         safe = "".join(c if c.isalnum() else "_" for c in label)[:60]
         return f"{what}-{safe}-{next(self._names)}-{i}-{self.run}"
 
+    def _parts_of(self, pc) -> tuple[list, Any]:
+        """The delayed Parts holding `pc`, and its tag in them (a stage is built here)."""
+        import dask
+
+        self.read.add(id(pc))
+        src, tag = self.parts[pc]
+        if isinstance(src, _Stage):
+            if src.tasks is None:
+                label = src.steps[0][0] if len(src.steps) == 1 else f"{src.steps[0][0]}+{len(src.steps) - 1}"
+                # The steps (pickled DoFns and their arguments) are one key of the graph,
+                # moved to each worker once, not copied into every task.
+                steps = dask.delayed(pickler.dumps(src.steps), name=self._key("steps", label, 0), traverse=False)
+                src.tasks = [dask.delayed(run_stage, pure=False)(self.run, i, steps, src.main_tag, [p], *src.side_parts,
+                                                                  dask_key_name=self._key("stage", label, i))
+                             for i, p in enumerate(src.main_parts)]
+                self.tasks += src.tasks
+                self.metric_tasks += [dask.delayed(metrics_of, pure=False)(t) for t in src.tasks]
+            return src.tasks, tag
+        return src, tag
+
     def leaves(self) -> list:
         """Every partition of every PCollection no step reads: all branches are computed."""
         import dask
 
         out = []
-        for pcoll, (parts, tag) in self.parts.items():
-            if id(pcoll) not in self.consumed:
+        for pc in list(self.parts):
+            if id(pc) not in self.read and self.consumers.get(id(pc), 0) == 0:
+                parts, tag = self._parts_of(pc)
                 out += [dask.delayed(_count, pure=False)(p, tag) for p in parts]
         return out
-
-    def _input(self, applied):
-        main = [p for p in applied.main_inputs.values()]
-        for pc in main:
-            self.consumed.add(id(pc))
-        return main
 
     def visit_transform(self, applied) -> None:
         import dask
@@ -439,7 +537,9 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
 
         t = applied.transform
         label = applied.full_label
-        outputs = dict(applied.outputs)
+        if isinstance(t, beam.ParDo):
+            self._pardo(applied, label)
+            return
         if isinstance(t, beam.Impulse):
             parts = [dask.delayed(run_create, pure=False)([b""], dask_key_name=self._key("impulse", label, 0))]
         elif isinstance(t, ov._Create):  # noqa: SLF001
@@ -449,8 +549,6 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
             parts = [dask.delayed(run_create, pure=False)(c, dask_key_name=self._key("create", label, i)) for i, c in enumerate(chunks)]
         elif isinstance(t, ov._Read):  # noqa: SLF001
             parts = self._read(t.source, label)
-        elif isinstance(t, beam.ParDo):
-            parts = self._pardo(applied, label)
         elif isinstance(t, ov._GroupByKeyOnly):  # noqa: SLF001
             parts = self._exchange("group", applied, label)
         elif isinstance(t, ov._Reshuffle):  # noqa: SLF001
@@ -458,16 +556,15 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
         elif isinstance(t, ov._Flatten):  # noqa: SLF001
             parts = []
             for pc in applied.main_inputs.values():
-                self.consumed.add(id(pc))
-                src, tag = self.parts[pc]
+                src, tag = self._parts_of(pc)
                 parts += [dask.delayed(_retag, pure=False)(p, tag) for p in src]
         else:
             raise NotImplementedError(
                 f"DaskRunner: step {label!r} is a {type(t).__name__}, which this runner does not translate "
                 "(batch pipelines of ParDo, GroupByKey, Flatten, Create, Read, Impulse and Reshuffle)")
         self.tasks += parts
-        for tag, pc in outputs.items():
-            self.parts[pc] = (parts, tag if isinstance(t, beam.ParDo) else None)
+        for pc in applied.outputs.values():
+            self.parts[pc] = (parts, None)
 
     def _read(self, source, label) -> list:
         import dask
@@ -482,8 +579,7 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
         return [dask.delayed(run_read, pure=False)(self.run, label, i, b, dask_key_name=self._key("read", label, i))
                 for i, b in enumerate(bundles)] or [dask.delayed(run_create, pure=False)([])]
 
-    def _pardo(self, applied, label) -> list:
-        import dask
+    def _pardo(self, applied, label) -> None:
         from apache_beam.runners.common import DoFnSignature
 
         t = applied.transform
@@ -493,31 +589,34 @@ class _GraphBuilder(beam.pipeline.PipelineVisitor):
             raise NotImplementedError(f"DaskRunner: step {label!r} is a splittable DoFn ({type(fn).__name__}), not supported")
         if sig.is_stateful_dofn():
             raise NotImplementedError(f"DaskRunner: step {label!r} is a stateful DoFn ({type(fn).__name__}), not supported")
-        (main,) = self._input(applied)
-        src, tag = self.parts[main]
+        (main,) = applied.main_inputs.values()
         side_specs, side_parts = [], []
         for si in applied.side_inputs:
-            self.consumed.add(id(si.pvalue))
-            sparts, stag = self.parts[si.pvalue]
+            sparts, stag = self._parts_of(si.pvalue)
             side_specs.append((type(si), si._view_options(), len(sparts), stag))  # noqa: SLF001
             side_parts += sparts
-        payload = dask.delayed(pickler.dumps(fn), name=self._key("dofn", label, 0))
-        args = getattr(t, "args", []) or []
-        kwargs = getattr(t, "kwargs", {}) or {}
-        windowing = _windowing(main)
-        parts = []
-        for i, p in enumerate(src):
-            task = dask.delayed(run_pardo, pure=False)(self.run, label, i, payload, args, kwargs, windowing, side_specs, tag,
-                                                       [p], *side_parts, dask_key_name=self._key("pardo", label, i))
-            parts.append(task)
-            self.metric_tasks.append(dask.delayed(metrics_of, pure=False)(task))
-        return parts
+        step = [label, pickler.dumps(fn), getattr(t, "args", []) or [], getattr(t, "kwargs", {}) or {}, _windowing(main),
+                side_specs, None]
+        src, tag = self.parts[main]
+        if isinstance(src, _Stage) and src.tasks is None and self.consumers.get(id(main)) == 1 \
+                and isinstance(tag, tuple) and tag[0] == src.steps[-1][0]:
+            # The stage's last step feeds this one alone: one more step of the same task.
+            self.read.add(id(main))
+            src.steps[-1][6] = tag[1]
+            src.steps.append(step)
+            src.side_parts += side_parts
+            stage = src
+        else:
+            parts, main_tag = self._parts_of(main)
+            stage = _Stage(parts, main_tag, [step], side_parts)
+        for tag_out, pc in applied.outputs.items():
+            self.parts[pc] = (stage, (label, tag_out))
 
     def _exchange(self, kind: str, applied, label) -> list:
         import dask
 
-        (main,) = self._input(applied)
-        src, tag = self.parts[main]
+        (main,) = applied.main_inputs.values()
+        src, tag = self._parts_of(main)
         key_coder = _key_coder(main, label) if kind == "group" else None
         # GroupByKey keeps the partition count (at most the default); Reshuffle spreads
         # over the default (2 per worker thread, or --dask_npartitions).
