@@ -84,6 +84,13 @@ CASES = [
         id="compare_models",
     ),
     pytest.param(
+        "dask_bench.py",
+        lambda tmp, request: ["--captions", "200", "--entities", "300", "--work", str(tmp / "work")],
+        [rf"DaskRunner \(2 workers x 1 thread\)\s+{NUM}\s+\d+\s+{NUM}\s+[\d,]+ same",
+         rf"ratio DaskRunner / DirectRunner throughput {NUM}"],
+        id="dask_bench",
+    ),
+    pytest.param(
         "decontaminate_bench.py",
         lambda tmp, request: ["--images", "8", "--eval_images", "2", "--out", str(tmp / "out")],
         [rf"ratio pipeline / bare\s+{NUM}"],
