@@ -424,3 +424,21 @@ def test_chains_of_pardos_are_fused_into_one_task_per_partition():
     # A+B fused (B's output has two readers: the stage ends), C alone, D+E fused.
     assert stages == {"A_1", "C", "D_1"}, stages
     assert sum(1 for t in builder.tasks if t.key.startswith("stage-")) == 3 * 2  # 3 stages x 2 partitions
+
+
+def test_dask_giving_up_on_a_task_is_exit_3_naming_the_gap(capsys):
+    """A task whose workers kept dying (Dask's KilledWorker, after `allowed-failures`)
+    fails the command with exit status 3 and one line: the output is incomplete."""
+    from distributed.scheduler import KilledWorker
+
+    from transforms.run.cli import exit_code
+
+    def run(argv):
+        from types import SimpleNamespace
+
+        raise RuntimeError("the run failed") from KilledWorker("stage-Embed-3", SimpleNamespace(address="tcp://127.0.0.1:40001"), 3)
+
+    assert exit_code(run, []) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: Dask gave up on a task after the workers running it died")
+    assert "the output is incomplete and no manifest claims it" in last and "run the same command again" in last
