@@ -293,7 +293,14 @@ def inputs(tmp_path_factory, catalog_path):
 
 @pytest.mark.slow
 def test_every_pipeline_on_dask_equals_the_direct_runner(cluster, inputs, tmp_path):
-    from pipelines import build_codes, build_entity_index, decontaminate, oven_to_shards, refine, select_candidates
+    from pipelines import (
+        build_codes,
+        build_entity_index,
+        decontaminate,
+        oven_to_shards,
+        refine,
+        select_candidates,
+    )
 
     direct, dask = tmp_path / "direct", tmp_path / "dask"
 
