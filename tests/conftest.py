@@ -92,10 +92,11 @@ def monkeypatch_module():
     mp.undo()
 
 
-@pytest.fixture(scope="module")
-def gcs(monkeypatch_module):
-    """A GCS emulator on loopback (gcp-storage-emulator) with a bucket "bucket": gs:// paths
-    through Beam's FileSystems, no cloud, no credentials."""
+def start_gcs_emulator(monkeypatch, front=None):
+    """A GCS emulator on loopback (gcp-storage-emulator) with a bucket "bucket", and Beam's
+    GCS client pointed at it anonymously. `front(url)`, when given, starts something in
+    front of the emulator (a fault proxy) and returns (its url, itself). Returns (the
+    emulator server, what `front` returned or None); stop both when done."""
     import socket
 
     emulator = pytest.importorskip("gcp_storage_emulator.server")
@@ -107,10 +108,19 @@ def gcs(monkeypatch_module):
     s.close()
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
     server.start()
-    monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    url, proxy = front(f"http://127.0.0.1:{port}") if front else (f"http://127.0.0.1:{port}", None)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
     # Beam looks for Google credentials with retries and back-off (~25 s) before it falls
     # back to an anonymous client; there are none here, so go anonymous at once.
-    monkeypatch_module.setattr(auth._Credentials, "_credentials_init", True)
-    monkeypatch_module.setattr(auth._Credentials, "_credentials", None)
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch.setattr(auth._Credentials, "_credentials", None)
+    return server, proxy
+
+
+@pytest.fixture(scope="module")
+def gcs(monkeypatch_module):
+    """gs://bucket on a loopback GCS emulator: gs:// paths through Beam's FileSystems, no
+    cloud, no credentials."""
+    server, _ = start_gcs_emulator(monkeypatch_module)
     yield "gs://bucket"
     server.stop()

@@ -54,25 +54,33 @@ def _latest(out) -> str:
     return open(path).read().strip() if os.path.exists(path) else ""
 
 
-def test_contrastive_trainer_killed_resumes_from_its_last_published_checkpoint(tmp_path, shards):
-    from trainer import contrastive
-
-    out = tmp_path / "run"
-    rng = random.Random("trainer.contrastive")
+def _kill_after_checkpoints(module: str, args: list[str], out, spread_s: float, times: int = 2) -> list[str]:
+    """Start `python -m MODULE ARGS` `times` times; each time, once it has published a
+    checkpoint of its own, SIGKILL it at a moment seeded by the module's name (up to
+    `spread_s` later). Returns the last published checkpoint after each kill (a run that
+    finished first is not counted)."""
+    rng = random.Random(module)
     kills = []
-    for _ in range(2):
+    for _ in range(times):
         before = _latest(out)
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.contrastive", *_train_args(shards, out, 40)], cwd=ROOT,
-                                env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
-        # Once it has published a checkpoint of its own, at a seeded moment after that.
         while proc.poll() is None and _latest(out) == before and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, spread_s))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             kills.append(_latest(out))
+    return kills
+
+
+def test_contrastive_trainer_killed_resumes_from_its_last_published_checkpoint(tmp_path, shards):
+    from trainer import contrastive
+
+    out = tmp_path / "run"
+    kills = _kill_after_checkpoints("trainer.contrastive", _train_args(shards, out, 40), out, spread_s=1.5)
     assert kills, "the trainer finished before it could be killed"
     published = _latest(out)
     assert published.startswith("step-") and not os.path.exists(out / "manifest.json")
@@ -143,20 +151,7 @@ def test_git_trainer_killed_resumes_from_its_last_published_checkpoint(tmp_path,
     args = ["--train", str(demo / "rew" / "samples-*.parquet"), "--codes", str(demo / "codes"), "--output", str(out),
             "--model_config", "tiny", "--max_steps", "40", "--save_every", "4", "--batch_size", "8", "--log_every", "1",
             "--resume", "auto", "--num_workers", "0"]
-    rng = random.Random("trainer.train")
-    kills = []
-    for _ in range(2):
-        before = _latest(out)
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *args], cwd=ROOT, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while proc.poll() is None and _latest(out) == before and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-            kills.append(_latest(out))
+    kills = _kill_after_checkpoints("trainer.train", args, out, spread_s=1.0)
     assert kills, "the trainer finished before it could be killed"
     published = _latest(out)
     done = train.run(args)

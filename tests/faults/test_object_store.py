@@ -8,11 +8,11 @@ import glob
 import io
 import json
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import start_gcs_emulator
 from tests.fake_llm_server import FakeLLMServer
 from tests.faults.gcs_fault_proxy import FaultProxy
 from tests.faults.matrix import account, account_counts
@@ -23,21 +23,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def flaky_gcs(monkeypatch_module):
-    emulator = pytest.importorskip("gcp_storage_emulator.server")
-    from apache_beam.internal.gcp import auth
+    def proxy(url):
+        p = FaultProxy(url, error_share=0.08, cut_share=0.25, seed=7).start()
+        return p.url, p
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
-    server.start()
-    proxy = FaultProxy(f"http://127.0.0.1:{port}", error_share=0.08, cut_share=0.25, seed=7).start()
-    monkeypatch_module.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-    monkeypatch_module.setattr(auth._Credentials, "_credentials_init", True)
-    monkeypatch_module.setattr(auth._Credentials, "_credentials", None)
-    yield proxy
-    proxy.stop()
+    server, faults = start_gcs_emulator(monkeypatch_module, front=proxy)
+    yield faults
+    faults.stop()
     server.stop()
 
 
