@@ -65,7 +65,7 @@ def test_runner_name_becomes_the_class_beam_can_load():
 
 def test_the_beam_internals_the_runner_relies_on():
     """Fails with a plain message when a Beam upgrade moves what the runner uses: one
-    bundle through `run_pardo` (DoFnRunner, Receiver, the state sampler's metrics
+    bundle through `run_stage` (DoFnRunner, Receiver, the state sampler's metrics
     container), a GroupByKey exchange, the override classes, DirectMetrics, DaskOptions."""
     import apache_beam as beam
     from apache_beam.internal import pickler
@@ -94,13 +94,14 @@ def test_the_beam_internals_the_runner_relies_on():
             yield beam.pvalue.TaggedOutput("odd", x) if x % 2 else x
 
     try:
-        part = dr.run_pardo("r", "step", 0, pickler.dumps(Tagged()), [], {}, Windowing(GlobalWindows()), [], None,
-                            [dr.run_create([1, 2, 3, 4])])
+        step = ["step", pickler.dumps(Tagged()), [], {}, Windowing(GlobalWindows()), [], None]
+        part = dr.run_stage("r", 0, pickler.dumps([step]), None, [dr.run_create([1, 2, 3, 4])])
         metrics = DirectMetrics()
-        metrics.commit_logical(None, part.metrics)
+        metrics.commit_logical(None, part.metrics[0])
     except Exception as e:  # noqa: BLE001 - the message is the point
         pytest.fail(f"{why}: {type(e).__name__}: {e}")
-    assert [wv.value for wv in part.get(None)] == [2, 4] and [wv.value for wv in part.get("odd")] == [1, 3], why
+    assert [wv.value for wv in part.get(("step", None))] == [2, 4], why
+    assert [wv.value for wv in part.get(("step", "odd"))] == [1, 3], why
     (n,) = metrics.query()["counters"]
     assert n.key.metric.name == "n" and n.committed == 4, why
     dr.teardown_run("r")

@@ -87,36 +87,6 @@ def _elements(parts, tag) -> list:
     return [wv for p in parts for wv in p.get(tag)]
 
 
-def _receiver_class():
-    from apache_beam.runners.common import Receiver
-
-    class Collect(Receiver):
-        """Keeps what a DoFn emits under its tag."""
-
-        def __init__(self, out: list):
-            self.out = out
-
-        def receive(self, windowed_value):
-            self.out.append(windowed_value)
-
-    return Collect
-
-
-_Collect = None
-
-class _Receivers(dict):
-    def __init__(self, by_tag: dict):
-        super().__init__()
-        self.by_tag = by_tag
-
-    def __missing__(self, tag):
-        global _Collect
-        if _Collect is None:
-            _Collect = _receiver_class()
-        r = self[tag] = _Collect(self.by_tag.setdefault(tag, []))
-        return r
-
-
 # DoFn instances set up in this worker process: (run, step) -> idle instances.
 _POOL: dict = defaultdict(list)
 _POOL_LOCK = threading.Lock()
@@ -239,14 +209,6 @@ def run_stage(run: str, index: int, steps: list, main_tag, main_parts, *side_par
     for label, fn in taken:
         _give_back(run, label, fn)
     return Part(by_tag, [c.get_cumulative() for c in containers])
-
-
-def run_pardo(run: str, step: str, index: int, payload: bytes, args, kwargs, windowing, side_specs, main_tag,
-              main_parts, *side_parts) -> Part:
-    """One bundle of a single ParDo (a stage of one step); its outputs by tag alone."""
-    part = run_stage(run, index, [(step, payload, args, kwargs, windowing, side_specs, None)], main_tag, main_parts,
-                     *side_parts)
-    return Part({tag: v for (_, tag), v in part.by_tag.items()}, part.metrics[0])
 
 
 def _split(side_parts, side_specs) -> list:
