@@ -131,10 +131,6 @@ def run_and_count(pipeline, label: str = "pipeline", expected: Optional[tuple[st
     with watch:
         result = pipeline.run()
         result.wait_until_finish()
-    # The in-process runner's bundles ran here: what they keep per process ends with the run.
-    from transforms.run.process_state import reset_all
-
-    reset_all()
     return query_counters(result), time.perf_counter() - started
 
 
